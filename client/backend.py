@@ -1,0 +1,188 @@
+"""``torch.compile(model, backend="hypatia")``: capture, key, ask the daemon, build, run.
+
+Every graph Dynamo hands over goes through AOTAutograd; its forward, backward and inference
+graphs are each canonicalized and keyed, planned by the daemon (or, when none answers, by the
+same planner in-process) and rebuilt with fused kernel calls. Any Hypatia error makes that
+graph run as eager PyTorch, with one warning and a counted fallback: a model never fails
+because of Hypatia.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import threading
+import time
+import warnings
+from collections import Counter
+from typing import Any, Callable
+
+import torch
+import torch.fx
+
+from hypatia.canonical import CanonicalGraph
+from hypatia.client import capture as cap
+from hypatia.client import environment
+from hypatia.client.autostart import AutostartFailed, ensure_daemon
+from hypatia.client.executor import GuardedCall, apply_plan
+from hypatia.client.rpc import DaemonClient, DaemonUnavailable, VersionSkew
+from hypatia.config import Config, load
+from hypatia.planner import Plan, plan_graph
+from hypatia.protocol import RemoteError
+
+log = logging.getLogger("hypatia.client")
+
+# After a daemon that runs but does not answer, leave it alone this long before trying again.
+UNRESPONSIVE_BACKOFF_S = 10.0
+
+
+class HypatiaFallbackWarning(RuntimeWarning):
+    """A graph runs as eager PyTorch because Hypatia could not plan or run it."""
+
+
+class Session:
+    """Per-process state: configuration, the daemon connection, counters and warned reasons."""
+
+    def __init__(self, config: Config | None = None):
+        self.config = config or load()
+        self.client = DaemonClient(self.config)
+        self.counters: Counter = Counter()
+        self._warned: set[str] = set()
+        self._skip_daemon_until = 0.0
+        self._lock = threading.Lock()
+
+    # -- failures -------------------------------------------------------------------------
+    def fallback(self, what: str, exc: BaseException) -> None:
+        """Count a graph that runs eager; warn once per kind of failure; tell the daemon."""
+        self.counters["fallbacks"] += 1
+        reason = f"{what}: {type(exc).__name__}: {exc}"
+        kind = f"{what}:{type(exc).__name__}"
+        log.debug("fallback to eager: %s", reason, exc_info=exc)
+        if kind not in self._warned:
+            self._warned.add(kind)
+            warnings.warn(
+                f"Hypatia runs this graph as eager PyTorch ({reason}). Set HYPATIA_LOG_LEVEL=DEBUG "
+                "for details; `hypatia-ctl stats` counts fallbacks.",
+                HypatiaFallbackWarning,
+                stacklevel=2,
+            )
+        if time.monotonic() >= self._skip_daemon_until:
+            try:
+                self.client.call("report", {"fallbacks": 1, "reason": reason[:500], "pid": os.getpid()}, timeout_ms=500)
+            except Exception:  # noqa: BLE001 - reporting is best effort
+                pass
+
+    # -- planning -------------------------------------------------------------------------
+    def _ask_daemon(self, graph: CanonicalGraph, keys: tuple[str, str, str], workload: list, env: dict) -> dict:
+        if self.config.autostart:
+            try:
+                ensure_daemon(self.config)
+            except AutostartFailed as exc:
+                raise DaemonUnavailable(f"could not start hypatiad: {exc}") from None
+        body = {"graph_key": keys[0], "workload_key": keys[1], "env_key": keys[2]}
+        recipe = self.client.call("get_plan", body)["plan"]
+        if recipe is not None:
+            self.counters["daemon_hits"] += 1
+            return recipe
+        self.counters["daemon_misses"] += 1
+        body |= {"graph": graph.to_wire(), "workload": workload, "environment": env}
+        return self.client.call("make_plan", body)["plan"]
+
+    def plan(self, graph: CanonicalGraph, keys: tuple[str, str, str], workload: list, env: dict) -> Plan:
+        """The plan for these keys: from the daemon, or planned here when it cannot answer."""
+        if time.monotonic() >= self._skip_daemon_until:
+            try:
+                plan = Plan.from_recipe(self._ask_daemon(graph, keys, workload, env))
+                if plan.graph_key != graph.key:
+                    raise RemoteError(0, "the daemon served a plan for another graph")
+                return plan
+            except DaemonUnavailable as exc:
+                if "did not answer" in str(exc):
+                    self._skip_daemon_until = time.monotonic() + UNRESPONSIVE_BACKOFF_S
+                self._note_once("unavailable", f"hypatiad unavailable ({exc}); planning in-process")
+            except VersionSkew as exc:
+                self._skip_daemon_until = float("inf")
+                self._note_once("skew", f"{exc}; planning in-process for the rest of this process")
+        self.counters["local_plans"] += 1
+        return plan_graph(graph)
+
+    def _note_once(self, kind: str, message: str) -> None:
+        if kind not in self._warned:
+            self._warned.add(kind)
+            log.warning("%s", message)
+
+    # -- compiling ------------------------------------------------------------------------
+    def compile(self, gm: torch.fx.GraphModule, example_inputs: list[Any], phase: str) -> Callable:
+        """AOTAutograd's compiler for one forward, backward or inference graph."""
+        eager = torch._functorch.aot_autograd.make_boxed_func(gm.forward)
+        try:
+            with self._lock:
+                return self._compile(gm, example_inputs, phase, eager)
+        except Exception as exc:  # noqa: BLE001 - never fail the user's model
+            self.fallback(f"{phase} graph could not be planned", exc)
+            return eager
+
+    def _compile(self, gm: torch.fx.GraphModule, example_inputs: list[Any], phase: str, eager: Callable) -> Callable:
+        self.counters[f"graphs_{phase}"] += 1
+        graph, fx_nodes = cap.capture(gm)
+        wkey, workload = cap.graph_workload_key(example_inputs)
+        device = cap.graph_device(graph)
+        index = next(
+            (x.device.index or 0 for x in example_inputs if isinstance(x, torch.Tensor) and x.device.type == device), 0
+        )
+        ekey, env = environment.describe(device, index)
+        plan = self.plan(graph, (graph.key, wkey, ekey), workload, env)
+        if self.config.debug_fx:
+            log.warning("HYPATIA_DEBUG_FX %s graph %s before:\n%s", phase, graph.key, gm.graph)
+            log.warning("HYPATIA_DEBUG_FX plan: %s", plan.to_recipe())
+        if not plan.regions:
+            return eager
+        planned = apply_plan(gm, fx_nodes, plan)
+        self.counters["regions_fused"] += len(plan.regions)
+        if self.config.debug_fx:
+            log.warning("HYPATIA_DEBUG_FX %s graph after:\n%s", phase, planned.graph)
+        return GuardedCall(planned.forward, gm.forward, functools.partial(self.fallback, f"{phase} graph failed at run time"))
+
+
+_session: Session | None = None
+_session_lock = threading.Lock()
+
+
+def session() -> Session:
+    """This process's session (a forked child builds its own)."""
+    global _session
+    with _session_lock:
+        if _session is None or _session.client._pid != os.getpid():
+            _session = Session()
+        return _session
+
+
+def reset_session() -> None:
+    """Forget this process's session (tests use it after changing HYPATIA_* variables)."""
+    global _session
+    with _session_lock:
+        if _session is not None:
+            _session.client.close()
+        _session = None
+
+
+def hypatia_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], **kwargs: Any) -> Callable:
+    """The Dynamo backend registered as ``hypatia``."""
+    from torch._dynamo.backends.common import aot_autograd
+
+    try:
+        s = session()
+    except Exception as exc:  # noqa: BLE001 - e.g. a bad HYPATIA_* variable
+        warnings.warn(f"Hypatia is disabled for this process: {exc}", HypatiaFallbackWarning, stacklevel=2)
+        return gm.forward
+    try:
+        compiler = aot_autograd(
+            fw_compiler=functools.partial(s.compile, phase="forward"),
+            bw_compiler=functools.partial(s.compile, phase="backward"),
+            inference_compiler=functools.partial(s.compile, phase="inference"),
+        )
+        return compiler(gm, example_inputs)
+    except Exception as exc:  # noqa: BLE001
+        s.fallback("AOTAutograd could not trace the graph", exc)
+        return gm.forward

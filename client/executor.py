@@ -1,0 +1,71 @@
+"""Plan -> executable: an FX graph whose fused regions call kernel-library entries.
+
+The plan refers to canonical node indices; capture gave the FX node of each. The planned module
+is built on a copy of the graph, so the untouched graph stays available as the eager fallback.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.fx
+
+from hypatia.kernels import by_id
+from hypatia.planner.plan import Plan
+
+
+class PlanMismatch(Exception):
+    """A plan does not fit the graph it was served for (corrupt, or from another version)."""
+
+
+def apply_plan(gm: torch.fx.GraphModule, fx_nodes: list[torch.fx.Node], plan: Plan) -> torch.fx.GraphModule:
+    """A new GraphModule computing what ``gm`` computes, with each region as one kernel call."""
+    graph = torch.fx.Graph()
+    val_map: dict[torch.fx.Node, torch.fx.Node] = {}
+    out = graph.graph_copy(gm.graph, val_map)
+    graph.output(out)
+    nodes = [val_map[n] for n in fx_nodes]
+    for region in plan.regions:
+        indices = [*region.inputs, region.output, *region.nodes]
+        if not all(0 <= i < len(nodes) for i in indices) or region.output not in region.nodes:
+            raise PlanMismatch(f"region {region.rule} refers to nodes outside this graph")
+        members = {nodes[i] for i in region.nodes}
+        for i in region.nodes:
+            if i != region.output and any(u not in members for u in nodes[i].users):
+                raise PlanMismatch(f"region {region.rule}: node {nodes[i].name} is used outside the region")
+        fn = by_id(region.kernel).load()
+        target = nodes[region.output]
+        with graph.inserting_before(target):
+            call = graph.create_node(
+                "call_function", fn, tuple(nodes[i] for i in region.inputs) + tuple(region.consts), {}, name=region.rule
+            )
+        call.meta = dict(target.meta)
+        call.meta["hypatia_rule"] = region.rule
+        call.meta["hypatia_kernel"] = region.kernel
+        target.replace_all_uses_with(call)
+        for i in sorted(region.nodes, reverse=True):
+            graph.erase_node(nodes[i])
+    graph.lint()
+    return torch.fx.GraphModule(gm, graph)
+
+
+class GuardedCall:
+    """Runs the planned graph; on any error from it, warns once, counts, and runs eager from then on."""
+
+    _boxed_call = True
+
+    def __init__(self, planned: Callable, eager: Callable, on_failure: Callable[[BaseException], None]):
+        self.planned = planned
+        self.eager = eager
+        self.on_failure = on_failure
+        self.failed = False
+
+    def __call__(self, args: list) -> object:
+        if not self.failed:
+            try:
+                return self.planned(*args)
+            except Exception as exc:  # noqa: BLE001 - any kernel failure degrades to eager
+                self.failed = True
+                self.on_failure(exc)
+        return self.eager(*args)

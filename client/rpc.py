@@ -1,0 +1,152 @@
+"""The client's side of the wire: a DEALER socket with deadlines and bounded retries.
+
+Lazy Pirate: send, poll until the deadline, and on silence close the socket, open a fresh one
+(handshaking again) and retry, at most ``config.retries`` times; then :class:`DaemonUnavailable`.
+A process that forks gets a new context and socket in the child; the parent's are never reused.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+import sys
+import threading
+import time
+from typing import Any
+
+import zmq
+
+from hypatia import __version__
+from hypatia.config import Config, read_daemon_pid
+from hypatia.protocol import (
+    PROTOCOL_VERSION,
+    ErrorCode,
+    ProtocolError,
+    RemoteError,
+    decode_reply,
+    encode_request,
+)
+
+
+class DaemonUnavailable(Exception):
+    """No daemon answered in time (not running, hung, or gone); the caller plans locally."""
+
+
+class VersionSkew(Exception):
+    """The daemon speaks another protocol version; talking to it is pointless until one upgrades."""
+
+
+class DaemonClient:
+    """A thread-safe connection to hypatiad for one process."""
+
+    def __init__(self, config: Config, timeout_ms: int | None = None, retries: int | None = None):
+        self.config = config
+        self.timeout_ms = config.timeout_ms if timeout_ms is None else timeout_ms
+        self.retries = config.retries if retries is None else retries
+        self._lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._pid = os.getpid()
+        self._ctx: zmq.Context | None = None
+        self._sock: zmq.Socket | None = None
+        self.server: dict | None = None
+
+    # -- sockets --------------------------------------------------------------------------
+    def _fresh_after_fork(self) -> None:
+        if self._pid != os.getpid():
+            # The parent's context and socket belong to the parent; drop them without closing.
+            self._ctx, self._sock, self.server = None, None, None
+            self._pid = os.getpid()
+            self._lock = threading.Lock()
+
+    def _open(self) -> zmq.Socket:
+        if self._ctx is None:
+            self._ctx = zmq.Context()
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes)
+        sock.setsockopt(zmq.RECONNECT_IVL, 50)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 500)
+        sock.connect(self.config.endpoint)
+        return sock
+
+    def _reset(self) -> None:
+        if self._sock is not None:
+            self._sock.close(linger=0)
+        self._sock, self.server = None, None
+
+    def close(self) -> None:
+        with self._lock:
+            if self._pid == os.getpid():
+                self._reset()
+                if self._ctx is not None:
+                    self._ctx.term()
+            self._ctx = None
+
+    # -- requests -------------------------------------------------------------------------
+    def _exchange(self, sock: zmq.Socket, method: str, body: dict, deadline: float) -> Any:
+        rid = next(self._ids)
+        try:
+            sock.send(encode_request(rid, method, body), zmq.NOBLOCK)
+        except zmq.Again:
+            raise TimeoutError(f"{method}: the send queue is full") from None
+        while True:
+            left_ms = int((deadline - time.monotonic()) * 1000)
+            if left_ms <= 0 or not sock.poll(left_ms, zmq.POLLIN):
+                raise TimeoutError(f"{method}: no reply within {self.timeout_ms} ms")
+            reply = decode_reply(sock.recv(), self.config.max_message_bytes)
+            if reply.request_id == rid:
+                return reply.result()
+            # a late reply to an earlier, abandoned request: ignore it
+
+    def _handshake(self, sock: zmq.Socket, deadline: float) -> None:
+        body = {
+            "protocol": PROTOCOL_VERSION,
+            "version": __version__,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "program": " ".join(sys.argv)[:200],
+        }
+        try:
+            self.server = self._exchange(sock, "hello", body, deadline)
+        except RemoteError as exc:
+            if exc.code == ErrorCode.VERSION_MISMATCH:
+                raise VersionSkew(str(exc)) from None
+            raise
+
+    def call(self, method: str, body: dict | None = None, timeout_ms: int | None = None) -> Any:
+        """Send one request and return its result; raises :class:`DaemonUnavailable` when the
+        daemon is down or silent past every retry, :class:`RemoteError` for an error reply."""
+        timeout = (self.timeout_ms if timeout_ms is None else timeout_ms) / 1000
+        self._fresh_after_fork()
+        with self._lock:
+            last: Exception | None = None
+            for _attempt in range(1 + self.retries):
+                if read_daemon_pid(self.config) is None:
+                    self._reset()
+                    raise DaemonUnavailable(f"no hypatiad is running for {self.config.endpoint}")
+                deadline = time.monotonic() + timeout
+                try:
+                    if self._sock is None:
+                        self._sock = self._open()
+                        self._handshake(self._sock, deadline)
+                    return self._exchange(self._sock, method, body or {}, deadline)
+                except VersionSkew:
+                    self._reset()
+                    raise
+                except RemoteError as exc:
+                    if exc.code == ErrorCode.VERSION_MISMATCH:
+                        self._reset()
+                        raise VersionSkew(str(exc)) from None
+                    if exc.code in (ErrorCode.SHUTTING_DOWN, ErrorCode.NOT_HANDSHAKEN):
+                        self._reset()
+                        last = exc
+                        continue
+                    raise
+                except (TimeoutError, ProtocolError, zmq.ZMQError) as exc:
+                    self._reset()
+                    last = exc
+            raise DaemonUnavailable(
+                f"hypatiad at {self.config.endpoint} did not answer {method} after "
+                f"{1 + self.retries} attempt(s): {last}"
+            )

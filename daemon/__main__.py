@@ -1,0 +1,5 @@
+import sys
+
+from hypatia.daemon.cli import main
+
+sys.exit(main())

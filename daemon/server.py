@@ -1,0 +1,258 @@
+"""hypatiad's server loop: a ZeroMQ ROUTER on the per-user ipc socket.
+
+Cheap requests (hello, ping, get_plan, report, stats) are answered on this thread; planning runs
+on a small worker pool whose results come back over an inproc PULL socket, so that only this
+thread ever touches the ROUTER. SIGTERM stops intake, drains the flights in progress and exits.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import zmq
+
+from hypatia import __version__
+from hypatia.config import Config, ensure_private_dir
+from hypatia.daemon.faults import Faults
+from hypatia.daemon.lock import PidLock
+from hypatia.daemon.notify import sd_notify
+from hypatia.daemon.service import PlanKeys, PlanService
+from hypatia.planner.store import Store
+from hypatia.protocol import (
+    ErrorCode,
+    ProtocolError,
+    decode_request,
+    encode_error,
+    encode_reply,
+    pack,
+    unpack,
+)
+
+log = logging.getLogger("hypatia.daemon")
+
+RESULTS_ENDPOINT = "inproc://hypatiad-results"
+MAX_HANDSHAKEN_PEERS = 65536
+DRAIN_TIMEOUT_S = 60.0
+
+
+class StartFailed(Exception):
+    """The daemon could not start serving; the message says why."""
+
+
+class Server:
+    def __init__(self, config: Config, workers: int = 2):
+        self.config = config
+        self.faults = Faults.parse(config.faults)
+        self.workers = workers
+        self.stopping = False
+        self._flights: dict[PlanKeys, list[tuple[bytes, int]]] = {}
+        self._flight_ids = itertools.count(1)
+        self._flight_keys: dict[int, PlanKeys] = {}
+        self._peers: dict[bytes, None] = {}
+        self._local = threading.local()
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def run(self) -> int:
+        """Serve until SIGTERM/SIGINT; returns the process exit status."""
+        ensure_private_dir(self.config.runtime_dir)
+        self.config.cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        lock = PidLock(self.config.lock_path)
+        lock.acquire()  # raises AlreadyRunning, leaving the first daemon untouched
+        try:
+            if self.faults.fail_start:
+                raise StartFailed("fault injected: fail_start")
+            if self.faults.slow_start:
+                time.sleep(self.faults.slow_start)
+            return self._serve()
+        finally:
+            lock.release()
+
+    def _serve(self) -> int:
+        store = Store(self.config.store_path)
+        self.service = PlanService(self.config, store)
+        ctx = zmq.Context()
+        router = ctx.socket(zmq.ROUTER)
+        router.setsockopt(zmq.LINGER, 0)
+        router.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes)
+        router.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        results = ctx.socket(zmq.PULL)
+        results.setsockopt(zmq.LINGER, 0)
+        results.bind(RESULTS_ENDPOINT)
+        self.ctx, self.router, self.results = ctx, router, results
+        sock = self.config.socket_path
+        if sock.exists() or sock.is_symlink():
+            sock.unlink()  # stale: we hold the lock, so no live daemon owns it
+        old_umask = os.umask(0o077)
+        try:
+            router.bind(self.config.endpoint)
+        finally:
+            os.umask(old_umask)
+        os.chmod(sock, 0o600)
+        pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="hypatiad-plan")
+        self.pool = pool
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        log.info("hypatiad %s serving %s (pid %d, store %s)", __version__, self.config.endpoint, os.getpid(), store.path)
+        sd_notify(f"READY=1\nSTATUS=serving {self.config.endpoint}\nMAINPID={os.getpid()}")
+        try:
+            self._loop()
+        finally:
+            sd_notify("STOPPING=1")
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+            pool.shutdown(wait=True, cancel_futures=True)
+            ctx.destroy(linger=0)
+            store.close()
+            try:
+                sock.unlink()
+            except FileNotFoundError:
+                pass
+            log.info("hypatiad stopped")
+        return 0
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        if not self.stopping:
+            log.info("received %s: draining %d flight(s)", signal.Signals(signum).name, len(self._flights))
+        self.stopping = True
+
+    # -- loop -----------------------------------------------------------------------------
+    def _loop(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.router, zmq.POLLIN)
+        poller.register(self.results, zmq.POLLIN)
+        drain_deadline = None
+        while True:
+            if self.stopping:
+                if not self._flights:
+                    return
+                drain_deadline = drain_deadline or time.monotonic() + DRAIN_TIMEOUT_S
+                if time.monotonic() > drain_deadline:
+                    log.error("drain timed out with %d flight(s) unanswered", len(self._flights))
+                    return
+            try:
+                events = dict(poller.poll(100))
+            except zmq.ZMQError as exc:
+                if exc.errno == zmq.EINTR:
+                    continue
+                raise
+            if self.results in events:
+                self._collect_results()
+            if self.router in events:
+                for _ in range(256):
+                    try:
+                        frames = self.router.recv_multipart(zmq.NOBLOCK, copy=True)
+                    except zmq.Again:
+                        break
+                    self._dispatch(frames)
+
+    def _send(self, identity: bytes, payload: bytes) -> None:
+        try:
+            self.router.send_multipart([identity, payload], zmq.NOBLOCK)
+        except zmq.ZMQError as exc:  # peer gone or its queue full: it will retry
+            log.debug("reply dropped: %s", exc)
+
+    def _error(self, identity: bytes, request_id: int | None, code: ErrorCode, message: str) -> None:
+        self.service.errors[code.name] += 1
+        self._send(identity, encode_error(request_id, code, message))
+
+    def _dispatch(self, frames: list[bytes]) -> None:
+        identity, payload = frames[0], frames[1:]
+        if len(payload) != 1:
+            self._error(identity, None, ErrorCode.BAD_FRAME, "expected exactly one frame per message")
+            return
+        try:
+            request = decode_request(payload[0], self.config.max_message_bytes)
+        except ProtocolError as exc:
+            self._error(identity, exc.request_id, exc.code, str(exc))
+            return
+        method, rid, body = request.method, request.request_id, request.body
+        self.service.requests[method] += 1
+        if self.stopping:
+            self._error(identity, rid, ErrorCode.SHUTTING_DOWN, "hypatiad is shutting down; retry or plan locally")
+            return
+        if method != "hello" and identity not in self._peers:
+            self._error(identity, rid, ErrorCode.NOT_HANDSHAKEN, "send hello before any other request")
+            return
+        if not self.faults.on_request(method):
+            return
+        try:
+            if method == "hello":
+                result = self.service.hello(body, rid)
+                self._peers[identity] = None
+                if len(self._peers) > MAX_HANDSHAKEN_PEERS:
+                    self._peers.pop(next(iter(self._peers)))
+            elif method == "ping":
+                result = {"pid": os.getpid()}
+            elif method == "get_plan":
+                result = self.service.get_plan(body, rid)
+            elif method == "report":
+                result = self.service.report(body, rid)
+            elif method == "stats":
+                result = self.service.stats(inflight=len(self._flights))
+            elif method == "make_plan":
+                self._start_flight(identity, rid, body)
+                return
+            else:  # decode_request only lets known methods through
+                raise ProtocolError(f"no handler for {method}", rid)
+        except ProtocolError as exc:
+            self._error(identity, rid, exc.code, str(exc))
+            return
+        except Exception as exc:
+            log.exception("handler %s failed", method)
+            self._error(identity, rid, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+            return
+        self._send(identity, encode_reply(rid, result))
+
+    # -- flights (single-flight planning) -------------------------------------------------
+    def _start_flight(self, identity: bytes, rid: int, body: dict) -> None:
+        keys, job = self.service.parse_make_plan(body, rid)
+        recipe = self.service.lookup(keys)
+        if recipe is not None:
+            self.service.counters["coalesced"] += 1
+            self._send(identity, encode_reply(rid, {"plan": recipe}))
+            return
+        waiters = self._flights.get(keys)
+        if waiters is not None:
+            self.service.counters["coalesced"] += 1
+            waiters.append((identity, rid))
+            return
+        self._flights[keys] = [(identity, rid)]
+        flight = next(self._flight_ids)
+        self._flight_keys[flight] = keys
+        self.pool.submit(self._run_flight, flight, keys, job)
+
+    def _run_flight(self, flight: int, keys: PlanKeys, job: dict) -> None:
+        try:
+            result = [flight, True, self.service.make_plan(keys, job)]
+        except Exception as exc:
+            log.exception("planning %s failed", keys[0][:16])
+            result = [flight, False, f"{type(exc).__name__}: {exc}"]
+        push = getattr(self._local, "push", None)
+        if push is None:
+            push = self._local.push = self.ctx.socket(zmq.PUSH)
+            push.setsockopt(zmq.LINGER, 0)
+            push.connect(RESULTS_ENDPOINT)
+        push.send(pack(result))
+
+    def _collect_results(self) -> None:
+        while True:
+            try:
+                data = self.results.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            flight, ok, payload = unpack(data, 1 << 30)
+            keys = self._flight_keys.pop(flight)
+            waiters = self._flights.pop(keys, [])
+            if ok:
+                self.service.planned(keys, payload)
+                for identity, rid in waiters:
+                    self._send(identity, encode_reply(rid, {"plan": payload}))
+            else:
+                for identity, rid in waiters:
+                    self._error(identity, rid, ErrorCode.INTERNAL, f"planning failed: {payload}")

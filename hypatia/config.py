@@ -1,0 +1,150 @@
+"""Where Hypatia keeps its files and how it is tuned: every ``HYPATIA_*`` variable is read here."""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+# The longest path an AF_UNIX socket accepts on Linux (sun_path is 108 bytes with the NUL).
+MAX_IPC_PATH = 107
+
+
+class ConfigError(Exception):
+    """A setting or a directory is unusable; the message says which and how to fix it."""
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a whole number; unset it or give e.g. {default}") from None
+    if value < minimum:
+        raise ConfigError(f"{name}={value} is below the minimum {minimum}")
+    return value
+
+
+def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    low = raw.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name}={raw!r} is not a boolean; use 1 or 0")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Resolved settings for one process; build it with :func:`load`."""
+
+    runtime_dir: Path
+    cache_dir: Path
+    autostart: bool = True
+    timeout_ms: int = 2000
+    retries: int = 2
+    start_timeout_s: int = 30
+    max_message_bytes: int = 64 * 1024 * 1024
+    log_level: str = "INFO"
+    debug_fx: bool = False
+    faults: str = ""
+
+    @property
+    def socket_path(self) -> Path:
+        return self.runtime_dir / "hypatiad.sock"
+
+    @property
+    def endpoint(self) -> str:
+        return f"ipc://{self.socket_path}"
+
+    @property
+    def lock_path(self) -> Path:
+        return self.runtime_dir / "hypatiad.lock"
+
+    @property
+    def autostart_lock_path(self) -> Path:
+        return self.runtime_dir / "autostart.lock"
+
+    @property
+    def store_path(self) -> Path:
+        return self.cache_dir / "hypatia.sqlite"
+
+    @property
+    def log_path(self) -> Path:
+        return self.cache_dir / "hypatiad.log"
+
+
+def load(env: Mapping[str, str] | None = None) -> Config:
+    """Read the configuration from ``env`` (default: the process environment)."""
+    env = os.environ if env is None else env
+    home = env.get("HYPATIA_HOME")
+    uid = os.getuid()
+    if home:
+        base = Path(home).expanduser().absolute()
+        runtime_dir, cache_dir = base / "run", base / "cache"
+    else:
+        xdg_run = env.get("XDG_RUNTIME_DIR")
+        runtime_dir = Path(xdg_run) / "hypatia" if xdg_run else Path(f"/tmp/hypatia-{uid}")
+        xdg_cache = env.get("XDG_CACHE_HOME")
+        cache_root = Path(xdg_cache) if xdg_cache else Path.home() / ".cache"
+        cache_dir = cache_root / "hypatia"
+    config = Config(
+        runtime_dir=runtime_dir,
+        cache_dir=cache_dir,
+        autostart=_flag(env, "HYPATIA_AUTOSTART", True),
+        timeout_ms=_int(env, "HYPATIA_TIMEOUT_MS", 2000, minimum=1),
+        retries=_int(env, "HYPATIA_RETRIES", 2),
+        start_timeout_s=_int(env, "HYPATIA_START_TIMEOUT_S", 30, minimum=1),
+        max_message_bytes=_int(env, "HYPATIA_MAX_MESSAGE_BYTES", 64 * 1024 * 1024, minimum=4096),
+        log_level=env.get("HYPATIA_LOG_LEVEL", "INFO").upper(),
+        debug_fx=_flag(env, "HYPATIA_DEBUG_FX", False),
+        faults=env.get("HYPATIA_FAULTS", ""),
+    )
+    if len(str(config.socket_path)) > MAX_IPC_PATH:
+        raise ConfigError(
+            f"the daemon socket path {config.socket_path} is longer than {MAX_IPC_PATH} bytes, "
+            "which AF_UNIX cannot bind; point HYPATIA_HOME (or XDG_RUNTIME_DIR) at a shorter directory"
+        )
+    return config
+
+
+def ensure_private_dir(path: Path) -> Path:
+    """Create ``path`` as a 0700 directory of this user, or refuse one that others could enter."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    info = path.stat()
+    if info.st_uid != os.getuid():
+        raise ConfigError(
+            f"{path} belongs to uid {info.st_uid}, not to you (uid {os.getuid()}); "
+            "remove it or set HYPATIA_HOME to a directory of your own"
+        )
+    if stat.S_IMODE(info.st_mode) & 0o077:
+        raise ConfigError(
+            f"{path} has mode {stat.S_IMODE(info.st_mode):o}; other users could reach the daemon's "
+            f"socket through it. Run `chmod 700 {path}` or remove it"
+        )
+    return path
+
+
+def read_daemon_pid(config: Config) -> int | None:
+    """The pid written in the daemon's lock file if that process is alive, else None."""
+    try:
+        text = config.lock_path.read_text().strip()
+        pid = int(text.split()[0]) if text else 0
+    except (OSError, ValueError, IndexError):
+        return None
+    if pid <= 0:
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        return pid
+    return pid

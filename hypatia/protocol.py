@@ -1,0 +1,192 @@
+"""The wire protocol between the client hook and hypatiad: one msgpack frame per message.
+
+A request is ``[PROTOCOL_VERSION, request_id, method, body]``; a reply is
+``[PROTOCOL_VERSION, request_id, status, body]`` with status ``"ok"`` or ``"error"`` and, for
+errors, ``body = {"code": int, "message": str}``. Only msgpack's plain types travel: nothing is
+ever unpickled or executed. The protocol is versioned apart from the package; a peer speaking
+another version is refused at the handshake with :data:`ErrorCode.VERSION_MISMATCH`.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+PROTOCOL_VERSION = 1
+
+# Methods the daemon answers. `hello` must come first on every connection.
+METHODS = ("hello", "ping", "get_plan", "make_plan", "report", "stats")
+
+# Nesting deeper than this is refused before any handler sees the body.
+MAX_DEPTH = 64
+
+
+class ErrorCode(enum.IntEnum):
+    BAD_FRAME = 1
+    VERSION_MISMATCH = 2
+    UNKNOWN_METHOD = 3
+    BAD_REQUEST = 4
+    TOO_LARGE = 5
+    INTERNAL = 6
+    SHUTTING_DOWN = 7
+    NOT_HANDSHAKEN = 8
+
+
+class ProtocolError(Exception):
+    """A frame that cannot be understood; carries the error code to answer it with."""
+
+    code = ErrorCode.BAD_FRAME
+
+    def __init__(self, message: str, request_id: int | None = None):
+        super().__init__(message)
+        self.request_id = request_id
+
+
+class BadFrame(ProtocolError):
+    """Not msgpack, not a four-element array, or fields of the wrong type."""
+
+    code = ErrorCode.BAD_FRAME
+
+
+class VersionMismatch(ProtocolError):
+    """The peer speaks another protocol version."""
+
+    code = ErrorCode.VERSION_MISMATCH
+
+
+class TooLarge(ProtocolError):
+    """The frame is larger than the configured maximum message size."""
+
+    code = ErrorCode.TOO_LARGE
+
+
+class UnknownMethod(ProtocolError):
+    """The method name is not one the daemon serves."""
+
+    code = ErrorCode.UNKNOWN_METHOD
+
+
+class BadRequest(ProtocolError):
+    """The body of a known method is missing fields or has values of the wrong type."""
+
+    code = ErrorCode.BAD_REQUEST
+
+
+class RemoteError(Exception):
+    """The daemon answered a request with an error reply."""
+
+    def __init__(self, code: int, message: str):
+        try:
+            self.code: ErrorCode | int = ErrorCode(code)
+        except ValueError:
+            self.code = code
+        name = self.code.name if isinstance(self.code, ErrorCode) else str(code)
+        super().__init__(f"hypatiad answered {name}: {message}")
+        self.remote_message = message
+
+
+@dataclass(frozen=True)
+class Request:
+    request_id: int
+    method: str
+    body: dict
+
+
+@dataclass(frozen=True)
+class Reply:
+    request_id: int | None
+    ok: bool
+    body: Any
+
+    def result(self) -> Any:
+        """The body of an ok reply; raises :class:`RemoteError` for an error reply."""
+        if self.ok:
+            return self.body
+        body = self.body if isinstance(self.body, dict) else {}
+        raise RemoteError(int(body.get("code", ErrorCode.INTERNAL)), str(body.get("message", "")))
+
+
+def pack(obj: Any) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def unpack(data: bytes, max_bytes: int) -> Any:
+    if len(data) > max_bytes:
+        raise TooLarge(f"message of {len(data)} bytes exceeds the limit of {max_bytes}")
+    try:
+        obj = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
+    except Exception as exc:  # msgpack raises several unrelated types for bad input
+        raise BadFrame(f"not a msgpack frame ({type(exc).__name__}: {exc})") from None
+    _check_depth(obj)
+    return obj
+
+
+def _check_depth(obj: Any) -> None:
+    stack = [(obj, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise BadFrame(f"message nests deeper than {MAX_DEPTH} levels")
+        if isinstance(item, list):
+            stack.extend((x, depth + 1) for x in item if isinstance(x, (list, dict)))
+        elif isinstance(item, dict):
+            stack.extend((x, depth + 1) for x in item.values() if isinstance(x, (list, dict)))
+
+
+def encode_request(request_id: int, method: str, body: dict | None = None) -> bytes:
+    return pack([PROTOCOL_VERSION, request_id, method, body or {}])
+
+
+def decode_request(data: bytes, max_bytes: int) -> Request:
+    """Parse a request frame; raises a :class:`ProtocolError` subclass saying what is wrong."""
+    obj = unpack(data, max_bytes)
+    if not isinstance(obj, list) or len(obj) != 4:
+        raise BadFrame("a request is a msgpack array [version, id, method, body]")
+    version, request_id, method, body = obj
+    rid = request_id if isinstance(request_id, int) and not isinstance(request_id, bool) else None
+    if version != PROTOCOL_VERSION:
+        raise VersionMismatch(
+            f"client speaks protocol {version!r}, this daemon speaks {PROTOCOL_VERSION}; "
+            "upgrade the older of the two (pip install -U hypatia) and restart the daemon",
+            rid,
+        )
+    if rid is None:
+        raise BadFrame("request id must be an integer")
+    if not isinstance(method, str):
+        raise BadFrame("method must be a string", rid)
+    if method not in METHODS:
+        raise UnknownMethod(f"unknown method {method[:64]!r}; known: {', '.join(METHODS)}", rid)
+    if not isinstance(body, dict):
+        raise BadFrame("body must be a map", rid)
+    return Request(rid, method, body)
+
+
+def encode_reply(request_id: int | None, body: Any) -> bytes:
+    return pack([PROTOCOL_VERSION, request_id, "ok", body])
+
+
+def encode_error(request_id: int | None, code: ErrorCode, message: str) -> bytes:
+    return pack([PROTOCOL_VERSION, request_id, "error", {"code": int(code), "message": message}])
+
+
+def decode_reply(data: bytes, max_bytes: int) -> Reply:
+    obj = unpack(data, max_bytes)
+    if not isinstance(obj, list) or len(obj) != 4 or obj[2] not in ("ok", "error"):
+        raise BadFrame("a reply is a msgpack array [version, id, status, body]")
+    version, request_id, status, body = obj
+    if version != PROTOCOL_VERSION:
+        raise VersionMismatch(f"daemon speaks protocol {version!r}, this client {PROTOCOL_VERSION}")
+    return Reply(request_id, status == "ok", body)
+
+
+def require(body: dict, field: str, kind: type | tuple[type, ...], request_id: int | None = None) -> Any:
+    """``body[field]`` if present with the right type, else :class:`BadRequest`."""
+    if field not in body:
+        raise BadRequest(f"missing field {field!r}", request_id)
+    value = body[field]
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
+        raise BadRequest(f"field {field!r} has type {type(value).__name__}", request_id)
+    return value

@@ -1,0 +1,266 @@
+"""The plan store: one SQLite file through sqlite-utils, WAL, a schema version and migrations.
+
+The daemon is the only writer. Each thread gets its own connection. A row whose checksum or
+format does not verify is a miss: it is counted, removed and re-planned, never served.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable
+
+import msgpack
+import sqlite_utils
+
+from hypatia.planner.plan import Plan, PlanFormatError, recipe_checksum, recipe_text
+
+log = logging.getLogger("hypatia.store")
+
+TABLES = ("canonical_graphs", "implementations", "environments", "workloads", "benchmark_traces", "plans")
+
+
+class StoreError(Exception):
+    """The store cannot be opened or used as it is; the message says what to do."""
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _migrate_1(db: sqlite_utils.Database) -> None:
+    db["canonical_graphs"].create(
+        {"key": str, "nodes": int, "ops": str, "graph": bytes, "created_at": str}, pk="key"
+    )
+    db["implementations"].create(
+        {"id": str, "op": str, "backend": str, "signature": str, "target": str, "description": str},
+        pk="id",
+    )
+    db["environments"].create(
+        {"key": str, "device_type": str, "device_name": str, "details": str, "created_at": str}, pk="key"
+    )
+    db["workloads"].create({"key": str, "inputs": str, "created_at": str}, pk="key")
+    db["benchmark_traces"].create(
+        {
+            "id": int,
+            "graph_key": str,
+            "workload_key": str,
+            "env_key": str,
+            "implementation_id": str,
+            "region": int,
+            "median_us": float,
+            "spread_us": float,
+            "repeats": int,
+            "max_rel_error": float,
+            "created_at": str,
+        },
+        pk="id",
+        foreign_keys=[
+            ("graph_key", "canonical_graphs", "key"),
+            ("workload_key", "workloads", "key"),
+            ("env_key", "environments", "key"),
+            ("implementation_id", "implementations", "id"),
+        ],
+    )
+    db["plans"].create(
+        {
+            "graph_key": str,
+            "workload_key": str,
+            "env_key": str,
+            "revision": int,
+            "policy": str,
+            "recipe": str,
+            "checksum": str,
+            "created_at": str,
+            "updated_at": str,
+        },
+        pk=("graph_key", "workload_key", "env_key"),
+        foreign_keys=[
+            ("graph_key", "canonical_graphs", "key"),
+            ("workload_key", "workloads", "key"),
+            ("env_key", "environments", "key"),
+        ],
+    )
+
+
+# Schema version N is reached by running MIGRATIONS[N - 1]; append, never edit.
+MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_migrate_1,)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class Store:
+    """The SQLite plan store at ``path``; ``readonly`` opens it for inspection only."""
+
+    def __init__(self, path: Path, readonly: bool = False):
+        self.path = Path(path)
+        self.readonly = readonly
+        self.counters: Counter = Counter()
+        self._local = threading.local()
+        if readonly:
+            if not self.path.exists():
+                raise StoreError(f"no store at {self.path} yet; it is created by the first plan")
+            version = self._db().execute("PRAGMA user_version").fetchone()[0]
+            if version != SCHEMA_VERSION:
+                raise StoreError(
+                    f"{self.path} has schema version {version}, this Hypatia reads {SCHEMA_VERSION}; "
+                    "start the daemon of this version to migrate it"
+                )
+        else:
+            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._open_or_quarantine()
+
+    # -- connections ----------------------------------------------------------------------
+    def _connect(self) -> sqlite_utils.Database:
+        if self.readonly:
+            conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=10, check_same_thread=False)
+        else:
+            conn = sqlite3.connect(str(self.path), timeout=10, check_same_thread=False)
+        db = sqlite_utils.Database(conn, execute_plugins=False)
+        db.execute("PRAGMA busy_timeout = 10000")
+        db.execute("PRAGMA foreign_keys = ON")
+        return db
+
+    def _db(self) -> sqlite_utils.Database:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = self._local.db = self._connect()
+        return db
+
+    def _open_or_quarantine(self) -> None:
+        try:
+            self._migrate()
+        except sqlite3.DatabaseError as exc:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+            log.error("store %s is unreadable (%s); moved aside to %s and starting empty", self.path, exc, aside)
+            self.close()
+            for suffix in ("", "-wal", "-shm"):
+                src = Path(str(self.path) + suffix)
+                if src.exists():
+                    src.rename(Path(str(aside) + suffix))
+            self.counters["store_quarantined"] += 1
+            self._migrate()
+
+    def _migrate(self) -> None:
+        db = self._db()
+        db.enable_wal()
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"{self.path} was written by a newer Hypatia (schema {version} > {SCHEMA_VERSION}); "
+                "upgrade Hypatia, or point HYPATIA_HOME elsewhere"
+            )
+        for target in range(version + 1, SCHEMA_VERSION + 1):
+            with db.atomic():
+                MIGRATIONS[target - 1](db)
+                db.execute(f"PRAGMA user_version = {target}")
+            log.info("store %s migrated to schema %d", self.path, target)
+
+    def close(self) -> None:
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            db.conn.close()
+            self._local.db = None
+
+    # -- plans ----------------------------------------------------------------------------
+    def get_plan(self, keys: tuple[str, str, str]) -> Plan | None:
+        """The stored plan for (graph, workload, environment), or None (also for a bad row)."""
+        db = self._db()
+        row = db.execute(
+            "SELECT recipe, checksum FROM plans WHERE graph_key = ? AND workload_key = ? AND env_key = ?",
+            keys,
+        ).fetchone()
+        if row is None:
+            return None
+        text, checksum = row
+        try:
+            if not isinstance(text, str) or recipe_checksum(keys, text) != checksum:
+                raise PlanFormatError("checksum does not match")
+            plan = Plan.from_recipe(json.loads(text))
+            if plan.graph_key != keys[0]:
+                raise PlanFormatError("recipe names another graph")
+            return plan
+        except (PlanFormatError, ValueError) as exc:
+            self.counters["corrupt_rows"] += 1
+            log.error("plan row %s failed verification (%s); dropping it and re-planning", keys, exc)
+            if not self.readonly:
+                with db.atomic():
+                    db.execute(
+                        "DELETE FROM plans WHERE graph_key = ? AND workload_key = ? AND env_key = ?", keys
+                    )
+            return None
+
+    def put_plan(
+        self,
+        keys: tuple[str, str, str],
+        graph_wire: dict,
+        workload: list,
+        environment: dict,
+        plan: Plan,
+        implementations: list[dict],
+    ) -> None:
+        """Record the graph, workload, environment, implementations and plan in one transaction."""
+        graph_key, workload_key, env_key = keys
+        text = recipe_text(plan.to_recipe())
+        now = _now()
+        ops = Counter(node[0] for node in graph_wire["nodes"])
+        db = self._db()
+        with db.atomic():
+            db["canonical_graphs"].insert(
+                {
+                    "key": graph_key,
+                    "nodes": len(graph_wire["nodes"]),
+                    "ops": json.dumps(dict(ops), sort_keys=True),
+                    "graph": msgpack.packb(graph_wire, use_bin_type=True),
+                    "created_at": now,
+                },
+                ignore=True,
+            )
+            db["environments"].insert(
+                {
+                    "key": env_key,
+                    "device_type": str(environment.get("device_type", "")),
+                    "device_name": str(environment.get("device_name", "")),
+                    "details": json.dumps(environment, sort_keys=True, default=str),
+                    "created_at": now,
+                },
+                ignore=True,
+            )
+            db["workloads"].insert(
+                {"key": workload_key, "inputs": json.dumps(workload), "created_at": now},
+                ignore=True,
+            )
+            for impl in implementations:
+                db["implementations"].insert(impl, ignore=True)
+            db["plans"].upsert(
+                {
+                    "graph_key": graph_key,
+                    "workload_key": workload_key,
+                    "env_key": env_key,
+                    "revision": plan.revision,
+                    "policy": plan.policy,
+                    "recipe": text,
+                    "checksum": recipe_checksum(keys, text),
+                    "created_at": now,
+                    "updated_at": now,
+                },
+                pk=("graph_key", "workload_key", "env_key"),
+            )
+
+    # -- inspection -----------------------------------------------------------------------
+    def counts(self) -> dict[str, int]:
+        db = self._db()
+        return {t: db.execute(f"SELECT count(*) FROM [{t}]").fetchone()[0] for t in TABLES}
+
+    def size_bytes(self) -> int:
+        return sum(
+            Path(str(self.path) + s).stat().st_size for s in ("", "-wal") if Path(str(self.path) + s).exists()
+        )
+
+    def query(self, sql: str, params: Any = ()) -> list[tuple]:
+        return self._db().execute(sql, params).fetchall()
