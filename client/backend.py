@@ -46,6 +46,11 @@ class Session:
 
     def __init__(self, config: Config | None = None):
         self.config = config or load()
+        if os.environ.get("HYPATIA_LOG_LEVEL"):
+            logger = logging.getLogger("hypatia")
+            logger.setLevel(getattr(logging, self.config.log_level, logging.INFO))
+            if not logger.handlers:
+                logger.addHandler(logging.StreamHandler())
         self.client = DaemonClient(self.config)
         self.counters: Counter = Counter()
         self._warned: set[str] = set()
@@ -57,7 +62,7 @@ class Session:
         """Count a graph that runs eager; warn once per kind of failure; tell the daemon."""
         self.counters["fallbacks"] += 1
         reason = f"{what}: {type(exc).__name__}: {exc}"
-        kind = f"{what}:{type(exc).__name__}"
+        kind = type(exc).__name__
         log.debug("fallback to eager: %s", reason, exc_info=exc)
         if kind not in self._warned:
             self._warned.add(kind)

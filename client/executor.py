@@ -46,6 +46,7 @@ def apply_plan(gm: torch.fx.GraphModule, fx_nodes: list[torch.fx.Node], plan: Pl
         target.replace_all_uses_with(call)
         for i in sorted(region.nodes, reverse=True):
             graph.erase_node(nodes[i])
+        nodes[region.output] = call  # a later region may take this one's result as input
     graph.lint()
     return torch.fx.GraphModule(gm, graph)
 

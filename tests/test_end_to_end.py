@@ -1,0 +1,186 @@
+"""Whole-system tests: real hypatiad subprocesses and separate client processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+# A client program: compiles an MLP with backend="hypatia", runs one training step, checks
+# outputs and gradients against eager, prints its session counters as JSON on the last line.
+CLIENT = textwrap.dedent(
+    """
+    import json, sys, time, torch
+    from hypatia.client.backend import session
+
+    batch = int(sys.argv[1]) if len(sys.argv) > 1 else 8
+    torch.manual_seed(0)
+    def make():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 16), torch.nn.GELU())
+    model, reference = make(), make()
+    x = torch.randn(batch, 32)
+    start = time.monotonic()
+    out = torch.compile(model, backend="hypatia")(x)
+    first_call_s = time.monotonic() - start
+    expected = reference(x)
+    torch.testing.assert_close(out, expected)
+    out.sum().backward(); expected.sum().backward()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
+    print(json.dumps(dict(session().counters) | {"first_call_s": first_call_s}))
+    """
+)
+
+
+def run_client(home, *args, extra_env=None, timeout=120):
+    proc = home.python(CLIENT + "\n", timeout=timeout, extra_env=extra_env) if not args else home.run(
+        "-c", CLIENT, *args, extra_env=extra_env, timeout=timeout
+    )
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_second_process_is_a_plan_cache_hit(daemon):
+    first = run_client(daemon)
+    assert first["daemon_misses"] == 2 and first.get("daemon_hits", 0) == 0  # forward + backward
+    # Linear+ReLU fuses; Linear+GELU keeps its pre-activation for backward, so stays unfused
+    assert first["regions_fused"] == 1 and first.get("fallbacks", 0) == 0
+    stats = daemon.stats()
+    assert stats["plan_cache"]["misses"] == 2 and stats["plan_cache"]["hits"] == 0
+    assert stats["plans"] == 2 and stats["graphs"] == 2 and stats["plan_cache"]["plans_made"] == 2
+
+    second = run_client(daemon)
+    assert second["daemon_hits"] == 2 and second.get("daemon_misses", 0) == 0
+    stats = daemon.stats()
+    assert stats["plan_cache"]["hits"] == 2
+    assert stats["plan_cache"]["hit_rate"] == 0.5
+    assert stats["plan_cache"]["plans_made"] == 2  # nothing planned again
+    assert stats["clients_seen"] >= 2
+    assert stats["rules"]["linear_relu"] == 1  # fired once, in the forward graph
+    assert stats["fallbacks"] == 0 and stats["error_total"] == 0
+
+
+def test_plans_survive_a_daemon_restart(daemon):
+    run_client(daemon)
+    daemon.hypatiad("stop")
+    daemon.hypatiad("start")
+    again = run_client(daemon)
+    assert again["daemon_hits"] == 2
+    assert daemon.stats()["plan_cache"]["plans_made"] == 0  # served from the SQLite store
+
+
+def test_client_starts_the_daemon_and_racing_clients_share_one(home):
+    assert home.daemon_pid() is None
+    procs = [
+        subprocess.Popen([sys.executable, "-c", CLIENT], env=home.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(3)
+    ]
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=180)
+        assert p.returncode == 0, err
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    assert all(r.get("local_plans", 0) == 0 for r in results), results
+    pid = home.daemon_pid()
+    assert pid is not None
+    stats = home.stats()
+    assert stats["pid"] == pid
+    assert stats["clients_seen"] >= 3
+    assert stats["plan_cache"]["plans_made"] == 2  # forward and backward, each planned once
+    assert stats["plan_cache"]["hits"] + stats["plan_cache"]["misses"] == 6
+
+
+def test_autostart_off_plans_in_process(home):
+    result = run_client(home, extra_env={"HYPATIA_AUTOSTART": "0"})
+    assert result["local_plans"] == 2 and result["regions_fused"] == 1
+    assert home.daemon_pid() is None
+
+
+KILL_AND_RESTART = textwrap.dedent(
+    """
+    import json, os, signal, subprocess, sys, time, torch
+    from hypatia.client.backend import session
+    from hypatia.config import load, read_daemon_pid
+
+    def step(batch):
+        torch.manual_seed(batch)
+        m = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU())
+        x = torch.randn(batch, 16)
+        with torch.no_grad():
+            torch.testing.assert_close(torch.compile(m, backend="hypatia", dynamic=False)(x), m(x))
+
+    config = load()
+    s = session()
+    step(4)
+    assert s.counters["daemon_misses"] == 1, s.counters
+    os.kill(read_daemon_pid(config), signal.SIGKILL)
+    time.sleep(0.2)
+    start = time.monotonic()
+    step(5)  # a new graph while the daemon is dead
+    dead_s = time.monotonic() - start
+    assert s.counters["local_plans"] == 1, s.counters
+    subprocess.run([sys.executable, "-m", "hypatia.daemon", "start"], check=True, capture_output=True)
+    step(6)  # reconnects to the restarted daemon
+    print(json.dumps(dict(s.counters) | {"dead_s": dead_s}))
+    """
+)
+
+
+def test_daemon_sigkilled_while_client_runs(daemon):
+    proc = daemon.python(KILL_AND_RESTART, extra_env={"HYPATIA_AUTOSTART": "0"})
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["dead_s"] < 15
+    assert result["daemon_misses"] == 2  # before the kill, and after the restart
+    stats = daemon.stats()
+    assert stats["plan_cache"]["misses"] == 1 and stats["plans"] == 2  # the new daemon's view
+
+
+def test_daemon_crashing_mid_request_does_not_fail_the_model(home):
+    home.hypatiad("start", extra_env={"HYPATIA_FAULTS": "crash=make_plan"})
+    start = time.monotonic()
+    result = run_client(home, extra_env={"HYPATIA_AUTOSTART": "0", "HYPATIA_TIMEOUT_MS": "1000"})
+    assert time.monotonic() - start < 60
+    assert result["local_plans"] == 2 and result.get("fallbacks", 0) == 0
+    assert home.daemon_pid() is None
+
+
+def test_hung_daemon_is_given_up_on_in_bounded_time(daemon):
+    pid = daemon.daemon_pid()
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        result = run_client(daemon, extra_env={"HYPATIA_TIMEOUT_MS": "300", "HYPATIA_RETRIES": "1"})
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert result["local_plans"] == 2
+    # 2 attempts x 300 ms, once: the second graph skips the unresponsive daemon
+    assert result["first_call_s"] < 20
+
+
+def test_forked_children_get_their_own_connection(daemon):
+    code = """
+    import os, torch, json
+    from hypatia.client.backend import session
+    s = session()
+    s.client.call("ping")
+    pid = os.fork()
+    if pid == 0:
+        from hypatia.client.backend import session as child_session
+        c = child_session()
+        assert c is not s
+        m = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU())
+        x = torch.randn(2, 8)
+        with torch.no_grad():
+            torch.testing.assert_close(torch.compile(m, backend="hypatia")(x), m(x))
+        os._exit(0 if c.counters["daemon_misses"] + c.counters["daemon_hits"] == 1 else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    print(json.dumps(s.client.call("ping")))
+    """
+    proc = daemon.python(code)
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["pid"] == daemon.daemon_pid()

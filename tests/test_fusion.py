@@ -1,0 +1,178 @@
+"""linear + activation fusion: the rule fires where it should, not where it should not, and
+forward and backward match eager PyTorch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from graphs import aten_graph
+from hypatia.client.capture import capture
+from hypatia.client.executor import apply_plan
+from hypatia.planner import plan_graph
+from hypatia.planner.counters import counters
+
+
+def fired(rule: str) -> int:
+    return counters[f"rule.{rule}"]
+
+
+def planned_module(fn, *inputs):
+    gm = aten_graph(fn, *inputs)
+    graph, fx_nodes = capture(gm)
+    plan = plan_graph(graph)
+    return gm, plan, apply_plan(gm, fx_nodes, plan)
+
+
+CASES = [
+    ("linear_relu", lambda x, w, b: torch.nn.functional.linear(x, w, b).relu()),
+    ("linear_gelu", lambda x, w, b: torch.nn.functional.gelu(torch.nn.functional.linear(x, w, b))),
+    ("linear_gelu_tanh", lambda x, w, b: torch.nn.functional.gelu(torch.nn.functional.linear(x, w, b), approximate="tanh")),
+]
+
+
+@pytest.mark.parametrize("rule,fn", CASES, ids=[c[0] for c in CASES])
+@pytest.mark.parametrize("shape", [(32, 64), (4, 8, 64)], ids=["2d", "3d"])
+def test_rule_fires_and_matches_eager(rule, fn, shape):
+    x, w, b = torch.randn(*shape), torch.randn(48, 64), torch.randn(48)
+    before = fired(rule)
+    gm, plan, planned = planned_module(fn, x, w, b)
+    assert [r.rule for r in plan.regions] == [rule]
+    assert fired(rule) == before + 1
+    calls = [n for n in planned.graph.nodes if n.op == "call_function"]
+    assert [n.name for n in calls if n.name == rule] == [rule], planned.graph
+    assert not any(n.target is torch.ops.aten.addmm.default for n in calls)
+    torch.testing.assert_close(planned(x, w, b), fn(x, w, b))
+
+
+def test_pre_activation_with_a_second_user_does_not_fire():
+    def two_users(x, w, b):
+        y = torch.nn.functional.linear(x, w, b)
+        return y.relu() + y
+
+    before = fired("linear_relu")
+    _, plan, _ = planned_module(two_users, torch.randn(4, 8), torch.randn(6, 8), torch.randn(6))
+    assert plan.regions == ()
+    assert fired("linear_relu") == before
+
+
+def test_linear_without_bias_or_other_activation_does_not_fire():
+    x, w = torch.randn(4, 8), torch.randn(6, 8)
+    _, plan, _ = planned_module(lambda x, w: torch.nn.functional.linear(x, w).relu(), x, w)
+    assert plan.regions == ()
+    _, plan, _ = planned_module(lambda x, w, b: torch.nn.functional.linear(x, w, b).sigmoid(), x, w, torch.randn(6))
+    assert plan.regions == ()
+
+
+class MLP(torch.nn.Module):
+    def __init__(self, act):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = torch.nn.Linear(32, 64), act, torch.nn.Linear(64, 16)
+
+    def forward(self, x):
+        return torch.relu(self.fc2(self.act(self.fc1(x))))
+
+
+@pytest.mark.parametrize("act", [torch.nn.ReLU(), torch.nn.GELU(), torch.nn.GELU(approximate="tanh")], ids=["relu", "gelu", "gelu_tanh"])
+def test_compiled_training_step_matches_eager(home, dynamo_reset, monkeypatch, act):
+    """Forward and backward through backend='hypatia' (planned in-process: no daemon)."""
+    monkeypatch.setenv("HYPATIA_AUTOSTART", "0")
+    torch.manual_seed(0)
+    model = MLP(act)
+    reference = MLP(act)
+    reference.load_state_dict(model.state_dict())
+    compiled = torch.compile(model, backend="hypatia")
+    x = torch.randn(4, 10, 32)
+    out = compiled(x)
+    expected = reference(x)
+    torch.testing.assert_close(out, expected)
+    out.square().mean().backward()
+    expected.square().mean().backward()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
+    from hypatia.client.backend import session
+
+    counters_ = session().counters
+    assert counters_["local_plans"] == 2 and counters_["fallbacks"] == 0
+    # fc2 + relu always fuses; fc1 + GELU in training keeps its pre-activation for backward.
+    assert counters_["regions_fused"] == (2 if isinstance(act, torch.nn.ReLU) else 1)
+
+
+def test_inference_fuses_both_layers(home, dynamo_reset, monkeypatch):
+    monkeypatch.setenv("HYPATIA_AUTOSTART", "0")
+    model = MLP(torch.nn.GELU()).eval()
+    x = torch.randn(16, 32)
+    with torch.no_grad():
+        out = torch.compile(model, backend="hypatia")(x)
+        torch.testing.assert_close(out, model(x))
+    from hypatia.client.backend import session
+
+    assert session().counters["regions_fused"] == 2
+
+
+def test_ops_without_rules_pass_through(home, dynamo_reset, monkeypatch):
+    monkeypatch.setenv("HYPATIA_AUTOSTART", "0")
+
+    class Odd(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3)
+            self.norm = torch.nn.LayerNorm(6)
+
+        def forward(self, x):
+            y = self.norm(self.conv(x))
+            return torch.sort(y.flatten(1), dim=1).values.cumsum(1).tanh()
+
+    model = Odd()
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    out = torch.compile(model, backend="hypatia")(x)
+    torch.testing.assert_close(out, model(x))
+    out.sum().backward()
+    from hypatia.client.backend import session
+
+    assert session().counters["regions_fused"] == 0
+    assert session().counters["fallbacks"] == 0
+    assert session().counters["graphs_backward"] == 1
+
+
+def test_bad_plan_falls_back_to_eager_with_one_warning(home, dynamo_reset, monkeypatch):
+    """A plan naming a kernel this installation lacks: that graph runs eager, warned once, counted."""
+    from hypatia.client import backend
+    from hypatia.planner.plan import Plan, Region
+
+    monkeypatch.setenv("HYPATIA_AUTOSTART", "0")
+
+    def bogus(graph, policy="HEURISTIC"):
+        out = max(graph.output_refs())
+        return Plan(graph.key, (Region("linear_relu", "no/such/kernel", (0,), (None,), out, (out,)),))
+
+    monkeypatch.setattr(backend, "plan_graph", bogus)
+    model = MLP(torch.nn.ReLU())
+    x, x2 = torch.randn(3, 32), torch.randn(7, 32)
+    with pytest.warns(backend.HypatiaFallbackWarning, match="no/such/kernel") as record:
+        compiled = torch.compile(model, backend="hypatia")
+        out = compiled(x)
+        out2 = compiled(x2)  # a new shape: a second graph, planned and failing the same way
+    torch.testing.assert_close(out, model(x))
+    torch.testing.assert_close(out2, model(x2))
+    assert len(record) == 1
+    assert backend.session().counters["fallbacks"] >= 2
+
+
+def test_kernel_failing_at_run_time_degrades_to_eager(home, dynamo_reset, monkeypatch):
+    from hypatia.client import backend
+    from hypatia.kernels import linear_activation
+
+    monkeypatch.setenv("HYPATIA_AUTOSTART", "0")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("kernel exploded")
+
+    monkeypatch.setattr(linear_activation, "addmm_activation_relu", broken)
+    model = MLP(torch.nn.ReLU()).eval()
+    x = torch.randn(3, 32)
+    with torch.no_grad(), pytest.warns(backend.HypatiaFallbackWarning, match="kernel exploded"):
+        compiled = torch.compile(model, backend="hypatia")
+        torch.testing.assert_close(compiled(x), model(x))
+        torch.testing.assert_close(compiled(x * 2), model(x * 2))
+    assert backend.session().counters["fallbacks"] == 1
