@@ -100,3 +100,12 @@ def dynamo_reset():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
+
+
+def pytest_collection_modifyitems(config, items):
+    """GPU tests run on a machine with CUDA; selecting them elsewhere is an error, not a skip."""
+    if any(item.get_closest_marker("gpu") for item in items):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise pytest.UsageError("tests marked gpu were selected but no CUDA device is available; use -m 'not gpu'")

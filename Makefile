@@ -1,0 +1,39 @@
+# Two commands on a fresh machine: `make demo` (set up, start the daemon, run the example in two
+# processes, print the daemon's stats) and `make test` (set up with test extras, run the suite).
+PYTHON ?= python3
+VENV ?= .venv
+# torch first, pinned, so that pip does not pick a different build for the range in pyproject.
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.hypatia-installed
+PYTEST_ARGS ?=
+
+.PHONY: install demo test test-gpu stop clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	@$(BIN)/python -c "import torch, zmq, msgpack, sqlite_utils, networkx, pytest, pytest_timeout" \
+		|| { echo "set-up incomplete: a required package did not install" >&2; exit 1; }
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	@$(BIN)/hypatiad status >/dev/null || $(BIN)/hypatiad start
+	$(BIN)/python -m hypatia.client.demo
+	$(BIN)/python -m hypatia.client.demo
+	$(BIN)/hypatia-ctl stats
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -m "not gpu" $(PYTEST_ARGS)
+
+test-gpu: $(STAMP)
+	$(BIN)/python -m pytest -m gpu $(PYTEST_ARGS)
+
+stop:
+	-$(BIN)/hypatiad stop
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache
