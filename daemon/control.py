@@ -95,6 +95,13 @@ def start(config: Config) -> int:
         if read_daemon_pid(config) == proc.pid and ping(config) is not None:
             return proc.pid
         time.sleep(0.05)
+    # Do not leave a daemon behind that we reported as failed: it would hold the lock.
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
     raise StartFailed(
         f"hypatiad (pid {proc.pid}) did not answer within {config.start_timeout_s} s "
         f"(HYPATIA_START_TIMEOUT_S); log {config.log_path}:\n{_tail(config.log_path)}"

@@ -107,7 +107,7 @@ class Server:
             for s, handler in previous.items():
                 signal.signal(s, handler)
             pool.shutdown(wait=True, cancel_futures=True)
-            ctx.destroy(linger=0)
+            ctx.destroy(linger=500)  # let the last drained replies leave
             store.close()
             try:
                 sock.unlink()

@@ -147,7 +147,7 @@ def decode_request(data: bytes, max_bytes: int) -> Request:
         raise BadFrame("a request is a msgpack array [version, id, method, body]")
     version, request_id, method, body = obj
     rid = request_id if isinstance(request_id, int) and not isinstance(request_id, bool) else None
-    if version != PROTOCOL_VERSION:
+    if type(version) is not int or version != PROTOCOL_VERSION:
         raise VersionMismatch(
             f"client speaks protocol {version!r}, this daemon speaks {PROTOCOL_VERSION}; "
             "upgrade the older of the two (pip install -U hypatia) and restart the daemon",
@@ -177,7 +177,7 @@ def decode_reply(data: bytes, max_bytes: int) -> Reply:
     if not isinstance(obj, list) or len(obj) != 4 or obj[2] not in ("ok", "error"):
         raise BadFrame("a reply is a msgpack array [version, id, status, body]")
     version, request_id, status, body = obj
-    if version != PROTOCOL_VERSION:
+    if type(version) is not int or version != PROTOCOL_VERSION:
         raise VersionMismatch(f"daemon speaks protocol {version!r}, this client {PROTOCOL_VERSION}")
     return Reply(request_id, status == "ok", body)
 
@@ -187,6 +187,7 @@ def require(body: dict, field: str, kind: type | tuple[type, ...], request_id: i
     if field not in body:
         raise BadRequest(f"missing field {field!r}", request_id)
     value = body[field]
-    if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
         raise BadRequest(f"field {field!r} has type {type(value).__name__}", request_id)
     return value

@@ -102,6 +102,7 @@ def dynamo_reset():
     torch._dynamo.reset()
 
 
+@pytest.hookimpl(trylast=True)  # after -m has deselected what will not run
 def pytest_collection_modifyitems(config, items):
     """GPU tests run on a machine with CUDA; selecting them elsewhere is an error, not a skip."""
     if any(item.get_closest_marker("gpu") for item in items):

@@ -350,17 +350,22 @@ def test_sigterm_drains_in_flight_plan(home):
     home.hypatiad("start", extra_env={"HYPATIA_FAULTS": "delay=make_plan:1.5"})
     pid = home.daemon_pid()
     outcome: dict = {}
+    handshaken = threading.Event()
 
     def plan() -> None:
         try:
             with client(home, timeout_ms=15_000, retries=0) as c:
+                c.call("ping")  # connect and hello first, so make_plan leaves at once
+                handshaken.set()
                 outcome["reply"] = c.call("make_plan", tiny_plan_request())
         except Exception as exc:  # reported by the assertions below
             outcome["error"] = exc
+            handshaken.set()
 
     worker = threading.Thread(target=plan)
     worker.start()
-    time.sleep(0.3)
+    assert handshaken.wait(10)
+    time.sleep(0.3)  # make_plan is now held by the 1.5 s delay fault
     os.kill(pid, signal.SIGTERM)
     worker.join(20)
     assert not worker.is_alive()
@@ -395,3 +400,15 @@ def test_ipc_path_too_long_is_refused(home):
     assert f"longer than {MAX_IPC_PATH} bytes" in proc.stderr
     assert "HYPATIA_HOME" in proc.stderr
     assert not os.path.exists(long_home)
+
+
+def test_start_that_times_out_leaves_no_daemon_behind(home):
+    """A start reported as failed must not leave a daemon holding the lock."""
+    proc = home.hypatiad(
+        "start", check=False, extra_env={"HYPATIA_FAULTS": "slow_start=4", "HYPATIA_START_TIMEOUT_S": "1"}
+    )
+    assert proc.returncode == 2 and "did not answer within 1 s" in proc.stderr
+    assert home.daemon_pid() is None
+    time.sleep(4.5)
+    assert home.daemon_pid() is None
+    assert "started" in home.hypatiad("start").stdout

@@ -346,3 +346,16 @@ def test_garbage_over_zmq_is_answered_with_bad_frame(router_dealer):
     reply = decode_reply(recv_within(dealer)[0], LIMIT)
     assert reply.ok is False and reply.request_id is None
     assert reply.body["code"] == ErrorCode.BAD_FRAME
+
+
+def test_version_must_be_the_integer_itself():
+    """True and 1.0 compare equal to 1 in Python; on the wire they are other versions."""
+    import pytest as _pytest
+
+    from hypatia.protocol import VersionMismatch, decode_request, pack, require, BadRequest
+
+    for version in (True, 1.0):
+        with _pytest.raises(VersionMismatch):
+            decode_request(pack([version, 1, "ping", {}]), 1000)
+    with _pytest.raises(BadRequest):
+        require({"n": True}, "n", (int,))
