@@ -184,3 +184,28 @@ def test_forked_children_get_their_own_connection(daemon):
     """
     proc = daemon.python(code)
     assert json.loads(proc.stdout.strip().splitlines()[-1])["pid"] == daemon.daemon_pid()
+
+
+def test_fallbacks_are_reported_to_the_daemon(daemon):
+    """A kernel failing at run time: the output is still right, and stats count the fallback."""
+    code = """
+    import json, torch, warnings
+    import hypatia.kernels.linear_activation as la
+    from hypatia.client.backend import HypatiaFallbackWarning, session
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected kernel failure")
+
+    la.addmm_activation_relu = broken
+    m = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU())
+    x = torch.randn(2, 8)
+    with torch.no_grad(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = torch.compile(m, backend="hypatia")(x)
+    torch.testing.assert_close(out, m(x))
+    assert [w.category for w in caught] == [HypatiaFallbackWarning], [str(w.message) for w in caught]
+    print(json.dumps(dict(session().counters)))
+    """
+    result = json.loads(daemon.python(code).stdout.strip().splitlines()[-1])
+    assert result["fallbacks"] == 1 and result["regions_fused"] == 1
+    assert daemon.stats()["fallbacks"] == 1
