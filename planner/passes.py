@@ -29,8 +29,9 @@ def fuse_linear_activation(state: PlanState) -> tuple[PlanState, bool]:
     found: list[Region] = []
     for rule in linear_activation.RULES:
         hits = linear_activation.match(state.graph, rule, claimed)
-        counters[f"rule.{rule.name}"] += len(hits)
-        found.extend(hits)
+        if hits:
+            counters[f"rule.{rule.name}"] += len(hits)
+            found.extend(hits)
     if not found:
         return state, False
     return replace(state, regions=state.regions + tuple(found), claimed=frozenset(claimed)), True
