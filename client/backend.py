@@ -118,15 +118,19 @@ class Session:
             log.warning("%s", message)
 
     # -- compiling ------------------------------------------------------------------------
-    def compile(self, gm: torch.fx.GraphModule, example_inputs: list[Any], phase: str) -> Callable:
-        """AOTAutograd's compiler for one forward, backward or inference graph."""
+    def compile(self, gm: torch.fx.GraphModule, example_inputs: list[Any], phase: str, planned: list | None = None) -> Callable:
+        """AOTAutograd's compiler for one forward, backward or inference graph; appends to
+        ``planned`` whether the graph got any fused region."""
         eager = torch._functorch.aot_autograd.make_boxed_func(gm.forward)
+        result = eager
         try:
             with self._lock:
-                return self._compile(gm, example_inputs, phase, eager)
+                result = self._compile(gm, example_inputs, phase, eager)
         except Exception as exc:  # noqa: BLE001 - never fail the user's model
             self.fallback(f"{phase} graph could not be planned", exc)
-            return eager
+        if planned is not None:
+            planned.append((phase, result is not eager))
+        return result
 
     def _compile(self, gm: torch.fx.GraphModule, example_inputs: list[Any], phase: str, eager: Callable) -> Callable:
         self.counters[f"graphs_{phase}"] += 1
@@ -181,13 +185,20 @@ def hypatia_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], **kwarg
     except Exception as exc:  # noqa: BLE001 - e.g. a bad HYPATIA_* variable
         warnings.warn(f"Hypatia is disabled for this process: {exc}", HypatiaFallbackWarning, stacklevel=2)
         return gm.forward
+    planned: list[tuple[str, bool]] = []
     try:
         compiler = aot_autograd(
-            fw_compiler=functools.partial(s.compile, phase="forward"),
-            bw_compiler=functools.partial(s.compile, phase="backward"),
-            inference_compiler=functools.partial(s.compile, phase="inference"),
+            fw_compiler=functools.partial(s.compile, phase="forward", planned=planned),
+            bw_compiler=functools.partial(s.compile, phase="backward", planned=planned),
+            inference_compiler=functools.partial(s.compile, phase="inference", planned=planned),
         )
-        return compiler(gm, example_inputs)
+        compiled = compiler(gm, example_inputs)
+        if planned == [("inference", False)]:
+            # Nothing to fuse and no backward: Dynamo's own graph runs exactly what eager would,
+            # without AOTAutograd's runtime wrappers or per-op OpOverload dispatch.
+            s.counters["graphs_passed_through"] += 1
+            return gm.forward
+        return compiled
     except Exception as exc:  # noqa: BLE001
         s.fallback("AOTAutograd could not trace the graph", exc)
         return gm.forward

@@ -33,8 +33,16 @@ class DaemonUnavailable(Exception):
     """No daemon answered in time (not running, hung, or gone); the caller plans locally."""
 
 
+class DaemonGone(DaemonUnavailable):
+    """No daemon process is alive for the socket (never started, stopped, or killed)."""
+
+
 class VersionSkew(Exception):
     """The daemon speaks another protocol version; talking to it is pointless until one upgrades."""
+
+
+# While a reply is late, check this often whether the daemon process still exists.
+LIVENESS_SLICE_MS = 50
 
 
 class DaemonClient:
@@ -92,8 +100,13 @@ class DaemonClient:
             raise TimeoutError(f"{method}: the send queue is full") from None
         while True:
             left_ms = int((deadline - time.monotonic()) * 1000)
-            if left_ms <= 0 or not sock.poll(left_ms, zmq.POLLIN):
+            if left_ms <= 0:
                 raise TimeoutError(f"{method}: no reply within {self.timeout_ms} ms")
+            # Wait in slices: a late reply is the moment to notice a daemon that died.
+            if not sock.poll(min(left_ms, LIVENESS_SLICE_MS), zmq.POLLIN):
+                if read_daemon_pid(self.config) is None:
+                    raise DaemonGone(f"hypatiad exited while answering {method}")
+                continue
             reply = decode_reply(sock.recv(), self.config.max_message_bytes)
             if reply.request_id == rid:
                 return reply.result()
@@ -122,16 +135,16 @@ class DaemonClient:
         with self._lock:
             last: Exception | None = None
             for _attempt in range(1 + self.retries):
-                if read_daemon_pid(self.config) is None:
-                    self._reset()
-                    raise DaemonUnavailable(f"no hypatiad is running for {self.config.endpoint}")
                 deadline = time.monotonic() + timeout
                 try:
                     if self._sock is None:
+                        # Checked only when connecting: the hot path stays one send and one recv.
+                        if read_daemon_pid(self.config) is None:
+                            raise DaemonGone(f"no hypatiad is running for {self.config.endpoint}")
                         self._sock = self._open()
                         self._handshake(self._sock, deadline)
                     return self._exchange(self._sock, method, body or {}, deadline)
-                except VersionSkew:
+                except (VersionSkew, DaemonGone):
                     self._reset()
                     raise
                 except RemoteError as exc:

@@ -176,3 +176,16 @@ def test_kernel_failing_at_run_time_degrades_to_eager(home, dynamo_reset, monkey
         torch.testing.assert_close(compiled(x), model(x))
         torch.testing.assert_close(compiled(x * 2), model(x * 2))
     assert backend.session().counters["fallbacks"] == 1
+
+
+def test_inference_graph_with_nothing_to_fuse_runs_dynamos_own_graph(home, dynamo_reset, monkeypatch):
+    """No region and no backward: the compiled callable is Dynamo's graph, not an AOT wrapper."""
+    monkeypatch.setenv("HYPATIA_AUTOSTART", "0")
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Sigmoid()).eval()
+    x = torch.randn(4, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(model, backend="hypatia")(x), model(x))
+    from hypatia.client.backend import session
+
+    assert session().counters["graphs_passed_through"] == 1
+    assert session().counters["local_plans"] == 1 and session().counters["regions_fused"] == 0

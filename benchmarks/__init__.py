@@ -1,0 +1,1 @@
+"""Hypatia's benchmark suite: ``python -m benchmarks`` (``--quick`` for a CPU smoke run)."""

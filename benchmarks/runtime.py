@@ -1,0 +1,125 @@
+"""Step time of each workload under eager PyTorch, Inductor and Hypatia, side by side in one
+process, with each compiled output's relative error against an eager float64 reference."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import time
+from typing import Any
+
+import torch
+
+from benchmarks.timing import measure
+from benchmarks.workloads import QUICK_WORKLOADS, WORKLOADS, Workload, loss_of, primary_output
+
+BACKENDS = ("eager", "inductor", "hypatia")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+MODES = ("inference", "training")
+
+
+def _compiled(model: torch.nn.Module, backend: str):
+    if backend == "eager":
+        return model
+    if backend == "inductor":
+        return torch.compile(model)
+    return torch.compile(model, backend=backend)
+
+
+def _rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.detach().double(), ref.detach().double()
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def _step_fn(fn, model, inputs, mode: str):
+    if mode == "inference":
+        def step():
+            with torch.no_grad():
+                return fn(*inputs)
+        return step
+    opt = torch.optim.SGD(model.parameters(), lr=1e-4)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        out = fn(*inputs)
+        loss_of(out).backward()
+        opt.step()
+        return out
+    return step
+
+
+def _cast_inputs(inputs: tuple, dtype: torch.dtype) -> tuple:
+    return tuple(x.to(dtype) if x.is_floating_point() else x for x in inputs)
+
+
+def run_case(w: Workload, device: str, dtype_name: str, mode: str, quick: bool) -> list[dict[str, Any]]:
+    """All backends for one (workload, dtype, mode); one row per backend."""
+    dtype = DTYPES[dtype_name]
+    torch.manual_seed(0)
+    base = w.build().to(device)
+    base.train(not w.eval_mode and mode == "training")
+    batch = w.batch_for(device, quick)
+    inputs64 = w.make_inputs(batch, torch.device(device), torch.float64 if not w.integer_inputs else torch.float32)
+    ref_model = copy.deepcopy(base).double()
+    with torch.no_grad():
+        reference = primary_output(ref_model(*inputs64)).detach()
+    del ref_model
+    inputs = _cast_inputs(inputs64, dtype)
+    timing_args = dict(min_repeats=5, max_repeats=30, min_time_s=0.2) if quick else dict(min_repeats=10, max_repeats=100, min_time_s=1.0)
+    rows = []
+    for backend in BACKENDS:
+        row: dict[str, Any] = {"workload": w.name, "dtype": dtype_name, "mode": mode, "backend": backend, "batch": batch}
+        fn = model = None
+        try:
+            torch._dynamo.reset()
+            model = copy.deepcopy(base).to(dtype)
+            fn = _compiled(model, backend)
+            step = _step_fn(fn, model, inputs, mode)
+            if device == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            t0 = time.perf_counter()
+            out = step()
+            if device == "cuda":
+                torch.cuda.synchronize()
+            row["first_call_s"] = round(time.perf_counter() - t0, 3)
+            row["rel_error"] = _rel_error(primary_output(out), reference)
+            row.update(measure(step, device, **timing_args).to_dict())
+            if device == "cuda":
+                row["peak_mem_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        except Exception as exc:  # one failing backend must not hide the others' numbers
+            row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+        rows.append(row)
+        del fn, model
+    eager = next((r for r in rows if r["backend"] == "eager" and "median_ms" in r), None)
+    for r in rows:
+        if eager and "median_ms" in r:
+            r["speedup"] = round(eager["median_ms"] / r["median_ms"], 4)
+    return rows
+
+
+def run(device: str, quick: bool, budget_s: float, only: list[str] | None = None) -> dict:
+    """Every (workload, dtype, mode) on ``device``; cases past ``budget_s`` are recorded as skipped."""
+    start = time.monotonic()
+    names = list(QUICK_WORKLOADS) if quick else [w.name for w in WORKLOADS]
+    if only:
+        names = [n for n in names if n in only]
+    dtypes = ["float32"] if quick else list(DTYPES)
+    rows: list[dict] = []
+    notes: list[str] = []
+    for w in WORKLOADS:
+        if w.name not in names:
+            continue
+        if w.gpu_only and device != "cuda":
+            notes.append(f"{w.name}: GPU only")
+            continue
+        if w.requires and importlib.util.find_spec(w.requires) is None:
+            notes.append(f"{w.name}: skipped, needs `{w.requires}` (pip install -e '.[bench]')")
+            continue
+        for dtype_name in dtypes:
+            for mode in MODES:
+                if time.monotonic() - start > budget_s:
+                    rows.append({"workload": w.name, "dtype": dtype_name, "mode": mode, "skipped": "time budget"})
+                    continue
+                rows.extend(run_case(w, device, dtype_name, mode, quick))
+    return {"rows": rows, "notes": notes}
