@@ -38,16 +38,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _git_commit() -> str | None:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=5).stdout.strip() or None
@@ -69,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import hypatia
     from benchmarks import report
+    from hypatia.client.environment import cpu_model
     from hypatia.config import load
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
@@ -81,12 +72,12 @@ def main(argv: list[str] | None = None) -> int:
         "meta": {
             "date": now.strftime("%Y-%m-%d %H:%M UTC"),
             "device": device,
-            "device_name": torch.cuda.get_device_name(0) if device == "cuda" else _cpu_model(),
+            "device_name": torch.cuda.get_device_name(0) if device == "cuda" else cpu_model(),
             "torch": torch.__version__,
             "cuda": torch.version.cuda,
             "hypatia": hypatia.__version__,
             "python": platform.python_version(),
-            "cpu": _cpu_model(),
+            "cpu": cpu_model(),
             "cpu_count": os.cpu_count(),
             "git_commit": _git_commit(),
             "quick": args.quick,

@@ -19,7 +19,7 @@ def _version(dist: str) -> str | None:
         return None
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -40,7 +40,7 @@ def describe(device_type: str, device_index: int = 0) -> tuple[str, dict]:
         "cupy": _version("cupy-cuda12x") or _version("cupy-cuda13x") or _version("cupy"),
         "triton": _version("triton"),
         "machine": platform.machine(),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
     }
     if device_type == "cuda" and torch.cuda.is_available():
         props = torch.cuda.get_device_properties(device_index)
