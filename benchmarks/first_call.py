@@ -204,11 +204,11 @@ class FirstCall:
         from_daemon = counters.get("local_plans", 0) == 0 and counters.get("daemon_hits", 0) + counters.get("daemon_misses", 0) > 0
         if not from_daemon:
             self.notes.append(f"hypatia_cold_daemon/{mode}: plans did not come from the daemon: {counters}")
-        return row | {"plans_from_daemon": from_daemon, "daemon_autostarted": _daemon_pid(home) is not None}
+        return row | {"plans_from_daemon": from_daemon, "daemon_autostarted": daemon_pid(home) is not None}
 
     def hypatia_warm_daemon(self, mode: str) -> dict:
         home = self.homes.get(mode)
-        if home is None or _daemon_pid(home) is None:
+        if home is None or daemon_pid(home) is None:
             raise RuntimeError("the daemon of the hypatia_cold_daemon run is not running")
         row = self.child("hypatia", mode, {"HYPATIA_HOME": str(home)})
         counters = row.get("hypatia_counters", {})
@@ -246,7 +246,7 @@ class FirstCall:
     def cleanup(self) -> None:
         """Stop the daemons the cold runs started and remove the scratch directory."""
         for mode, home in self.homes.items():
-            if _daemon_pid(home) is None:
+            if daemon_pid(home) is None:
                 continue
             env = base_env() | {"HYPATIA_HOME": str(home)}
             proc = subprocess.run([sys.executable, "-m", "hypatia.daemon", "stop"], cwd=REPO, env=env,
@@ -261,7 +261,8 @@ def _local_cache_env() -> dict:
     return {"TORCHINDUCTOR_FX_GRAPH_CACHE": "1", "TORCHINDUCTOR_AUTOGRAD_CACHE": "1"}
 
 
-def _daemon_pid(home: Path) -> int | None:
+def daemon_pid(home: Path) -> int | None:
+    """The pid of the hypatiad serving ``home``, or None."""
     from hypatia.config import load, read_daemon_pid
 
     return read_daemon_pid(load({"HYPATIA_HOME": str(home)}))

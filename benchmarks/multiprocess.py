@@ -18,6 +18,8 @@ import textwrap
 import time
 from pathlib import Path
 
+from benchmarks.first_call import base_env as clean_env, daemon_pid
+
 REPO = Path(__file__).resolve().parent.parent
 COUNTS = (2, 4, 8)
 QUICK_COUNTS = (2,)
@@ -47,22 +49,13 @@ CHILD_CODE = textwrap.dedent(
 
 
 def base_env(home: Path) -> dict:
-    """The parent's environment with this run's HYPATIA_HOME and no inherited cache settings."""
-    drop = ("HYPATIA_", "TORCHINDUCTOR_", "TRITON_", "TORCH_COMPILE_")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    """first_call's clean environment, with this run's HYPATIA_HOME and Inductor cache."""
     # Keep Dynamo's own files out of the user's default /tmp/torchinductor_$USER.
-    return env | {"HYPATIA_HOME": str(home), "TORCHINDUCTOR_CACHE_DIR": str(home / "inductor")}
+    return clean_env() | {"HYPATIA_HOME": str(home), "TORCHINDUCTOR_CACHE_DIR": str(home / "inductor")}
 
 
 def _module(env: dict, *argv: str, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", *argv], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def _daemon_running(home: Path) -> bool:
-    from hypatia.config import load, read_daemon_pid
-
-    return read_daemon_pid(load({"HYPATIA_HOME": str(home)})) is not None
 
 
 def run_group(n: int, params: dict, timeout: float) -> dict:
@@ -122,7 +115,7 @@ def run_group(n: int, params: dict, timeout: float) -> dict:
     except Exception as exc:  # noqa: BLE001 - one failed group must not end the section
         row["error"] = "; ".join(filter(None, [row.get("error"), f"{type(exc).__name__}: {exc}"]))
     finally:
-        if _daemon_running(home):
+        if daemon_pid(home) is not None:
             stopped = _module(env, "hypatia.daemon", "stop")
             if stopped.returncode != 0:
                 row["error"] = "; ".join(filter(None, [row.get("error"), f"hypatiad stop failed: {stopped.stderr[-300:]}"]))

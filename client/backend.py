@@ -26,7 +26,7 @@ from hypatia.client import capture as cap
 from hypatia.client import environment
 from hypatia.client.autostart import AutostartFailed, ensure_daemon
 from hypatia.client.executor import GuardedCall, apply_plan
-from hypatia.client.rpc import DaemonClient, DaemonUnavailable, VersionSkew
+from hypatia.client.rpc import DaemonClient, DaemonGone, DaemonUnavailable, VersionSkew
 from hypatia.config import Config, load
 from hypatia.planner import Plan, plan_graph
 from hypatia.protocol import RemoteError
@@ -103,7 +103,7 @@ class Session:
                     raise RemoteError(0, "the daemon served a plan for another graph")
                 return plan
             except DaemonUnavailable as exc:
-                if "did not answer" in str(exc):
+                if not isinstance(exc, DaemonGone):  # alive but silent: leave it alone a while
                     self._skip_daemon_until = time.monotonic() + UNRESPONSIVE_BACKOFF_S
                 self._note_once("unavailable", f"hypatiad unavailable ({exc}); planning in-process")
             except VersionSkew as exc:
