@@ -23,7 +23,7 @@ import torch.fx
 
 from hypatia.canonical import CanonicalGraph
 from hypatia.client import capture as cap
-from hypatia.client import environment
+from hypatia.client import environment, validate
 from hypatia.client.autostart import AutostartFailed, ensure_daemon
 from hypatia.client.executor import GuardedCall, apply_plan
 from hypatia.client.rpc import DaemonClient, DaemonGone, DaemonUnavailable, VersionSkew
@@ -110,7 +110,7 @@ class Session:
                 self._skip_daemon_until = float("inf")
                 self._note_once("skew", f"{exc}; planning in-process for the rest of this process")
         self.counters["local_plans"] += 1
-        return plan_graph(graph)
+        return plan_graph(graph, env=env)
 
     def _note_once(self, kind: str, message: str) -> None:
         if kind not in self._warned:
@@ -147,11 +147,33 @@ class Session:
             log.warning("HYPATIA_DEBUG_FX plan: %s", plan.to_recipe())
         if not plan.regions:
             return eager
+        plan = self._validate(fx_nodes, plan, (graph.key, wkey, ekey))
+        if not plan.regions:
+            return eager
         planned = apply_plan(gm, fx_nodes, plan)
         self.counters["regions_fused"] += len(plan.regions)
         if self.config.debug_fx:
             log.warning("HYPATIA_DEBUG_FX %s graph after:\n%s", phase, planned.graph)
         return GuardedCall(planned.forward, gm.forward, functools.partial(self.fallback, f"{phase} graph failed at run time"))
+
+
+    def _validate(self, fx_nodes: list, plan: Plan, keys: tuple[str, str, str]) -> Plan:
+        """Check the plan's regions under HYPATIA_CHECKSUM_MODE; failing ones run unfused."""
+        mode = self.config.checksum_mode
+        plan, verdicts = validate.validate(fx_nodes, plan, mode)
+        failed = [v for v in verdicts if not v.ok]
+        self.counters["regions_validated"] += len(verdicts) - len(failed)
+        self.counters["regions_failed_validation"] += len(failed)
+        for v in failed:
+            self._note_once(f"verdict:{v.rule}", f"fused region {v.rule} ({v.kernel}) failed validation and runs unfused: {v.detail}")
+        reportable = verdicts if mode == "strict" else failed
+        if reportable and time.monotonic() >= self._skip_daemon_until:
+            body = {"graph_key": keys[0], "workload_key": keys[1], "env_key": keys[2], "verdicts": [v.to_wire() for v in reportable]}
+            try:
+                self.client.call("report", body, timeout_ms=1000)
+            except Exception as exc:  # noqa: BLE001 - the verdict is re-derived by the next process
+                log.debug("could not report verdicts: %s", exc)
+        return plan
 
 
 _session: Session | None = None

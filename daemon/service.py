@@ -120,7 +120,7 @@ class PlanService:
         if stored is not None:
             return stored.to_recipe()
         start = time.perf_counter()
-        plan: Plan = plan_graph(job["graph"])
+        plan: Plan = plan_graph(job["graph"], env=job["environment"])
         implementations = []
         for kernel_id in sorted({r.kernel for r in plan.regions}):
             spec = by_id(kernel_id)
@@ -156,7 +156,43 @@ class PlanService:
         reason = str(body.get("reason", ""))[:500]
         if fallbacks:
             log.warning("client %s reported %d fallback(s) to eager: %s", body.get("pid"), fallbacks, reason)
+        if "verdicts" in body:
+            return {"plan": self._record_verdicts(plan_keys(body, request_id), body["verdicts"], request_id)}
         return {}
+
+    def _record_verdicts(self, keys: PlanKeys, raw: Any, request_id: int) -> dict | None:
+        """Strict validation results from a client: stored, counted, and failing regions
+        dropped from the plan so no later process runs them. Returns the revised recipe."""
+        if not isinstance(raw, list) or len(raw) > 10_000:
+            raise BadRequest("verdicts must be a list", request_id)
+        verdicts = []
+        for v in raw:
+            if not isinstance(v, dict):
+                raise BadRequest("each verdict must be a map", request_id)
+            verdicts.append({
+                "region": require(v, "region", int, request_id),
+                "rule": str(require(v, "rule", str, request_id))[:100],
+                "kernel": str(require(v, "kernel", str, request_id))[:200],
+                "ok": bool(require(v, "ok", bool, request_id)),
+                "max_abs_err": float(v.get("max_abs_err") or 0.0),
+                "max_rel_err": float(v.get("max_rel_err") or 0.0),
+                "detail": str(v.get("detail", ""))[:500],
+            })
+        current = self.store.get_plan(keys)
+        if current is None:
+            return None
+        failed = {v["region"] for v in verdicts if not v["ok"]}
+        passed = {v["region"] for v in verdicts if v["ok"]}
+        self.counters["validations_passed"] += len(passed)
+        self.counters["validations_failed"] += len(failed)
+        for v in verdicts:
+            if not v["ok"]:
+                log.warning("region %s (%s) failed validation: %s; it now runs unfused", v["region"], v["rule"], v["detail"])
+        revised = current.without(failed, passed)
+        self.store.record_verdicts(keys, verdicts, revised)
+        recipe = revised.to_recipe()
+        self._remember(keys, recipe)
+        return recipe
 
     def stats(self, inflight: int) -> dict[str, Any]:
         hits, misses = self.counters["plan_hits"], self.counters["plan_misses"]
@@ -189,6 +225,7 @@ class PlanService:
             "implementations": counts["implementations"],
             "plans": counts["plans"],
             "fallbacks": self.counters["fallbacks"],
+            "validation": {"passed": self.counters["validations_passed"], "failed": self.counters["validations_failed"]},
             "errors": dict(self.errors),
             "error_total": sum(self.errors.values()),
             "corrupt_rows": self.store.counters["corrupt_rows"],

@@ -41,6 +41,9 @@ def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
     raise ConfigError(f"{name}={raw!r} is not a boolean; use 1 or 0")
 
 
+CHECKSUM_MODES = ("strict", "soft", "off")
+
+
 @dataclass(frozen=True)
 class Config:
     """Resolved settings for one process; build it with :func:`load`."""
@@ -54,6 +57,7 @@ class Config:
     max_message_bytes: int = 64 * 1024 * 1024
     log_level: str = "INFO"
     debug_fx: bool = False
+    checksum_mode: str = "strict"
     faults: str = ""
 
     @property
@@ -105,8 +109,14 @@ def load(env: Mapping[str, str] | None = None) -> Config:
         max_message_bytes=_int(env, "HYPATIA_MAX_MESSAGE_BYTES", 64 * 1024 * 1024, minimum=4096),
         log_level=env.get("HYPATIA_LOG_LEVEL", "INFO").upper(),
         debug_fx=_flag(env, "HYPATIA_DEBUG_FX", False),
+        checksum_mode=env.get("HYPATIA_CHECKSUM_MODE", "strict").strip().lower(),
         faults=env.get("HYPATIA_FAULTS", ""),
     )
+    if config.checksum_mode not in CHECKSUM_MODES:
+        raise ConfigError(
+            f"HYPATIA_CHECKSUM_MODE={config.checksum_mode!r} is not one of {', '.join(CHECKSUM_MODES)}; "
+            "strict checks every fused region against the unfused graph, soft only shapes and dtypes, off nothing"
+        )
     if len(str(config.socket_path)) > MAX_IPC_PATH:
         raise ConfigError(
             f"the daemon socket path {config.socket_path} is longer than {MAX_IPC_PATH} bytes, "

@@ -1,21 +1,85 @@
-"""The declared kernel library: one table per op, registered on import (no torch import here)."""
+"""The declared kernel library: one table per op, registered on import (no torch import here).
+
+Every implementation of an op takes the same arguments: the region's input tensors in the
+order its rule gives, then the rule's constants.
+"""
 
 from __future__ import annotations
 
 from hypatia.kernels.registry import Backend, KernelSpec, register
 
-_LA = "hypatia.kernels.linear_activation"
+CPU, GPU, CUPY = Backend.CPU_TORCH, Backend.GPU_TORCH, Backend.GPU_CUPY
+_K = "hypatia.kernels"
 
-# linear + bias + activation, with addmm's inputs (bias, mat1, mat2) and an optional view shape.
-# cuBLASLt's GELU epilogue is the tanh approximation; torch's CPU _addmm_activation uses erf.
-LINEAR_ACTIVATION = tuple(
-    register(KernelSpec("linear_activation", backend, signature, f"{_LA}:{fn}", text))
-    for backend, signature, fn, text in (
-        (Backend.CPU_TORCH, "relu", "addmm_activation_relu", "torch._addmm_activation (addmm, relu in place)"),
-        (Backend.CPU_TORCH, "gelu", "addmm_activation_gelu", "torch._addmm_activation(use_gelu) (erf GELU in place)"),
-        (Backend.CPU_TORCH, "gelu_tanh", "addmm_then_gelu_tanh", "addmm, tanh GELU in place"),
-        (Backend.GPU_TORCH, "relu", "addmm_activation_relu", "cuBLASLt RELU_BIAS epilogue via torch._addmm_activation"),
-        (Backend.GPU_TORCH, "gelu_tanh", "addmm_activation_gelu", "cuBLASLt GELU_BIAS epilogue via torch._addmm_activation"),
-        (Backend.GPU_TORCH, "gelu", "addmm_then_gelu", "addmm, erf GELU in place"),
+
+def _table(op: str, module: str, rows: tuple) -> tuple[KernelSpec, ...]:
+    return tuple(
+        register(KernelSpec(op, backend, signature, f"{_K}.{module}:{fn}", text, launches))
+        for backend, signature, fn, text, launches in rows
     )
-)
+
+
+# linear + bias + activation: (bias, mat1, mat2, view_shape). cuBLASLt's GELU epilogue is the
+# tanh approximation; torch's CPU _addmm_activation uses erf.
+LINEAR_ACTIVATION = _table("linear_activation", "linear_activation", (
+    (CPU, "relu", "addmm_activation_relu", "torch._addmm_activation (addmm, relu in place)", 1),
+    (CPU, "gelu", "addmm_activation_gelu", "torch._addmm_activation(use_gelu) (erf GELU in place)", 1),
+    (CPU, "gelu_tanh", "addmm_then_gelu_tanh", "addmm, tanh GELU in place", 2),
+    (CPU, "silu", "addmm_then_silu", "addmm, SiLU in place", 2),
+    (GPU, "relu", "addmm_activation_relu", "cuBLASLt RELU_BIAS epilogue via torch._addmm_activation", 1),
+    (GPU, "gelu_tanh", "addmm_activation_gelu", "cuBLASLt GELU_BIAS epilogue via torch._addmm_activation", 1),
+    (GPU, "gelu", "addmm_then_gelu", "addmm, erf GELU in place", 2),
+    (GPU, "silu", "addmm_then_silu", "addmm, SiLU in place (no cuBLASLt SiLU epilogue)", 2),
+))
+
+# Linear -> activation -> Linear: (bias1, x, w1t, bias2, w2t, view_shape).
+MLP = _table("mlp", "mlp", tuple(
+    (backend, act, f"mlp_{act}", f"linear+{act} epilogue, then addmm", 2 if act in ("relu", "gelu_tanh") or backend is CPU else 3)
+    for backend in (CPU, GPU)
+    for act in ("relu", "gelu", "gelu_tanh", "silu")
+))
+
+# q @ k^T -> scale -> mask -> softmax -> @ v: (q, k_transposed, v[, mask[, fill]], scale[, mask_kind, fill]).
+ATTENTION = _table("attention", "attention", (
+    (CPU, "sdpa", "attention", "scaled_dot_product_attention (flash attention for CPU)", 1),
+    (CPU, "sdpa_mask", "attention_masked", "scaled_dot_product_attention with a mask", 1),
+    (GPU, "sdpa", "attention", "scaled_dot_product_attention (flash / memory-efficient)", 1),
+    (GPU, "sdpa_mask", "attention_masked", "scaled_dot_product_attention with a mask (memory-efficient)", 1),
+    (CPU, "sdpa_where", "attention_where", "scaled_dot_product_attention, where() as an additive mask", 2),
+    (GPU, "sdpa_where", "attention_where", "scaled_dot_product_attention, where() as an additive mask", 2),
+))
+
+# Normalizations and softmax written out by hand -> ATen's fused kernels.
+NORMALIZATION = _table("normalization", "normalization", tuple(
+    (backend, sig, fn, text, 1)
+    for backend in (CPU, GPU)
+    for sig, fn, text in (
+        ("layer_norm", "layer_norm", "native layer norm, weight and bias"),
+        ("layer_norm_plain", "layer_norm_plain", "native layer norm without affine"),
+        ("rms_norm", "rms_norm", "fused RMS norm with weight"),
+        ("rms_norm_plain", "rms_norm_plain", "fused RMS norm without weight"),
+        ("softmax", "softmax", "one-pass softmax"),
+        ("gelu", "gelu", "GELU (erf) in one kernel"),
+        ("gelu_tanh", "gelu_tanh", "GELU (tanh) in one kernel"),
+    )
+))
+
+# conv -> batch norm (inference) [-> ReLU]: BN folded into the conv's weights (cached).
+CONV_BN = _table("conv_bn", "conv_bn", tuple(
+    (backend, sig, fn, text, 1 if sig.endswith("plain") else 2)
+    for backend in (CPU, GPU)
+    for sig, fn, text in (
+        ("plain", "conv_bn", "conv with BN folded into its weights"),
+        ("relu", "conv_bn_relu", "conv with BN folded, ReLU in place"),
+        ("bias_plain", "conv_bias_bn", "conv (with bias) with BN folded"),
+        ("bias_relu", "conv_bias_bn_relu", "conv (with bias) with BN folded, ReLU in place"),
+    )
+))
+
+# Chains of pointwise ops: (inputs..., program). CUDA: one kernel generated from the program
+# and compiled by NVRTC through cupy (cached by source hash); CPU: the chain through torch.
+POINTWISE = _table("pointwise", "pointwise", (
+    (CPU, "generated", "pointwise_cpu", "the chain through torch, intermediates in place", 1),
+    (GPU, "generated", "pointwise_cpu", "the chain through ATen (when cupy is missing)", 4),
+    (CUPY, "generated", "pointwise_cuda", "one NVRTC kernel generated from the chain", 1),
+))

@@ -31,3 +31,8 @@ def addmm_then_gelu(bias, mat1, mat2, shape=None):
 def addmm_then_gelu_tanh(bias, mat1, mat2, shape=None):
     out = torch.addmm(bias, mat1, mat2)
     return _shaped(torch.ops.aten.gelu_(out, approximate="tanh"), shape)
+
+
+def addmm_then_silu(bias, mat1, mat2, shape=None):
+    out = torch.addmm(bias, mat1, mat2)
+    return _shaped(torch.nn.functional.silu(out, inplace=True), shape)

@@ -35,6 +35,7 @@ class KernelSpec:
     signature: str
     target: str
     description: str
+    launches: int = 1  # device kernel launches per call, for the cost model
 
     @property
     def id(self) -> str:

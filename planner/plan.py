@@ -47,6 +47,14 @@ class Plan:
     policy: str = "HEURISTIC"
     revision: int = 1
     rules_fired: dict = field(default_factory=dict)
+    validated: tuple[int, ...] = ()  # outputs of regions already checked in strict mode
+
+    def without(self, failed: set[int], passed: set[int]) -> "Plan":
+        """The next revision: regions whose output is in ``failed`` dropped (they run unfused),
+        those in ``passed`` remembered as validated."""
+        regions = tuple(r for r in self.regions if r.output not in failed)
+        validated = tuple(sorted((set(self.validated) | passed) & {r.output for r in regions}))
+        return Plan(self.graph_key, regions, self.policy, self.revision + 1, self.rules_fired, validated)
 
     def to_recipe(self) -> dict:
         return {
@@ -55,6 +63,7 @@ class Plan:
             "policy": self.policy,
             "revision": self.revision,
             "regions": [r.to_dict() for r in self.regions],
+            "validated": list(self.validated),
         }
 
     @classmethod
@@ -78,6 +87,7 @@ class Plan:
                 regions=regions,
                 policy=_typed(recipe["policy"], str),
                 revision=_typed(recipe["revision"], int),
+                validated=tuple(_typed(i, int) for i in recipe.get("validated", ())),
             )
         except (KeyError, TypeError) as exc:
             raise PlanFormatError(f"recipe is malformed: {exc}") from None

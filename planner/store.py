@@ -22,7 +22,7 @@ from hypatia.planner.plan import Plan, PlanFormatError, recipe_checksum, recipe_
 
 log = logging.getLogger("hypatia.store")
 
-TABLES = ("canonical_graphs", "implementations", "environments", "workloads", "benchmark_traces", "plans")
+TABLES = ("canonical_graphs", "implementations", "environments", "workloads", "benchmark_traces", "plans", "verdicts")
 
 
 class StoreError(Exception):
@@ -88,8 +88,28 @@ def _migrate_1(db: sqlite_utils.Database) -> None:
     )
 
 
+def _migrate_2(db: sqlite_utils.Database) -> None:
+    # Strict validation's result per fused region: a failed region is dropped from the plan.
+    db["verdicts"].create(
+        {
+            "graph_key": str,
+            "workload_key": str,
+            "env_key": str,
+            "region": int,
+            "rule": str,
+            "kernel": str,
+            "ok": int,
+            "max_abs_err": float,
+            "max_rel_err": float,
+            "detail": str,
+            "created_at": str,
+        },
+        pk=("graph_key", "workload_key", "env_key", "region"),
+    )
+
+
 # Schema version N is reached by running MIGRATIONS[N - 1]; append, never edit.
-MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_migrate_1,)
+MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_migrate_1, _migrate_2)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -250,6 +270,23 @@ class Store:
                     "updated_at": now,
                 },
                 pk=("graph_key", "workload_key", "env_key"),
+            )
+
+    def record_verdicts(self, keys: tuple[str, str, str], verdicts: list[dict], plan: Plan) -> None:
+        """Store validation verdicts and the plan revision they lead to, in one transaction."""
+        text = recipe_text(plan.to_recipe())
+        now = _now()
+        db = self._db()
+        with db.atomic():
+            for v in verdicts:
+                db["verdicts"].upsert(
+                    dict(zip(("graph_key", "workload_key", "env_key"), keys)) | v | {"ok": int(v["ok"]), "created_at": now},
+                    pk=("graph_key", "workload_key", "env_key", "region"),
+                )
+            db.execute(
+                "UPDATE plans SET recipe = ?, checksum = ?, revision = ?, updated_at = ? "
+                "WHERE graph_key = ? AND workload_key = ? AND env_key = ?",
+                (text, recipe_checksum(keys, text), plan.revision, now, *keys),
             )
 
     # -- inspection -----------------------------------------------------------------------

@@ -12,6 +12,8 @@ import time
 
 import pytest
 
+from hypatia.planner.store import Store
+
 # A client program: compiles an MLP with backend="hypatia", runs one training step, checks
 # outputs and gradients against eager, prints its session counters as JSON on the last line.
 CLIENT = textwrap.dedent(
@@ -62,7 +64,7 @@ def test_second_process_is_a_plan_cache_hit(daemon):
     assert stats["plan_cache"]["hit_rate"] == 0.5
     assert stats["plan_cache"]["plans_made"] == 2  # nothing planned again
     assert stats["clients_seen"] >= 2
-    assert stats["rules"]["linear_relu"] == 1  # fired once, in the forward graph
+    assert stats["rules"]["linear_relu.fired"] == 1  # fired once, in the forward graph
     assert stats["fallbacks"] == 0 and stats["error_total"] == 0
 
 
@@ -206,6 +208,51 @@ def test_fallbacks_are_reported_to_the_daemon(daemon):
     assert [w.category for w in caught] == [HypatiaFallbackWarning], [str(w.message) for w in caught]
     print(json.dumps(dict(session().counters)))
     """
-    result = json.loads(daemon.python(code).stdout.strip().splitlines()[-1])
+    result = json.loads(daemon.python(code, extra_env={"HYPATIA_CHECKSUM_MODE": "off"}).stdout.strip().splitlines()[-1])
     assert result["fallbacks"] == 1 and result["regions_fused"] == 1
     assert daemon.stats()["fallbacks"] == 1
+
+
+WRONG_KERNEL = """
+import json, torch
+import hypatia.kernels.linear_activation as la
+from hypatia.client.backend import session
+
+if {broken}:
+    la.addmm_activation_relu = lambda b, x, w, shape=None: torch.addmm(b, x, w).relu_() + 1e-2  # wrong by 0.01
+m = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU())
+x = torch.randn(2, 8)
+with torch.no_grad():
+    out = torch.compile(m, backend="hypatia")(x)
+torch.testing.assert_close(out, m(x))
+print(json.dumps(dict(session().counters)))
+"""
+
+
+def test_strict_validation_drops_a_wrong_region_for_every_later_process(daemon):
+    """A kernel that computes the wrong value: strict mode catches it before it runs, the
+    verdict is stored, and the daemon's revised plan no longer has the region."""
+    first = json.loads(daemon.python(WRONG_KERNEL.format(broken=True)).stdout.strip().splitlines()[-1])
+    assert first["regions_failed_validation"] == 1 and first.get("regions_fused", 0) == 0
+    stats = daemon.stats()
+    assert stats["validation"] == {"passed": 0, "failed": 1}
+    daemon.hypatiad("stop")
+    store = Store(daemon.config.store_path, readonly=True)
+    (row,) = store.query("SELECT rule, ok, max_abs_err, detail FROM verdicts")
+    assert row[0] == "linear_relu" and row[1] == 0 and row[2] >= 1e-2, row
+    (recipe,) = store.query("SELECT recipe FROM plans")
+    assert json.loads(recipe[0])["regions"] == [] and json.loads(recipe[0])["revision"] == 2
+    store.close()
+    daemon.hypatiad("start")
+    second = json.loads(daemon.python(WRONG_KERNEL.format(broken=False)).stdout.strip().splitlines()[-1])
+    assert second["daemon_hits"] == 1 and second.get("regions_fused", 0) == 0
+    assert second.get("regions_validated", 0) == 0 and second.get("regions_failed_validation", 0) == 0
+
+
+def test_strict_validation_passes_once_per_plan(daemon):
+    first = json.loads(daemon.python(WRONG_KERNEL.format(broken=False)).stdout.strip().splitlines()[-1])
+    assert first["regions_validated"] == 1 and first["regions_fused"] == 1
+    second = json.loads(daemon.python(WRONG_KERNEL.format(broken=False)).stdout.strip().splitlines()[-1])
+    assert second["daemon_hits"] == 1 and second["regions_fused"] == 1
+    assert second.get("regions_validated", 0) == 0  # the daemon's plan says it was validated
+    assert daemon.stats()["validation"] == {"passed": 1, "failed": 0}

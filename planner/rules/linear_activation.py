@@ -1,98 +1,66 @@
-"""linear (addmm with bias) followed by ReLU or GELU -> one kernel-library call.
+"""linear (addmm with bias) followed by an activation -> one kernel-library call.
 
-Matches ``act(addmm(bias, mat1, mat2))`` and ``act(view(addmm(...), shape))`` (the 3-D linear
-form). The addmm and the view must have no user other than the next node of the chain: a
-pre-activation that is also saved for backward (GELU in training) or returned stays unfused.
+Matches ``act(addmm(bias, x, w))`` and ``act(view(addmm(...), shape))`` (the 3-D linear form).
+A pre-activation that has another user (GELU's input saved for backward, or returned) keeps
+the chain unfused: the engine rejects regions whose inner values escape.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from hypatia.planner.rules import Family, Fusion, Kw, Lit, Match, Rule, int_list
 
-from hypatia.canonical import CanonicalGraph, is_ref
-from hypatia.kernels import lookup
-from hypatia.kernels.registry import DEVICE_BACKENDS
-from hypatia.planner.plan import Region
+ADDMM = ("aten.addmm.default", "$bias", "$x", "$w")
+VIEWS = ("aten.view.default", "aten._unsafe_view.default")
 
-OP = "linear_activation"
-VIEW_OPS = ("aten.view.default", "aten._unsafe_view.default")
-
-
-@dataclass(frozen=True)
-class Rule:
-    name: str
-    activation: str
-    approximate: str | None
-    signature: str
+# activation name -> the ATen spellings of the activation over X
+ACTIVATIONS = {
+    "relu": (("aten.relu.default", "X"),),
+    "gelu": (("aten.gelu.default", "X"), ("aten.gelu.default", "X", Kw("approximate", "none")), ("hypatia.gelu", "X")),
+    "gelu_tanh": (("aten.gelu.default", "X", Kw("approximate", "tanh")), ("aten.gelu.default", "X", Lit("tanh")), ("hypatia.gelu_tanh", "X")),
+    "silu": (("aten.silu.default", "X"),),
+}
 
 
-RULES = (
-    Rule("linear_relu", "aten.relu.default", None, "relu"),
-    Rule("linear_gelu", "aten.gelu.default", "none", "gelu"),
-    Rule("linear_gelu_tanh", "aten.gelu.default", "tanh", "gelu_tanh"),
+def _fill(pattern, x):
+    if pattern == "X":
+        return x
+    if isinstance(pattern, tuple):
+        return tuple(_fill(p, x) for p in pattern)
+    return pattern
+
+
+def activated(act: str, inner) -> tuple:
+    """Every spelling of ``act`` applied to ``inner`` and to a view of it."""
+    forms = (inner,) + tuple((v, inner, "_") for v in VIEWS)
+    return tuple(_fill(spelling, form) for spelling in ACTIVATIONS[act] for form in forms)
+
+
+def view_shape(match: Match) -> list[int] | None | bool:
+    """The view between the addmm and the activation (None when there is none; False when it
+    is not a plain list of ints)."""
+    views = [i for v in VIEWS for i in match.members(v)]
+    if not views:
+        return None
+    return int_list(match.node(views[0]).args[1]) or False
+
+
+def _build(act: str):
+    def build(match: Match) -> Fusion | None:
+        (addmm,) = match.members("aten.addmm.default")
+        if match.node(addmm).kwargs:  # beta / alpha scaling
+            return None
+        shape = view_shape(match)
+        if shape is False:
+            return None
+        i = match.inputs
+        return Fusion(act, (i["bias"], i["x"], i["w"]), (shape,))
+
+    return build
+
+
+RULES = tuple(
+    Rule(f"linear_{act}", "linear_activation", "linear_activation", _build(act), activated(act, ADDMM))
+    for act in ACTIVATIONS
 )
 
-
-def _approximate(node) -> str | None:
-    if node.op != "aten.gelu.default":
-        return None
-    if "approximate" in node.kwargs:
-        return node.kwargs["approximate"]
-    return node.args[1] if len(node.args) > 1 else "none"
-
-
-def _int_list(arg) -> list[int] | None:
-    if isinstance(arg, list) and len(arg) == 2 and arg[0] == "l":
-        items = arg[1]
-        if all(isinstance(v, int) and not isinstance(v, bool) for v in items):
-            return list(items)
-    return None
-
-
-def _device_type(meta) -> str | None:
-    return meta[4] if isinstance(meta, list) and len(meta) == 5 and meta[0] == "T" else None
-
-
-def match(graph: CanonicalGraph, rule: Rule, claimed: set[int]) -> list[Region]:
-    """Every non-overlapping place in ``graph`` where ``rule`` applies."""
-    regions = []
-    nodes = graph.nodes
-    for idx, act in enumerate(nodes):
-        if act.op != rule.activation or _approximate(act) != rule.approximate or idx in claimed:
-            continue
-        if not act.args or not is_ref(act.args[0]):
-            continue
-        chain = [idx]
-        src = act.args[0][1]
-        shape = None
-        if nodes[src].op in VIEW_OPS:
-            view = nodes[src]
-            shape = _int_list(view.args[1]) if len(view.args) > 1 else None
-            if view.users != 1 or shape is None or not is_ref(view.args[0]):
-                continue
-            chain.append(src)
-            src = view.args[0][1]
-        addmm = nodes[src]
-        if addmm.op != "aten.addmm.default" or addmm.users != 1 or len(addmm.args) != 3:
-            continue
-        if any(addmm.kwargs.get(k, 1) != 1 for k in ("beta", "alpha")) or not all(map(is_ref, addmm.args)):
-            continue
-        chain.append(src)
-        if claimed.intersection(chain):
-            continue
-        backend = DEVICE_BACKENDS.get(_device_type(act.meta))
-        spec = lookup(OP, backend, rule.signature) if backend else None
-        if spec is None:
-            continue
-        claimed.update(chain)
-        regions.append(
-            Region(
-                rule=rule.name,
-                kernel=spec.id,
-                inputs=tuple(a[1] for a in addmm.args),
-                consts=(shape,),
-                output=idx,
-                nodes=tuple(sorted(chain)),
-            )
-        )
-    return regions
+FAMILY = Family("linear_activation", RULES)
