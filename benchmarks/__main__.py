@@ -21,9 +21,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-ORDER = ("daemon", "runtime", "first_call", "multiprocess")
+ORDER = ("daemon", "runtime", "families", "first_call", "multiprocess")
 # Share of the time budget each section may use (the rest carries over to the next ones).
-SHARES = {"daemon": 0.05, "runtime": 0.6, "first_call": 0.2, "multiprocess": 0.15}
+SHARES = {"daemon": 0.05, "runtime": 0.45, "families": 0.2, "first_call": 0.15, "multiprocess": 0.15}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -104,6 +104,10 @@ def main(argv: list[str] | None = None) -> int:
 
                     only = [w for w in args.workloads.split(",") if w] or None
                     data = runtime.run(device, args.quick, section_budget, only)
+                elif name == "families":
+                    from benchmarks import families
+
+                    data = families.run(device, args.quick, section_budget)
                 elif name == "first_call":
                     from benchmarks import first_call
 

@@ -48,59 +48,79 @@ def _step_fn(fn, model, inputs, mode: str):
     return step
 
 
-def _cast_inputs(inputs: tuple, dtype: torch.dtype) -> tuple:
+def cast_inputs(inputs: tuple, dtype: torch.dtype) -> tuple:
     return tuple(x.to(dtype) if x.is_floating_point() else x for x in inputs)
 
 
-def run_case(w: Workload, device: str, dtype_name: str, mode: str, quick: bool) -> list[dict[str, Any]]:
-    """All backends for one (workload, dtype, mode); one row per backend."""
-    dtype = DTYPES[dtype_name]
-    torch.manual_seed(0)
-    base = w.build().to(device)
-    base.train(not w.eval_mode and mode == "training")
-    batch = w.batch_for(device, quick)
-    inputs64 = w.make_inputs(batch, torch.device(device), torch.float64 if not w.integer_inputs else torch.float32)
+def float64_reference(base: torch.nn.Module, inputs64: tuple) -> torch.Tensor:
+    """The eager output of a float64 copy of ``base``: what every backend's error is measured against."""
     ref_model = copy.deepcopy(base).double()
     with torch.no_grad():
-        reference = primary_output(ref_model(*inputs64)).detach()
-    del ref_model
-    inputs = _cast_inputs(inputs64, dtype)
+        return primary_output(ref_model(*inputs64)).detach()
+
+
+def timing_args(device: str, quick: bool) -> dict[str, Any]:
     if quick:
-        timing_args = dict(min_repeats=5, max_repeats=30, min_time_s=0.2)
-    elif device == "cuda":  # CUDA events are steady; the time goes to compiling instead
-        timing_args = dict(warmup=5, min_repeats=20, max_repeats=100, min_time_s=0.3)
-    else:
-        timing_args = dict(min_repeats=10, max_repeats=100, min_time_s=1.0)
-    rows = []
-    for backend in BACKENDS:
-        row: dict[str, Any] = {"workload": w.name, "dtype": dtype_name, "mode": mode, "backend": backend, "batch": batch}
-        fn = model = None
-        try:
-            torch._dynamo.reset()
-            model = copy.deepcopy(base).to(dtype)
-            fn = _compiled(model, backend)
-            step = _step_fn(fn, model, inputs, mode)
-            if device == "cuda":
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-            t0 = time.perf_counter()
-            out = step()
-            if device == "cuda":
-                torch.cuda.synchronize()
-            row["first_call_s"] = round(time.perf_counter() - t0, 3)
-            row["rel_error"] = _rel_error(primary_output(out), reference)
-            row.update(measure(step, device, **timing_args).to_dict())
-            if device == "cuda":
-                row["peak_mem_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-        except Exception as exc:  # one failing backend must not hide the others' numbers
-            row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
-        rows.append(row)
-        del fn, model
+        return dict(min_repeats=5, max_repeats=30, min_time_s=0.2)
+    if device == "cuda":  # CUDA events are steady; the time goes to compiling instead
+        return dict(warmup=5, min_repeats=20, max_repeats=100, min_time_s=0.3)
+    return dict(min_repeats=10, max_repeats=100, min_time_s=1.0)
+
+
+def measure_backend(base: torch.nn.Module, backend: str, dtype: torch.dtype, inputs: tuple, reference: torch.Tensor,
+                    mode: str, device: str, timing: dict[str, Any]) -> dict[str, Any]:
+    """Compile a copy of ``base`` with ``backend`` and time it: first call, relative error against
+    ``reference``, the step-time figures and (CUDA) peak memory. Raises what the backend raises."""
+    torch._dynamo.reset()
+    model = copy.deepcopy(base).to(dtype)
+    step = _step_fn(_compiled(model, backend), model, inputs, mode)
+    row: dict[str, Any] = {}
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    out = step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    row["first_call_s"] = round(time.perf_counter() - t0, 3)
+    row["rel_error"] = _rel_error(primary_output(out), reference)
+    row.update(measure(step, device, **timing).to_dict())
+    if device == "cuda":
+        row["peak_mem_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return row
+
+
+def error_text(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc)[:300]}"
+
+
+def add_speedups(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Set ``speedup`` (eager median / this median) on every timed row of one case."""
     eager = next((r for r in rows if r["backend"] == "eager" and "median_ms" in r), None)
     for r in rows:
         if eager and "median_ms" in r:
             r["speedup"] = round(eager["median_ms"] / r["median_ms"], 4)
     return rows
+
+
+def run_case(w: Workload, device: str, dtype_name: str, mode: str, quick: bool) -> list[dict[str, Any]]:
+    """All backends for one (workload, dtype, mode); one row per backend."""
+    torch.manual_seed(0)
+    base = w.build().to(device)
+    base.train(not w.eval_mode and mode == "training")
+    batch = w.batch_for(device, quick)
+    inputs64 = w.make_inputs(batch, torch.device(device), torch.float64 if not w.integer_inputs else torch.float32)
+    reference = float64_reference(base, inputs64)
+    inputs = cast_inputs(inputs64, DTYPES[dtype_name])
+    rows = []
+    for backend in BACKENDS:
+        row: dict[str, Any] = {"workload": w.name, "dtype": dtype_name, "mode": mode, "backend": backend, "batch": batch}
+        try:
+            row.update(measure_backend(base, backend, DTYPES[dtype_name], inputs, reference, mode, device, timing_args(device, quick)))
+        except Exception as exc:  # one failing backend must not hide the others' numbers
+            row["error"] = error_text(exc)
+        rows.append(row)
+    return add_speedups(rows)
 
 
 def run(device: str, quick: bool, budget_s: float, only: list[str] | None = None) -> dict:

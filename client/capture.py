@@ -56,7 +56,7 @@ def tensor_digest(t: torch.Tensor) -> str:
     data = t.detach().to("cpu").contiguous()
     h = hashlib.sha256(str(data.dtype).encode())
     h.update(str(tuple(data.shape)).encode())
-    h.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    h.update(data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"")
     return h.hexdigest()
 
 

@@ -6,6 +6,7 @@ is built on a copy of the graph, so the untouched graph stays available as the e
 
 from __future__ import annotations
 
+import operator
 from typing import Callable
 
 import torch
@@ -32,8 +33,13 @@ def apply_plan(gm: torch.fx.GraphModule, fx_nodes: list[torch.fx.Node], plan: Pl
             raise PlanMismatch(f"region {region.rule} refers to nodes outside this graph")
         members = {nodes[i] for i in region.nodes}
         for i in region.nodes:
-            if i != region.output and any(u not in members for u in nodes[i].users):
-                raise PlanMismatch(f"region {region.rule}: node {nodes[i].name} is used outside the region")
+            for user in list(nodes[i].users):
+                if user in members:
+                    continue
+                if i != region.output and user.target is operator.getitem and not user.users:
+                    graph.erase_node(user)  # an unread half of a tuple result goes with it
+                elif i != region.output:
+                    raise PlanMismatch(f"region {region.rule}: node {nodes[i].name} is used outside the region")
         fn = by_id(region.kernel).load()
         target = nodes[region.output]
         with graph.inserting_before(target):
@@ -54,9 +60,10 @@ def apply_plan(gm: torch.fx.GraphModule, fx_nodes: list[torch.fx.Node], plan: Pl
 class GuardedCall:
     """Runs the planned graph; on any error from it, warns once, counts, and runs eager from then on."""
 
-    _boxed_call = True
-
     def __init__(self, planned: Callable, eager: Callable, on_failure: Callable[[BaseException], None]):
+        # An instance attribute, not a class one: Dynamo wraps backward functions with
+        # functools.wraps, which copies only the instance __dict__.
+        self._boxed_call = True
         self.planned = planned
         self.eager = eager
         self.on_failure = on_failure

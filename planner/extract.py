@@ -36,9 +36,14 @@ def well_formed(graph: CanonicalGraph, users: list[list[int]], root: int, nodes:
     for i in nodes:
         if i == root:
             continue
-        if i in outputs or any(u not in nodes for u in users[i]):
+        if i in outputs or any(u not in nodes and not dead(graph, users, u) for u in users[i]):
             return False
     return True
+
+
+def dead(graph: CanonicalGraph, users: list[list[int]], i: int) -> bool:
+    """A getitem nobody reads (tracers leave the unused half of ``max.dim`` behind)."""
+    return graph.nodes[i].op == "_operator.getitem" and not users[i] and i not in graph.output_refs()
 
 
 def backend_for(graph: CanonicalGraph, root: int, kernel_op: str, env: dict | None) -> Backend | None:
