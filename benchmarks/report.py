@@ -27,6 +27,14 @@ def geomean(values: list[float]) -> float | None:
     return math.exp(sum(map(math.log, values)) / len(values)) if values else None
 
 
+def _backend_cell(backend: str, r: dict) -> str:
+    if "error" in r:
+        return "error: " + r["error"][:60]
+    if backend == "eager":
+        return f"{_fmt(r.get('median_ms'))} ±{_fmt(r.get('spread_pct'), 2)}%"
+    return f"{_fmt(r.get('median_ms'))} ({_fmt(r.get('speedup'))}x)"
+
+
 def runtime_cases(rows: list[dict]) -> dict[tuple, dict[str, dict]]:
     cases: dict[tuple, dict[str, dict]] = {}
     for r in rows:
@@ -46,16 +54,11 @@ def runtime_section(section: dict) -> tuple[str, dict]:
         cells = [wl, dt, mode]
         for backend in ("eager", "inductor", "hypatia"):
             r = by.get(backend, {})
-            if "error" in r:
-                cells.append("error: " + r["error"][:60])
-            elif backend == "eager":
-                cells.append(f"{_fmt(r.get('median_ms'))} ±{_fmt(r.get('spread_pct'), 2)}%")
-            else:
-                cells.append(f"{_fmt(r.get('median_ms'))} ({_fmt(r.get('speedup'))}x)")
-                if r.get("speedup"):
-                    speedups[backend].append(r["speedup"])
-                    if backend == "hypatia" and r["speedup"] < 0.98:
-                        below.append(f"{wl}/{dt}/{mode} {r['speedup']:.3f}x")
+            cells.append(_backend_cell(backend, r))
+            if backend != "eager" and r.get("speedup"):  # rows with an error carry no speedup
+                speedups[backend].append(r["speedup"])
+                if backend == "hypatia" and r["speedup"] < 0.98:
+                    below.append(f"{wl}/{dt}/{mode} {r['speedup']:.3f}x")
         cells += [_fmt(by.get("inductor", {}).get("rel_error")), _fmt(by.get("hypatia", {}).get("rel_error"))]
         table.append(cells)
     summary = {
@@ -71,6 +74,48 @@ def runtime_section(section: dict) -> tuple[str, dict]:
         f"{b} {_fmt(g)}x" for b, g in summary["geomean_speedup"].items()
     )
     text += "\nHypatia below 0.98x eager: " + (", ".join(below) if below else "none")
+    return text, summary
+
+
+def families_section(section: dict) -> tuple[str, dict]:
+    cases: dict[tuple, dict[str, dict]] = {}
+    for r in section["rows"]:
+        cases.setdefault((r["family"], r["dtype"]), {})[r.get("backend", "-")] = r
+    table = []
+    speedups: dict[str, list[float]] = {"eager": [], "inductor": []}
+    not_fired = []
+    for (family, dt), by in cases.items():
+        if "-" in by and "skipped" in by["-"]:
+            table.append([family, dt, by["-"]["skipped"], "", "", "", "", ""])
+            continue
+        cells = [family, dt] + [_backend_cell(b, by.get(b, {})) for b in ("eager", "inductor", "hypatia")]
+        hyp = by.get("hypatia", {})
+        if hyp.get("speedup"):
+            speedups["eager"].append(hyp["speedup"])
+        if hyp.get("speedup_vs_inductor"):
+            speedups["inductor"].append(hyp["speedup_vs_inductor"])
+        fired = hyp.get("rules_fired")
+        if fired is not None and not fired.get(hyp.get("rule")):
+            not_fired.append(f"{family}/{dt} ({hyp.get('rule')})")
+        rules = ", ".join(f"{k} {v}" for k, v in (fired or {}).items()) or "-"
+        failed = hyp.get("hypatia_counters", {}).get("regions_failed_validation")
+        if failed:
+            rules += f" ({failed} failed validation, ran unfused)"
+        cells += [_fmt(hyp.get("speedup_vs_inductor")), _fmt(hyp.get("rel_error")), rules]
+        table.append(cells)
+    summary = {
+        "families_geomean_hypatia_speedup": {f"over_{b}": geomean(v) for b, v in speedups.items()},
+        "families_rule_not_fired": not_fired,
+    }
+    text = _table(
+        ["family", "dtype", "eager ms (spread)", "inductor ms (speedup)", "hypatia ms (speedup)", "hypatia vs inductor",
+         "hypatia rel err", "rules fired"],
+        table,
+    )
+    text += "\n\nGeometric-mean Hypatia speedup: " + ", ".join(
+        f"{k.replace('_', ' ')} {_fmt(g)}x" for k, g in summary["families_geomean_hypatia_speedup"].items()
+    )
+    text += "\nIntended rule did not fire: " + (", ".join(not_fired) if not_fired else "none")
     return text, summary
 
 
@@ -107,10 +152,12 @@ def daemon_section(section: dict) -> tuple[str, dict]:
                 f"Per-call time of a tiny graph on {r['device']}: eager {r['eager_us']} us, hypatia {r['hypatia_us']} us "
                 f"(+{r['hypatia_overhead_us']}), inductor {r['inductor_us']} us (+{r['inductor_overhead_us']})"
             )
-    canon = [[r["nodes"], r["capture_and_hash_ms"], r["daemon_rehash_ms"], r["plan_ms"]] for r in section["rows"] if r["figure"] == "canonicalize"]
+    canon = [[r["nodes"], r["capture_and_hash_ms"], r["daemon_rehash_ms"], r["plan_ms"], r.get("rewrite_ms")]
+             for r in section["rows"] if r["figure"] == "canonicalize"]
     text = "\n".join(f"- {p}" for p in parts)
     if canon:
-        text += "\n\n" + _table(["graph nodes", "capture + hash ms (client)", "re-hash ms (daemon)", "plan ms"], canon)
+        text += "\n\n" + _table(["graph nodes", "capture + hash ms (client)", "re-hash ms (daemon)", "plan ms",
+                                    "of which e-graph rewrite ms"], canon)
     return text, summary
 
 
@@ -126,6 +173,7 @@ def multiprocess_section(section: dict) -> tuple[str, dict]:
 
 SECTIONS = {
     "runtime": ("Runtime (median step time)", runtime_section),
+    "families": ("Fusion families (median inference call time)", families_section),
     "first_call": ("Time to first call (fresh processes)", first_call_section),
     "daemon": ("Daemon figures", daemon_section),
     "multiprocess": ("Many processes, one cold daemon", multiprocess_section),

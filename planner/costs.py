@@ -20,11 +20,12 @@ class Ceilings:
     flops_per_s: float
     bytes_per_s: float
     launch_s: float
+    dispatch_s: float  # host time to dispatch one op (or one fused call) from the FX graph
 
 
 DEFAULT_CEILINGS = {
-    "cuda": Ceilings(flops_per_s=60e12, bytes_per_s=3.0e12, launch_s=5e-6),
-    "cpu": Ceilings(flops_per_s=1e11, bytes_per_s=1.5e10, launch_s=2e-6),
+    "cuda": Ceilings(flops_per_s=60e12, bytes_per_s=3.0e12, launch_s=5e-6, dispatch_s=4e-6),
+    "cpu": Ceilings(flops_per_s=1e11, bytes_per_s=1.5e10, launch_s=2e-6, dispatch_s=3e-6),
 }
 
 ITEMSIZE = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2, "int64": 8, "int32": 4, "bool": 1, "uint8": 1, "int8": 1}
@@ -82,9 +83,9 @@ def node_cost(graph: CanonicalGraph, i: int, ceilings: Ceilings) -> float:
     """Estimated seconds for the ATen op of node ``i`` run on its own."""
     node = graph.nodes[i]
     if node.op in VIEW_OPS:
-        return 0.0
+        return ceilings.dispatch_s / 2
     traffic = tensor_bytes(node.meta) + sum(tensor_bytes(graph.nodes[j].meta) for j in set(refs(node.args)))
-    return ceilings.launch_s + max(node_flops(graph, i) / ceilings.flops_per_s, traffic / ceilings.bytes_per_s)
+    return ceilings.dispatch_s + ceilings.launch_s + max(node_flops(graph, i) / ceilings.flops_per_s, traffic / ceilings.bytes_per_s)
 
 
 def region_cost(graph: CanonicalGraph, nodes: Iterable[int], inputs: Iterable[int], root: int, launches: int, ceilings: Ceilings) -> float:
@@ -92,4 +93,4 @@ def region_cost(graph: CanonicalGraph, nodes: Iterable[int], inputs: Iterable[in
     inputs are read and only the result is written."""
     flops = sum(node_flops(graph, i) for i in nodes if graph.nodes[i].op not in VIEW_OPS)
     traffic = tensor_bytes(graph.nodes[root].meta) + sum(tensor_bytes(graph.nodes[j].meta) for j in set(inputs))
-    return launches * ceilings.launch_s + max(flops / ceilings.flops_per_s, traffic / ceilings.bytes_per_s)
+    return ceilings.dispatch_s + launches * ceilings.launch_s + max(flops / ceilings.flops_per_s, traffic / ceilings.bytes_per_s)

@@ -322,3 +322,16 @@ def test_the_scale_rewrites_the_attention_rule_relies_on_are_identities():
     assert prove(("div", "s", 8), ("mul", "s", 0.125))
     assert prove(("add", ("mul", "s", 0.125), "m"), ("add", "m", ("mul", 0.125, "s")))
     assert not prove(("div", "s", 8), ("mul", "s", 8))
+
+
+def test_debug_fx_logs_the_graph_before_and_after_and_the_plan(home, dynamo_reset, monkeypatch, caplog):
+    monkeypatch.setenv("HYPATIA_AUTOSTART", "0")
+    monkeypatch.setenv("HYPATIA_DEBUG_FX", "1")
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.SiLU()).eval()
+    with torch.no_grad(), caplog.at_level("WARNING", logger="hypatia.client"):
+        torch.compile(model, backend="hypatia")(torch.randn(4, 8))
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "before:" in text and "aten.silu.default" in text.split("after:")[0]
+    assert "'rule': 'linear_silu'" in text  # the plan
+    after = text.split("after:")[1]
+    assert "linear_silu" in after and "aten.silu" not in after
