@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 ORDER = ("daemon", "runtime", "families", "first_call", "multiprocess")
 # Share of the time budget each section may use (the rest carries over to the next ones).
-SHARES = {"daemon": 0.05, "runtime": 0.45, "families": 0.2, "first_call": 0.15, "multiprocess": 0.15}
+SHARES = {"daemon": 0.05, "runtime": 0.5, "families": 0.15, "first_call": 0.15, "multiprocess": 0.15}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

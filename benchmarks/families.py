@@ -122,8 +122,8 @@ def _randomize_batch_norm(model: nn.Module) -> None:
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.uniform_(-0.5, 0.5)
             m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.5, 0.5)
+            m.weight.uniform_(0.5, 1.5)
+            m.bias.uniform_(-0.5, 0.5)
 
 
 def rules_fired_total() -> Counter:
@@ -139,10 +139,11 @@ def rules_fired_total() -> Counter:
     return total
 
 
-def _session_counters() -> Counter:
+def _hypatia_counts() -> tuple[Counter, Counter]:
+    """(rules fired, this process's backend session counters), to subtract across one compile."""
     from hypatia.client.backend import session
 
-    return Counter(session().counters)
+    return rules_fired_total(), Counter(session().counters)
 
 
 def _delta(after: Counter, before: Counter) -> dict[str, int]:
@@ -163,18 +164,19 @@ def run_case(m: Micro, device: str, dtype_name: str, quick: bool) -> list[dict[s
     rows = []
     for backend in BACKENDS:
         row: dict[str, Any] = {"family": m.name, "rule": m.rule, "dtype": dtype_name, "backend": backend, "batch": batch}
-        counted = backend == "hypatia"
-        if counted:
-            rules_before, session_before = rules_fired_total(), _session_counters()
+        before = None
         try:
+            if backend == "hypatia":
+                before = _hypatia_counts()
             row.update(measure_backend(base, backend, DTYPES[dtype_name], inputs, reference, "inference", device,
                                        timing_args(device, quick)))
         except Exception as exc:  # one failing backend must not hide the others' numbers
             row["error"] = error_text(exc)
-        if counted:
+        if before is not None:
             try:
-                row["rules_fired"] = _delta(rules_fired_total(), rules_before)
-                row["hypatia_counters"] = _delta(_session_counters(), session_before)
+                rules, session_counters = _hypatia_counts()
+                row["rules_fired"] = _delta(rules, before[0])
+                row["hypatia_counters"] = _delta(session_counters, before[1])
             except Exception as exc:  # counters are a report, never a reason to lose the timing
                 row["error"] = row.get("error") or f"reading counters: {error_text(exc)}"
         rows.append(row)

@@ -69,8 +69,10 @@ def _edge_match(host: dict, pat: dict) -> bool:
 
 def find(graph: CanonicalGraph, pattern: GraphPattern, host: nx.DiGraph | None = None) -> list[GraphHit]:
     """Every distinct place where ``pattern`` occurs in ``graph``."""
-    p, inputs = pattern_graph(pattern)
     ops = frozenset(op for op, _ in pattern.nodes.values())
+    if not ops <= {n.op for n in graph.nodes}:
+        return []  # some op the pattern needs is absent: skip the search entirely
+    p, inputs = pattern_graph(pattern)
     host = host if host is not None else host_graph(graph, ops)
     matcher = isomorphism.DiGraphMatcher(host, p, node_match=_node_match, edge_match=_edge_match)
     seen: set[tuple] = set()
