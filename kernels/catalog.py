@@ -81,5 +81,6 @@ CONV_BN = _table("conv_bn", "conv_bn", tuple(
 POINTWISE = _table("pointwise", "pointwise", (
     (CPU, "generated", "pointwise_cpu", "the chain through torch, intermediates in place", 1),
     (GPU, "generated", "pointwise_cpu", "the chain through ATen (when cupy is missing)", 4),
+)) + _table("pointwise", "pointwise_cuda", (
     (CUPY, "generated", "pointwise_cuda", "one NVRTC kernel generated from the chain", 1),
 ))

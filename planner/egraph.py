@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from itertools import count
 from typing import Any, Iterable
 
-from hypatia.canonical import CanonicalGraph, is_ref
+from hypatia.canonical import CanonicalGraph, is_ref, refs
 from hypatia.planner.rules import Family, Kw, Lit, Pattern, Rewrite, Rule
 
 MAX_ARITY = 10
@@ -189,30 +189,33 @@ class EGraph:
     def _node(self, i: int):
         return self._call("Node", self._b.Lit(self._span, self._b.Int(i)))
 
+    def _opterm(self, name: str, *children):
+        return self._call(_op(len(children)), self._b.Lit(self._span, self._b.String(name)), *children)
+
     def _child(self, arg: Any):
         if is_ref(arg):
             return self._node(arg[1])
         if _has_ref(arg):
             if arg[0] == "l" and len(arg[1]) <= MAX_ARITY:
-                return self._call(_op(len(arg[1])), self._b.Lit(self._span, self._b.String("list")), *map(self._child, arg[1]))
+                return self._opterm("list", *map(self._child, arg[1]))
             return None
         return self._lit(lit_text(arg))
 
     def node_term(self, i: int):
         """The e-node of canonical node ``i`` over its children's e-classes."""
         node = self.graph.nodes[i]
-        if _UNIQUE_OP.search(node.op) or node.op in ("get_attr",):
-            if node.op == "get_attr":
-                return self._call(_op(1), self._b.Lit(self._span, self._b.String(node.op)), self._lit(lit_text(node.args)))
-            return self._call(_op(1), self._b.Lit(self._span, self._b.String(f"unique:{node.op}")), self._lit(str(i)))
+        if node.op == "get_attr":  # a constant: equal contents (same digest) may share a class
+            return self._opterm(node.op, self._lit(lit_text(node.args)))
+        if _UNIQUE_OP.search(node.op):
+            return self._opterm(f"unique:{node.op}", self._lit(str(i)))
         children = [self._child(a) for a in node.args]
         for name in sorted(node.kwargs):
             value = node.kwargs[name]
             children.append(self._lit(f"{name}={lit_text(value)}") if not _has_ref(value) else None)
         if any(c is None for c in children) or len(children) > MAX_ARITY:
             # Not representable faithfully: a unique opaque term, so it never merges wrongly.
-            return self._call(_op(1), self._b.Lit(self._span, self._b.String(f"opaque:{node.op}")), self._lit(str(i)))
-        return self._call(_op(len(children)), self._b.Lit(self._span, self._b.String(node.op)), *children)
+            return self._opterm(f"opaque:{node.op}", self._lit(str(i)))
+        return self._opterm(node.op, *children)
 
     def _build(self) -> None:
         b = self._b
@@ -239,7 +242,7 @@ class EGraph:
         self._extra.setdefault(tag, CompiledRule(tag, rule, names, ""))
         b = self._b
         ints = [b.Lit(self._span, b.Int(inputs[n])) for n in names]
-        fused = self._call(_op(len(names)), b.Lit(self._span, b.String(f"hypatia.{rule.name}")), *(self._node(inputs[n]) for n in names))
+        fused = self._opterm(f"hypatia.{rule.name}", *(self._node(inputs[n]) for n in names))
         hit = self._call("hit", b.Lit(self._span, b.String(tag)), b.Lit(self._span, b.Int(root)), self._call("vec-of", *ints))
         self.egraph.run_program(
             b.ActionCommand(b.Expr_(self._span, hit)),
@@ -289,14 +292,9 @@ def closure(graph: CanonicalGraph, root: int, inputs: Iterable[int]) -> frozense
         node = graph.nodes[i]
         if node.op in ("placeholder", "get_attr"):
             return None
-        for j in _refs_of(node):
+        for j in [*refs(node.args), *refs(list(node.kwargs.values()))]:
             if j not in stop and j not in seen:
                 seen.add(j)
                 stack.append(j)
     return frozenset(seen)
 
-
-def _refs_of(node) -> list[int]:
-    from hypatia.canonical import refs
-
-    return list(refs(node.args)) + list(refs(list(node.kwargs.values())))

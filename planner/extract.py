@@ -53,7 +53,7 @@ def backend_for(graph: CanonicalGraph, root: int, kernel_op: str, env: dict | No
     return DEVICE_BACKENDS.get(device)
 
 
-def candidate(graph: CanonicalGraph, users, rule: Rule | str, kernel_op: str, root: int, nodes: frozenset[int],
+def candidate(graph: CanonicalGraph, rule: Rule | str, kernel_op: str, root: int, nodes: frozenset[int],
               fusion: Fusion, env: dict | None) -> Candidate | None:
     name = rule if isinstance(rule, str) else rule.name
     backend = backend_for(graph, root, kernel_op, env)
@@ -82,7 +82,7 @@ def from_hits(graph: CanonicalGraph, hits: list[Hit], rules: dict[str, Rule], en
         if fusion is None:
             counters[f"rule.{rule.name}.rejected"] += 1
             continue
-        c = candidate(graph, users, rule, rule.kernel_op, hit.root, nodes, fusion, env)
+        c = candidate(graph, rule, rule.kernel_op, hit.root, nodes, fusion, env)
         if c is not None:
             found.setdefault((c.region.output, c.region.nodes, c.rule), c)
     return list(found.values())

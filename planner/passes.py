@@ -63,11 +63,10 @@ def rewrite_families(state: PlanState) -> tuple[PlanState, bool]:
 def fuse_pointwise_chains(state: PlanState) -> tuple[PlanState, bool]:
     """Whatever pointwise chains are left over become generated kernels."""
     graph = state.graph
-    users = graph.users_of()
     cands = []
     for root, nodes, fusion in pointwise.regions(graph, set(state.claimed)):
         counters[f"rule.{pointwise.RULE}.matched"] += 1
-        c = extract.candidate(graph, users, pointwise.RULE, "pointwise", root, nodes, fusion, state.env)
+        c = extract.candidate(graph, pointwise.RULE, "pointwise", root, nodes, fusion, state.env)
         if c is not None:
             cands.append(c)
     return _add(state, extract.select(cands, state.claimed))

@@ -16,17 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from hypatia.kernels import pointwise as pw
-from hypatia.kernels.pointwise import (
-    ARITY,
-    PointwiseCompileError,
-    PointwiseProgramError,
-    compile_cuda,
-    pointwise_cpu,
-    pointwise_cuda,
-    program_source,
-    source_hash,
-    validate_program,
-)
+from hypatia.kernels import pointwise_cuda as pwc
+from hypatia.kernels.pointwise import ARITY, PointwiseCompileError, PointwiseProgramError, pointwise_cpu, validate_program
+from hypatia.kernels.pointwise_cuda import compile_cuda, pointwise_cuda, program_source, source_hash
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -274,7 +266,7 @@ def test_source_follows_the_input_dtypes():
     assert source_hash(BASE, ["float32", "float16"]) != source_hash(BASE)
     # Without dtypes, where-conditions are bool and the rest take the output's dtype.
     example = CASES[0].program | {"dtype": "bfloat16"}
-    assert pw._default_dtypes(pw._checked(example)) == ("bfloat16", "bfloat16", "bool")
+    assert pwc._default_dtypes(pw._checked(example)) == ("bfloat16", "bfloat16", "bool")
     with pytest.raises(PointwiseCompileError, match="complex64"):
         program_source(BASE, ["float32", torch.complex64])
 
@@ -282,7 +274,7 @@ def test_source_follows_the_input_dtypes():
 def test_magic_division():
     rng = np.random.default_rng(0)
     for divisor in [1, 2, 3, 7, 768, 1000, 4097, 65535, 2**20 + 1, 2**31 - 1, *rng.integers(1, 2**31, 50).tolist()]:
-        magic, shift = pw._magic(divisor)
+        magic, shift = pwc._magic(divisor)
         assert magic < 2**32 and shift < 32
         a = np.concatenate([rng.integers(0, 2**31, 2000, dtype=np.uint64), np.array([0, divisor - 1, divisor, 2**31 - 1], np.uint64)])
         q = ((a * np.uint64(magic)) >> np.uint64(32)) + a >> np.uint64(shift)
@@ -296,7 +288,7 @@ def test_import_needs_neither_torch_nor_cupy():
 
 def test_compile_without_cupy_names_the_source(monkeypatch):
     monkeypatch.setitem(sys.modules, "cupy", None)
-    monkeypatch.setattr(pw, "_KERNELS", {})
+    monkeypatch.setattr(pwc, "_KERNELS", {})
     p = BASE | {"ops": [["add", I(0), C(12345.5)], ["gelu", V(0)]]}
     with pytest.raises(PointwiseCompileError, match=source_hash(p)[:16]):
         compile_cuda(p)

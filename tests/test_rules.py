@@ -61,7 +61,7 @@ def layer_norm_rsqrt_weight_first(x, w, b):
 def layer_norm_plain(x):
     mu = x.mean(-1, keepdim=True)
     d = x - mu
-    return d * torch.rsqrt((d * d).mean(-1, keepdim=True) + 1e-6) if False else d * torch.rsqrt(d.pow(2).mean(-1, keepdim=True) + 1e-6)
+    return d * torch.rsqrt(d.pow(2).mean(-1, keepdim=True) + 1e-6)
 
 
 def rms_norm(x, w):
@@ -95,8 +95,7 @@ def attention_add(q, k, v, mask):
 
 
 def attention_fill(q, k, v, mask):
-    return F.softmax((q @ k.transpose(-1, -2)) / 8.0, dim=-1).masked_fill(mask, 0.0) @ v if False else F.softmax(
-        ((q @ k.transpose(-1, -2)) / 8.0).masked_fill(mask, float("-inf")), dim=-1) @ v
+    return F.softmax(((q @ k.transpose(-1, -2)) / 8.0).masked_fill(mask, float("-inf")), dim=-1) @ v
 
 
 def attention_where(q, k, v, keep):

@@ -43,7 +43,7 @@ def _patterns(masks) -> tuple:
     return tuple(out)
 
 
-def _scale(match: Match, q_shape: list) -> float | None:
+def _scale(match: Match) -> float | None:
     for op, invert in (("aten.mul.Tensor", False), ("aten.div.Tensor", True)):
         for i in match.members(op):
             consts = [scalar(a) for a in match.node(i).args if not isinstance(a, list)]
@@ -81,7 +81,7 @@ def _build(kind: str | None):
                 return None
         if not _softmax_on_last(match):
             return None
-        scale = _scale(match, q)
+        scale = _scale(match)
         if scale is None:
             return None
         if kind is None:

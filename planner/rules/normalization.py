@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import math
 from itertools import product
+from typing import Any
 
-from hypatia.planner.rules import Family, Fusion, GraphPattern, Match, Rule, last_dim, scalar, shape_of
+from hypatia.planner.rules import Family, Fusion, GraphPattern, Match, Rule, int_list, last_dim, scalar, shape_of
 
 MEAN, SUB, ADD, MUL, DIV = "aten.mean.dim", "aten.sub.Tensor", "aten.add.Tensor", "aten.mul.Tensor", "aten.div.Tensor"
 POW, SQRT, RSQRT = "aten.pow.Tensor_Scalar", "aten.sqrt.default", "aten.rsqrt.default"
@@ -54,16 +55,20 @@ def _dims(match: Match, op: str) -> list:
     return [match.node(i).args[1] for i in match.members(op)]
 
 
+def _single_dim(dims: Any, rank: int) -> int | None:
+    """The one (non-negative) dimension an encoded dim argument names, or None."""
+    items = int_list(dims) if isinstance(dims, list) else [dims]
+    if not rank or items is None or len(items) != 1 or not isinstance(items[0], int) or isinstance(items[0], bool):
+        return None
+    return items[0] % rank
+
+
 def build_softmax(match: Match) -> Fusion | None:
     x = match.inputs["x"]
     rank = len(shape_of(match.graph, x) or [])
     reduce_dims = _dims(match, "aten.amax.default") + _dims(match, "aten.max.dim")
     sum_dims = _dims(match, "aten.sum.dim_IntList")
-    norm = lambda d: (d[1][0] if isinstance(d, list) and len(d[1]) == 1 else d) % max(rank, 1) if rank else None  # noqa: E731
-    try:
-        dims = {norm(d) for d in reduce_dims + sum_dims}
-    except TypeError:
-        return None
+    dims = {_single_dim(d, rank) for d in reduce_dims + sum_dims}
     if len(dims) != 1 or None in dims:
         return None
     for i in match.members("aten.amax.default") + match.members("aten.max.dim") + match.members("aten.sum.dim_IntList"):

@@ -3,7 +3,8 @@
 Not a pattern but a growth rule: from each pointwise node, take in every pointwise producer
 whose users are all already inside, until nothing more fits; a region of two or more ops is
 a candidate. Inputs broadcast to the root's shape, so a region computes one value per output
-element; the program it carries is what :mod:`hypatia.kernels.pointwise` compiles.
+element; the program it carries is what :mod:`hypatia.kernels.pointwise` evaluates and
+:mod:`hypatia.kernels.pointwise_cuda` compiles.
 """
 
 from __future__ import annotations
