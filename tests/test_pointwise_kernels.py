@@ -376,7 +376,7 @@ def _assert_same_bits(a, b):
 
 @pytest.mark.gpu
 def test_compile_cuda_caches_by_source(monkeypatch):
-    monkeypatch.setattr(pw, "_KERNELS", {})
+    monkeypatch.setattr(pwc, "_KERNELS", {})
     p = BASE | {"ops": [["add", I(0), C(271.5)], ["gelu", V(0)]]}
     before = dict(pw.counters)
     first, second = compile_cuda(p), compile_cuda(copy.deepcopy(p))
@@ -387,10 +387,10 @@ def test_compile_cuda_caches_by_source(monkeypatch):
 
 @pytest.mark.gpu
 def test_compile_errors_name_the_source(monkeypatch):
-    monkeypatch.setattr(pw, "_KERNELS", {})
+    monkeypatch.setattr(pwc, "_KERNELS", {})
     p = BASE | {"ops": [["add", I(0), C(314.5)], ["gelu", V(0)]]}
     source = program_source(p)
-    monkeypatch.setattr(pw, "_source", lambda prog, dtypes: (source.replace("hy_t v1", "hy_t v1 = ;"), "f" * 64))
+    monkeypatch.setattr(pwc, "_source", lambda prog, dtypes: (source.replace("hy_t v1", "hy_t v1 = ;"), "f" * 64))
     before = pw.counters["pointwise.compile_errors"]
     with pytest.raises(PointwiseCompileError, match="f" * 16):
         compile_cuda(p)
@@ -410,7 +410,7 @@ def test_cuda_zero_dim_empty_and_cpu_scalar():
 
 @pytest.mark.gpu
 def test_cuda_grid_stride_loop_and_side_stream(monkeypatch):
-    monkeypatch.setattr(pw, "_max_blocks", lambda device_index: 3)
+    monkeypatch.setattr(pwc, "_max_blocks", lambda device_index: 3)
     x, y = torch.randn(300, 257, device="cuda"), torch.randn(257, device="cuda")
     p = program(2, [["sub", I(0), I(1)], ["relu", V(0)]], [300, 257])
     stream = torch.cuda.Stream()
