@@ -54,12 +54,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     home = tempfile.mkdtemp(prefix="hyb-", dir="/tmp")
     os.environ["HYPATIA_HOME"] = home  # before the first compile: the session reads it then
+    # "hypatia" rows are the static plan a first compile gets; the runtime section adds tuned rows
+    os.environ.setdefault("HYPATIA_POLICY", "HEURISTIC")
 
     import torch
 
     import hypatia
     from benchmarks import report
-    from hypatia.client.environment import cpu_model
+    from hypatia.planner.environment import cpu_model
     from hypatia.config import load
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device

@@ -44,36 +44,51 @@ def runtime_cases(rows: list[dict]) -> dict[tuple, dict[str, dict]]:
 
 def runtime_section(section: dict) -> tuple[str, dict]:
     cases = runtime_cases(section["rows"])
-    table = []
-    speedups: dict[str, list[float]] = {"inductor": [], "hypatia": []}
-    below = []
+    table, choices = [], []
+    backends = ("eager", "inductor", "hypatia", "hypatia_tuned")
+    speedups: dict[str, list[float]] = {b: [] for b in backends[1:]}
+    below: dict[str, list[str]] = {"hypatia": [], "hypatia_tuned": []}
     for (wl, dt, mode), by in cases.items():
         if "-" in by and "skipped" in by["-"]:
-            table.append([wl, dt, mode, by["-"]["skipped"], "", "", "", ""])
+            table.append([wl, dt, mode, by["-"]["skipped"], "", "", "", "", ""])
             continue
         cells = [wl, dt, mode]
-        for backend in ("eager", "inductor", "hypatia"):
+        for backend in backends:
             r = by.get(backend, {})
             cells.append(_backend_cell(backend, r))
             if backend != "eager" and r.get("speedup"):  # rows with an error carry no speedup
                 speedups[backend].append(r["speedup"])
-                if backend == "hypatia" and r["speedup"] < 0.98:
-                    below.append(f"{wl}/{dt}/{mode} {r['speedup']:.3f}x")
-        cells += [_fmt(by.get("inductor", {}).get("rel_error")), _fmt(by.get("hypatia", {}).get("rel_error"))]
+                # the tuned plan must be at most eager x 1.02
+                if backend in below and r["speedup"] < 1 / 1.02:
+                    below[backend].append(f"{wl}/{dt}/{mode} {r['speedup']:.3f}x")
+        cells += [_fmt(by.get(b, {}).get("rel_error")) for b in backends[1:]]
         table.append(cells)
+        heuristic, tuned = by.get("hypatia", {}), by.get("hypatia_tuned", {})
+        for d in tuned.get("decisions_changed", []):
+            choices.append([wl, dt, mode, d["phase"], d["rule"], d["heuristic"], _fmt(d["heuristic_cost_us"]),
+                            d["chosen"], _fmt(d["cost_us"]),
+                            _fmt(d["heuristic_cost_us"] - d["cost_us"]) if d["heuristic_cost_us"] else "-"])
+        if tuned.get("median_ms") and heuristic.get("median_ms"):
+            choices.append([wl, dt, mode, "whole step", "", "heuristic plan", _fmt(heuristic["median_ms"] * 1e3),
+                            "tuned plan", _fmt(tuned["median_ms"] * 1e3), _fmt((heuristic["median_ms"] - tuned["median_ms"]) * 1e3)])
     summary = {
         "geomean_speedup": {b: geomean(v) for b, v in speedups.items()},
-        "hypatia_below_0.98x": below,
+        "hypatia_below_1/1.02_of_eager": below["hypatia"],
+        "tuned_below_1/1.02_of_eager": below["hypatia_tuned"],
     }
     text = _table(
         ["workload", "dtype", "mode", "eager ms (spread)", "inductor ms (speedup)", "hypatia ms (speedup)",
-         "inductor rel err", "hypatia rel err"],
+         "tuned ms (speedup)", "inductor rel err", "hypatia rel err", "tuned rel err"],
         table,
     )
     text += "\n\nGeometric-mean speedup over eager: " + ", ".join(
         f"{b} {_fmt(g)}x" for b, g in summary["geomean_speedup"].items()
     )
-    text += "\nHypatia below 0.98x eager: " + (", ".join(below) if below else "none")
+    text += "\nHeuristic plan slower than eager x 1.02: " + (", ".join(below["hypatia"]) or "none")
+    text += "\nTuned plan slower than eager x 1.02: " + (", ".join(below["hypatia_tuned"]) or "none")
+    if choices:
+        text += "\n\nWhere the tuner chose differently from the heuristic (us; gain = heuristic - tuned):\n" + _table(
+            ["workload", "dtype", "mode", "phase", "rule", "heuristic", "us", "tuned", "us", "gain us"], choices)
     return text, summary
 
 

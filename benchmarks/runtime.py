@@ -1,10 +1,16 @@
 """Step time of each workload under eager PyTorch, Inductor and Hypatia, side by side in one
-process, with each compiled output's relative error against an eager float64 reference."""
+process, with each compiled output's relative error against an eager float64 reference.
+
+Hypatia runs twice: ``hypatia`` with the HEURISTIC policy (the static cost model's plan, what a
+first compile gets) and ``hypatia_tuned`` with EXPLORE (every candidate measured before the
+plan is served, what every later compile gets once background tuning is done). The tuned rows
+carry the decisions where the tuner chose differently from the heuristic."""
 
 from __future__ import annotations
 
 import copy
 import importlib.util
+import os
 import time
 from typing import Any
 
@@ -13,7 +19,8 @@ import torch
 from benchmarks.timing import measure
 from benchmarks.workloads import QUICK_WORKLOADS, WORKLOADS, Workload, loss_of, primary_output
 
-BACKENDS = ("eager", "inductor", "hypatia")
+BACKENDS = ("eager", "inductor", "hypatia", "hypatia_tuned")
+POLICY = {"hypatia": "HEURISTIC", "hypatia_tuned": "EXPLORE"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 MODES = ("inference", "training")
 
@@ -23,7 +30,24 @@ def _compiled(model: torch.nn.Module, backend: str):
         return model
     if backend == "inductor":
         return torch.compile(model)
-    return torch.compile(model, backend=backend)
+    from hypatia.client.backend import reset_session
+
+    os.environ["HYPATIA_POLICY"] = POLICY[backend]
+    reset_session()  # the next compile reads the policy
+    return torch.compile(model, backend="hypatia")
+
+
+def changed_decisions() -> list[dict]:
+    """The tuned plans' decisions (this session's compiles) where the tuner chose differently
+    from the heuristic, with both measured costs."""
+    from hypatia.client.backend import session
+
+    out = []
+    for phase, plan in session().plans:
+        for d in plan.decisions:
+            if d.measured and d.heuristic and d.heuristic != d.chosen:
+                out.append({"phase": phase} | d.to_dict())
+    return out
 
 
 def _rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -87,6 +111,8 @@ def measure_backend(base: torch.nn.Module, backend: str, dtype: torch.dtype, inp
     row.update(measure(step, device, **timing).to_dict())
     if device == "cuda":
         row["peak_mem_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    if backend == "hypatia_tuned":
+        row["decisions_changed"] = changed_decisions()
     return row
 
 

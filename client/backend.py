@@ -15,7 +15,7 @@ import os
 import threading
 import time
 import warnings
-from collections import Counter
+from collections import Counter, deque
 from typing import Any, Callable
 
 import torch
@@ -23,7 +23,8 @@ import torch.fx
 
 from hypatia.canonical import CanonicalGraph
 from hypatia.client import capture as cap
-from hypatia.client import environment, validate
+from hypatia.client import validate
+from hypatia.planner import environment
 from hypatia.client.autostart import AutostartFailed, ensure_daemon
 from hypatia.client.executor import GuardedCall, apply_plan
 from hypatia.client.rpc import DaemonClient, DaemonGone, DaemonUnavailable, VersionSkew
@@ -53,6 +54,7 @@ class Session:
                 logger.addHandler(logging.StreamHandler())
         self.client = DaemonClient(self.config)
         self.counters: Counter = Counter()
+        self.plans: deque[tuple[str, Plan]] = deque(maxlen=256)  # (phase, plan) of recent compiles
         self._warned: set[str] = set()
         self._skip_daemon_until = 0.0
         self._lock = threading.Lock()
@@ -85,14 +87,17 @@ class Session:
                 ensure_daemon(self.config)
             except AutostartFailed as exc:
                 raise DaemonUnavailable(f"could not start hypatiad: {exc}") from None
-        body = {"graph_key": keys[0], "workload_key": keys[1], "env_key": keys[2]}
+        policy = self.config.policy
+        body = {"graph_key": keys[0], "workload_key": keys[1], "env_key": keys[2], "policy": policy}
         recipe = self.client.call("get_plan", body)["plan"]
         if recipe is not None:
             self.counters["daemon_hits"] += 1
             return recipe
         self.counters["daemon_misses"] += 1
         body |= {"graph": graph.to_wire(), "workload": workload, "environment": env}
-        return self.client.call("make_plan", body)["plan"]
+        # EXPLORE measures every candidate before answering: seconds, not milliseconds
+        timeout_ms = self.config.tune_timeout_s * 1000 if policy == "EXPLORE" else None
+        return self.client.call("make_plan", body, timeout_ms=timeout_ms)["plan"]
 
     def plan(self, graph: CanonicalGraph, keys: tuple[str, str, str], workload: list, env: dict) -> Plan:
         """The plan for these keys: from the daemon, or planned here when it cannot answer."""
@@ -142,6 +147,7 @@ class Session:
         )
         ekey, env = environment.describe(device, index)
         plan = self.plan(graph, (graph.key, wkey, ekey), workload, env)
+        self.plans.append((phase, plan))
         if self.config.debug_fx:
             log.warning("HYPATIA_DEBUG_FX %s graph %s before:\n%s", phase, graph.key, gm.graph)
             log.warning("HYPATIA_DEBUG_FX plan: %s", plan.to_recipe())

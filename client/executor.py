@@ -12,7 +12,7 @@ from typing import Callable
 import torch
 import torch.fx
 
-from hypatia.kernels import by_id
+from hypatia.kernels import load_kernel
 from hypatia.planner.plan import Plan
 
 
@@ -40,7 +40,7 @@ def apply_plan(gm: torch.fx.GraphModule, fx_nodes: list[torch.fx.Node], plan: Pl
                     graph.erase_node(user)  # an unread half of a tuple result goes with it
                 elif i != region.output:
                     raise PlanMismatch(f"region {region.rule}: node {nodes[i].name} is used outside the region")
-        fn = by_id(region.kernel).load()
+        fn = load_kernel(region.kernel, region.placement)
         target = nodes[region.output]
         with graph.inserting_before(target):
             call = graph.create_node(

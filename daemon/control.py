@@ -1,4 +1,5 @@
-"""The control API behind ``hypatiad`` and ``hypatia-ctl``: start, stop, status, stats.
+"""The control API behind ``hypatiad`` and ``hypatia-ctl``: start, stop, status, stats, plans,
+tune and flush.
 
 The command-line shells only parse arguments and print; tests call these functions directly.
 """
@@ -11,13 +12,15 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 from hypatia.client.rpc import DaemonClient, DaemonUnavailable
 from hypatia.config import Config, ensure_private_dir, read_daemon_pid
-from hypatia.daemon.lock import AlreadyRunning
+from hypatia.daemon.lock import AlreadyRunning, PidLock
 from hypatia.daemon.server import Server, StartFailed
+from hypatia.planner.plan import PlanFormatError
 from hypatia.planner.store import Store, StoreError
+from hypatia.protocol import ErrorCode, RemoteError
 
 EXIT_ALREADY_RUNNING = 75
 
@@ -164,3 +167,102 @@ def stats(config: Config) -> dict[str, Any]:
     finally:
         store.close()
     return result
+
+
+class NoSuchPlan(LookupError):
+    """No stored plan matches the key (or prefix) given, or more than one does."""
+
+
+def _read_store(config: Config) -> Store:
+    return Store(config.store_path, readonly=True)
+
+
+def plans(config: Config) -> list[dict]:
+    """A summary of every stored plan, newest first (read-only; the daemon may be running)."""
+    store = _read_store(config)
+    try:
+        return store.plan_rows()
+    finally:
+        store.close()
+
+
+def plan(config: Config, key: str) -> dict:
+    """One stored plan, by its graph key or a unique prefix of it: its summary and recipe."""
+    if not key:
+        raise NoSuchPlan("give a graph key (or a prefix of one) as `hypatia-ctl plans` lists them")
+    store = _read_store(config)
+    try:
+        rows = [r for r in store.plan_rows() if r["graph_key"].startswith(key)]
+        if not rows:
+            raise NoSuchPlan(f"no stored plan has a graph key starting with {key!r}; `hypatia-ctl plans` lists them")
+        if len({(r["graph_key"], r["workload_key"], r["env_key"]) for r in rows}) > 1:
+            listed = ", ".join(f"{r['graph_key'][:20]} ({r['workload_key'][:12]})" for r in rows[:5])
+            raise NoSuchPlan(f"{len(rows)} plans match {key!r}: {listed}; give more of the key")
+        row = rows[0]
+        keys = (row["graph_key"], row["workload_key"], row["env_key"])
+        stored = store.get_plan(keys)
+        if stored is None:
+            raise NoSuchPlan(f"the plan for {key!r} failed verification; the daemon re-plans it on next use")
+        return row | {"recipe": stored.to_recipe()}
+    except PlanFormatError as exc:
+        raise NoSuchPlan(f"the plan for {key!r} cannot be read: {exc}") from None
+    finally:
+        store.close()
+
+
+def _daemon(config: Config, timeout_ms: int = 5000) -> DaemonClient:
+    if read_daemon_pid(config) is None:
+        start(config)
+    return DaemonClient(config, timeout_ms=timeout_ms, retries=1)
+
+
+def tune(config: Config, graph_key: str = "", progress: Callable[[dict], None] | None = None,
+         poll_s: float = 0.2) -> dict:
+    """Have the daemon (started if needed) tune every untuned plan, or those whose graph key
+    starts with ``graph_key``; ``progress`` is called with each status until all are done."""
+    client = _daemon(config)
+    try:
+        batch = client.call("tune", {"graph_key": graph_key})
+        status = {"total": batch["queued"], "pending": batch["queued"], "done": 0, "failed": 0, "skipped": 0}
+        while True:
+            if progress is not None:
+                progress(status)
+            if status["pending"] == 0:
+                return status
+            time.sleep(poll_s)
+            status = client.call("tune_status", {"batch": batch["batch"]})
+    finally:
+        client.close()
+
+
+def flush(config: Config) -> dict[str, int]:
+    """Empty the plan cache: through the daemon when it runs, else by removing the store file.
+    Returns the number of rows per table that were deleted."""
+    if read_daemon_pid(config) is not None:
+        client = DaemonClient(config, timeout_ms=max(config.timeout_ms, 10_000), retries=0)
+        try:
+            return client.call("flush")["deleted"]
+        except RemoteError as exc:
+            if exc.code == ErrorCode.BUSY:
+                raise TimeoutError(f"the daemon is busy: {exc.remote_message}") from None
+            raise
+        finally:
+            client.close()
+    ensure_private_dir(config.runtime_dir)
+    lock = PidLock(config.lock_path)
+    lock.acquire()  # no daemon starts on the file while it goes (AlreadyRunning if one just did)
+    try:
+        try:
+            store = _read_store(config)
+            counts = store.counts()
+            store.close()
+        except StoreError:
+            counts = {}
+        for suffix in ("", "-wal", "-shm"):
+            try:
+                os.unlink(str(config.store_path) + suffix)
+            except FileNotFoundError:
+                pass
+        return counts
+    finally:
+        lock.release()

@@ -9,7 +9,12 @@ from typing import Any
 
 from hypatia.config import ConfigError, load
 from hypatia.daemon import control
+from hypatia.client.rpc import DaemonUnavailable
 from hypatia.daemon.cli import print_status
+from hypatia.daemon.lock import AlreadyRunning
+from hypatia.daemon.server import StartFailed
+from hypatia.planner.store import StoreError
+from hypatia.protocol import RemoteError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,7 +28,82 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
     sub.add_parser("stop", help="stop the daemon after it drains in-flight requests",
                    description="Send SIGTERM and wait until the daemon has drained and exited.")
+    p = sub.add_parser("plans", help="list stored plans, or show one (KEY: a graph key or its prefix)",
+                       description="Without KEY, one line per stored plan: graph key, nodes, device, revision, "
+                       "policy, whether tuned, fused regions. With KEY, that plan's recipe and the decision "
+                       "behind each candidate region (chosen implementation, measured or estimated cost, eager cost).")
+    p.add_argument("key", nargs="?", default="", help="graph key, or a unique prefix of one")
+    p.add_argument("--json", action="store_true", help="print JSON for machines")
+    p = sub.add_parser("tune", help="measure every untuned plan's candidates now (offline profiler)",
+                       description="Have the daemon benchmark the candidate implementations of every stored plan "
+                       "that is not tuned yet (or of those whose graph key starts with --key), with a progress "
+                       "bar. Tuned plans supersede heuristic ones for every later compile. Starts the daemon "
+                       "if it is not running.")
+    p.add_argument("--key", default="", help="only plans whose graph key starts with this")
+    p = sub.add_parser("flush", help="empty the plan cache (asks for confirmation)",
+                       description="Delete every stored graph, plan, benchmark trace and verdict. Asks first "
+                       "unless --yes is given.")
+    p.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
     return parser
+
+
+def format_plans(rows: list[dict]) -> str:
+    if not rows:
+        return "no stored plans"
+    lines = [f"{'graph key':<22} {'nodes':>5}  {'device':<24} {'rev':>3}  {'policy':<9} {'tuned':<5}  regions"]
+    for r in rows:
+        regions = "?" if r["regions"] is None else (", ".join(r["regions"]) or "-")
+        lines.append(f"{r['graph_key'][:22]:<22} {r['nodes'] or 0:>5}  {str(r['device'] or '')[:24]:<24} "
+                     f"{r['revision']:>3}  {r['policy']:<9} {'yes' if r['tuned'] else 'no':<5}  {regions}")
+    return "\n".join(lines)
+
+
+def format_plan(p: dict) -> str:
+    recipe = p["recipe"]
+    lines = [
+        f"graph       {p['graph_key']}",
+        f"workload    {p['workload_key']}",
+        f"environment {p['env_key']} ({p['device']})",
+        f"revision    {recipe['revision']}, policy {recipe['policy']}, {'tuned' if recipe['tuned'] else 'not tuned'}, "
+        f"recipe format {recipe['format']}, updated {p['updated_at']}",
+        "regions:",
+    ]
+    for r in recipe["regions"]:
+        where = "" if r["placement"] == "device" else f" on the {r['placement']}"
+        lines.append(f"  node {r['output']:>4}  {r['rule']:<22} {r['kernel']}{where}  ({len(r['nodes'])} nodes)")
+    if not recipe["regions"]:
+        lines.append("  none: the graph runs as eager ATen")
+    if recipe["decisions"]:
+        lines.append("decisions (cost vs eager; m = measured, e = estimated):")
+        for d in recipe["decisions"]:
+            tag = "m" if d["measured"] else "e"
+            other = f"  (heuristic: {d['heuristic']})" if d["heuristic"] and d["heuristic"] != d["chosen"] else ""
+            lines.append(f"  node {d['output']:>4}  {d['rule']:<22} {d['chosen']:<40} {d['cost_us']:>10.2f} us "
+                         f"vs {d['eager_us']:>10.2f} us {tag}{other}")
+    return "\n".join(lines)
+
+
+def progress_bar(stream=None):
+    """A callback drawing tuning progress on ``stream`` (redrawn in place on a terminal)."""
+    stream = stream or sys.stderr
+    tty = stream.isatty()
+    last = [None]
+
+    def draw(status: dict) -> None:
+        total, pending = status["total"], status["pending"]
+        finished = total - pending
+        width = 30
+        filled = width * finished // total if total else width
+        line = (f"tuning [{'#' * filled}{'.' * (width - filled)}] {finished}/{total}  "
+                f"done {status['done']}, failed {status['failed']}, skipped {status['skipped']}")
+        if tty:
+            stream.write("\r" + line + ("\n" if pending == 0 else ""))
+        elif line != last[0]:
+            stream.write(line + "\n")
+        last[0] = line
+        stream.flush()
+
+    return draw
 
 
 def _fmt_bytes(n: int | None) -> str:
@@ -70,6 +150,11 @@ def format_stats(s: dict[str, Any]) -> str:
             ("errors", s["error_total"]),
             ("corrupt rows", s["corrupt_rows"]),
             ("rules fired", ", ".join(f"{k} {v}" for k, v in sorted(s["rules"].items())) or "none"),
+            ("tunings", f"{s['tuning']['tunings']} done, {s['tuning']['failed']} failed, {s['tuning']['skipped']} skipped, "
+                        f"{s['tuning_inflight']} in flight, {s['tuning']['coalesced']} coalesced"
+                        + ("" if s["tuning"]["background"] else " (background tuning off)")),
+            ("benchmark traces", f"{s['traces']} stored, {s['tuning']['traces_written']} written and "
+                                 f"{s['tuning']['traces_reused']} reused since start"),
         ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
@@ -85,13 +170,39 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "status":
             return print_status(control.status(config), args.json)
+        if args.command == "plans":
+            info = control.plan(config, args.key) if args.key else control.plans(config)
+            if args.json:
+                print(json.dumps(info, indent=2, sort_keys=True))
+            else:
+                print(format_plan(info) if args.key else format_plans(info))
+            return 0
+        if args.command == "tune":
+            status = control.tune(config, args.key, progress=progress_bar())
+            print(f"tuned {status['done']} plan(s); {status['failed']} failed, {status['skipped']} skipped "
+                  "(see the daemon log for why)" if status["total"] else "nothing to tune: every stored plan is tuned")
+            return 0 if status["failed"] == 0 else 1
+        if args.command == "flush":
+            if not args.yes:
+                if not sys.stdin.isatty():
+                    print("hypatia-ctl: flush deletes every stored plan and measurement; "
+                          "run it with --yes to confirm when not at a terminal", file=sys.stderr)
+                    return 2
+                answer = input(f"Delete every plan, graph and benchmark trace in {config.store_path}? [y/N] ")
+                if answer.strip().lower() not in ("y", "yes"):
+                    print("nothing deleted")
+                    return 1
+            deleted = control.flush(config)
+            print("flushed: " + (", ".join(f"{n} {t}" for t, n in sorted(deleted.items())) or "the store was empty"))
+            return 0
         pid = control.stop(config)
         print(f"hypatiad (pid {pid}) stopped")
         return 0
     except control.NotRunning as exc:
         print(f"hypatia-ctl: {exc}", file=sys.stderr)
         return 3
-    except (ConfigError, TimeoutError) as exc:
+    except (ConfigError, TimeoutError, control.NoSuchPlan, StoreError, AlreadyRunning, StartFailed,
+            DaemonUnavailable, RemoteError) as exc:
         print(f"hypatia-ctl: {exc}", file=sys.stderr)
         return 2
 

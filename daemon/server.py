@@ -1,8 +1,9 @@
 """hypatiad's server loop: a ZeroMQ ROUTER on the per-user ipc socket.
 
-Cheap requests (hello, ping, get_plan, report, stats) are answered on this thread; planning runs
-on a small worker pool whose results come back over an inproc PULL socket, so that only this
-thread ever touches the ROUTER. SIGTERM stops intake, drains the flights in progress and exits.
+Cheap requests (hello, ping, get_plan, report, stats, tune_status, flush) are answered on this
+thread; planning runs on a small worker pool and tuning on one tuner thread, whose results come
+back over an inproc PULL socket, so that only this thread ever touches the ROUTER. SIGTERM stops
+intake, drains the flights in progress (queued background tunings are dropped) and exits.
 """
 
 from __future__ import annotations
@@ -23,9 +24,11 @@ from hypatia.config import Config, ensure_private_dir
 from hypatia.daemon.faults import Faults
 from hypatia.daemon.lock import PidLock
 from hypatia.daemon.notify import sd_notify
-from hypatia.daemon.service import PlanKeys, PlanService
+from hypatia.daemon.service import PlanKeys, PlanService, plan_keys, request_policy
 from hypatia.planner.store import Store
 from hypatia.protocol import (
+    BadRequest,
+    Busy,
     ErrorCode,
     ProtocolError,
     decode_request,
@@ -52,9 +55,12 @@ class Server:
         self.faults = Faults.parse(config.faults)
         self.workers = workers
         self.stopping = False
-        self._flights: dict[PlanKeys, list[tuple[bytes, int]]] = {}
+        self._flights: dict[tuple[PlanKeys, str], list[tuple[bytes, int]]] = {}
         self._flight_ids = itertools.count(1)
-        self._flight_keys: dict[int, PlanKeys] = {}
+        self._flight_jobs: dict[int, tuple[PlanKeys, str, dict]] = {}
+        self._tuning: dict[PlanKeys, list[tuple[bytes, int]]] = {}  # queued or running, with waiters
+        self._batches: dict[int, dict] = {}  # hypatia-ctl tune requests and their progress
+        self._batch_ids = itertools.count(1)
         self._peers: dict[bytes, None] = {}
         self._local = threading.local()
 
@@ -97,6 +103,7 @@ class Server:
         os.chmod(sock, 0o600)
         pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="hypatiad-plan")
         self.pool = pool
+        self.tuner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hypatiad-tune")
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         log.info("hypatiad %s serving %s (pid %d, store %s)", __version__, self.config.endpoint, os.getpid(), store.path)
         sd_notify(f"READY=1\nSTATUS=serving {self.config.endpoint}\nMAINPID={os.getpid()}")
@@ -107,6 +114,7 @@ class Server:
             for s, handler in previous.items():
                 signal.signal(s, handler)
             pool.shutdown(wait=True, cancel_futures=True)
+            self.tuner.shutdown(wait=True, cancel_futures=True)
             ctx.destroy(linger=500)  # let the last drained replies leave
             store.close()
             try:
@@ -129,7 +137,7 @@ class Server:
         drain_deadline = None
         while True:
             if self.stopping:
-                if not self._flights:
+                if not self._flights and not any(self._tuning.values()):
                     return
                 drain_deadline = drain_deadline or time.monotonic() + DRAIN_TIMEOUT_S
                 if time.monotonic() > drain_deadline:
@@ -191,13 +199,25 @@ class Server:
                 result = {"pid": os.getpid()}
             elif method == "get_plan":
                 result = self.service.get_plan(body, rid)
+                policy = request_policy(body, rid)
+                if self.service.wants_tuning(result["plan"], policy):
+                    self._tune(plan_keys(body, rid), None)
             elif method == "report":
                 result = self.service.report(body, rid)
             elif method == "stats":
-                result = self.service.stats(inflight=len(self._flights))
+                result = self.service.stats(inflight=len(self._flights), tuning=len(self._tuning))
             elif method == "make_plan":
                 self._start_flight(identity, rid, body)
                 return
+            elif method == "tune":
+                result = self._tune_batch(body, rid)
+            elif method == "tune_status":
+                result = self._batch_status(body, rid)
+            elif method == "flush":
+                if self._flights or self._tuning:
+                    raise Busy(f"{len(self._flights)} planning and {len(self._tuning)} tuning job(s) in flight; "
+                               "retry when `hypatia-ctl stats` shows none", rid)
+                result = self.service.flush()
             else:  # decode_request only lets known methods through
                 raise ProtocolError(f"no handler for {method}", rid)
         except ProtocolError as exc:
@@ -211,28 +231,47 @@ class Server:
 
     # -- flights (single-flight planning) -------------------------------------------------
     def _start_flight(self, identity: bytes, rid: int, body: dict) -> None:
+        policy = request_policy(body, rid)
         keys, job = self.service.parse_make_plan(body, rid)
-        recipe = self.service.lookup(keys)
+        recipe = self.service.lookup(keys, policy)
         if recipe is not None:
             self.service.counters["coalesced"] += 1
             self._send(identity, encode_reply(rid, {"plan": recipe}))
             return
-        waiters = self._flights.get(keys)
+        if policy == "EXPLORE":  # measured before answering: a tuning flight with a waiter
+            self._tune(keys, job, (identity, rid), policy)
+            return
+        waiters = self._flights.get((keys, policy))
         if waiters is not None:
             self.service.counters["coalesced"] += 1
             waiters.append((identity, rid))
             return
-        self._flights[keys] = [(identity, rid)]
+        self._flights[(keys, policy)] = [(identity, rid)]
         flight = next(self._flight_ids)
-        self._flight_keys[flight] = keys
-        self.pool.submit(self._run_flight, flight, keys, job)
+        self._flight_jobs[flight] = (keys, policy, job)
+        self.pool.submit(self._run, ["plan", flight], self.service.make_plan, keys, job, policy)
 
-    def _run_flight(self, flight: int, keys: PlanKeys, job: dict) -> None:
+    def _tune(self, keys: PlanKeys, job: dict | None, waiter: tuple[bytes, int] | None = None, policy: str = "FASTEST") -> bool:
+        """Queue a tuning of ``keys`` unless one is queued or running (single flight); returns
+        whether a new one was queued."""
+        waiters = self._tuning.get(keys)
+        if waiters is not None:
+            self.service.counters["tune_coalesced"] += 1
+            if waiter is not None:
+                waiters.append(waiter)
+            return False
+        self._tuning[keys] = [waiter] if waiter is not None else []
+        self.tuner.submit(self._run, ["tune", keys], self.service.tune, keys, job, "EXPLORE" if policy == "EXPLORE" else "FASTEST")
+        return True
+
+    def _run(self, tag: list, fn, *args) -> None:
+        """Worker or tuner thread: run ``fn`` and hand the outcome to the server thread."""
         try:
-            result = [flight, True, self.service.make_plan(keys, job)]
+            result = [*tag, True, fn(*args)]
         except Exception as exc:
-            log.exception("planning %s failed", keys[0][:16])
-            result = [flight, False, f"{type(exc).__name__}: {exc}"]
+            skipped = type(exc).__name__ == "EnvironmentMismatch"
+            (log.warning if skipped else log.exception)("%s %s failed: %s", tag[0], str(tag[1])[:40], exc)
+            result = [*tag, False, {"skipped": skipped, "error": f"{type(exc).__name__}: {exc}"}]
         push = getattr(self._local, "push", None)
         if push is None:
             push = self._local.push = self.ctx.socket(zmq.PUSH)
@@ -246,13 +285,50 @@ class Server:
                 data = self.results.recv(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            flight, ok, payload = unpack(data, 1 << 30)
-            keys = self._flight_keys.pop(flight)
-            waiters = self._flights.pop(keys, [])
-            if ok:
-                self.service.planned(keys, payload)
-                for identity, rid in waiters:
-                    self._send(identity, encode_reply(rid, {"plan": payload}))
+            kind, tag, ok, payload = unpack(data, 1 << 30)
+            if kind == "plan":
+                keys, policy, job = self._flight_jobs.pop(tag)
+                waiters = self._flights.pop((keys, policy), [])
+                if ok:
+                    self.service.planned(keys, payload)
+                    if self.service.wants_tuning(payload, policy) and not self.stopping:
+                        self._tune(keys, job)
             else:
-                for identity, rid in waiters:
-                    self._error(identity, rid, ErrorCode.INTERNAL, f"planning failed: {payload}")
+                keys = tuple(tag)
+                waiters = [w for w in self._tuning.pop(keys, []) if w is not None]
+                outcome = "done" if ok else ("skipped" if payload["skipped"] else "failed")
+                if ok:
+                    self.service.planned(keys, payload, tuned=True)
+                else:
+                    self.service.counters[f"tunings_{outcome}"] += 1
+                for batch in self._batches.values():
+                    if keys in batch["pending"]:
+                        batch["pending"].discard(keys)
+                        batch[outcome] += 1
+            for identity, rid in waiters:
+                if ok:
+                    self._send(identity, encode_reply(rid, {"plan": payload}))
+                else:
+                    self._error(identity, rid, ErrorCode.INTERNAL, f"{kind} failed: {payload['error']}")
+
+    # -- hypatia-ctl tune -------------------------------------------------------------------
+    def _tune_batch(self, body: dict, rid: int) -> dict:
+        """Queue every untuned plan (whose graph key starts with ``graph_key``, if given)."""
+        prefix = body.get("graph_key", "")
+        if not isinstance(prefix, str):
+            raise BadRequest("graph_key must be a string (a key or its prefix)", rid)
+        keys = [(r["graph_key"], r["workload_key"], r["env_key"]) for r in self.service.store.plan_rows(untuned_only=True)
+                if r["graph_key"].startswith(prefix)]
+        for k in keys:
+            self._tune(k, None)
+        batch = next(self._batch_ids)
+        self._batches[batch] = {"total": len(keys), "pending": set(keys), "done": 0, "failed": 0, "skipped": 0}
+        while len(self._batches) > 64:
+            self._batches.pop(next(iter(self._batches)))
+        return {"batch": batch, "queued": len(keys)}
+
+    def _batch_status(self, body: dict, rid: int) -> dict:
+        batch = self._batches.get(body.get("batch"))
+        if batch is None:
+            raise BadRequest(f"no tuning batch {body.get('batch')!r} (the daemon restarted, or it is too old)", rid)
+        return {k: (len(v) if isinstance(v, set) else v) for k, v in batch.items()}

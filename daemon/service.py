@@ -1,8 +1,14 @@
-"""What hypatiad answers: handshake, plan lookups, planning, reports and stats.
+"""What hypatiad answers: handshake, plan lookups, planning, tuning, reports and stats.
 
 Lookups run on the server thread against an in-memory cache backed by the store. Planning runs
-on worker threads; the server keeps one flight per (graph, workload, environment) so that
-concurrent identical requests are planned once and all get the same answer.
+on worker threads and tuning on one tuner thread (measurements on one device must not overlap);
+the server keeps one flight per (graph, workload, environment) for each, so that concurrent
+identical requests are planned and tuned once and all get the same answer.
+
+Policies, as a request names them (``HYPATIA_POLICY`` of the client): ``HEURISTIC`` gets the
+static cost model's plan; ``FASTEST`` gets the stored plan, tuned or not, and an untuned one is
+tuned in the background (unless the daemon runs with ``HYPATIA_BACKGROUND_TUNING=0``) so every
+later compile gets the tuned plan; ``EXPLORE`` waits for the tuned plan.
 """
 
 from __future__ import annotations
@@ -16,10 +22,10 @@ from typing import Any
 
 from hypatia import __version__
 from hypatia.canonical import CanonicalGraph, GraphFormatError, environment_key, workload_key
-from hypatia.config import Config
-from hypatia.kernels import by_id
+from hypatia.config import POLICIES, Config
 from hypatia.planner import counters as planner_counters
-from hypatia.planner import plan_graph
+from hypatia.planner import paths
+from hypatia.planner.passes import candidates, finish
 from hypatia.planner.plan import Plan
 from hypatia.planner.store import SCHEMA_VERSION, Store
 from hypatia.protocol import PROTOCOL_VERSION, BadRequest, VersionMismatch, require
@@ -29,6 +35,22 @@ log = logging.getLogger("hypatia.daemon")
 PlanKeys = tuple[str, str, str]
 MAX_CACHED_PLANS = 100_000
 MAX_CLIENTS_LISTED = 4096
+
+
+def request_policy(body: dict, request_id: int) -> str:
+    policy = body.get("policy", "FASTEST")
+    if policy not in POLICIES:
+        raise BadRequest(f"policy {policy!r} is not one of {', '.join(POLICIES)}", request_id)
+    return policy
+
+
+def serves(recipe: dict, policy: str) -> bool:
+    """Whether a stored recipe answers a request under ``policy``."""
+    if policy == "HEURISTIC":
+        return recipe.get("policy") == "HEURISTIC"
+    if policy == "EXPLORE":
+        return bool(recipe.get("tuned"))
+    return True
 
 
 def plan_keys(body: dict, request_id: int) -> PlanKeys:
@@ -49,6 +71,8 @@ class PlanService:
         self.errors: Counter = Counter()
         self.clients: OrderedDict[str, dict] = OrderedDict()
         self._plans: OrderedDict[PlanKeys, dict] = OrderedDict()
+        self._heuristic: OrderedDict[PlanKeys, dict] = OrderedDict()  # where the stored plan is tuned
+        self._ceilings: dict[str, dict | None] = {}
 
     # -- handshake ------------------------------------------------------------------------
     def hello(self, body: dict, request_id: int) -> dict:
@@ -75,7 +99,8 @@ class PlanService:
         return {"protocol": PROTOCOL_VERSION, "version": __version__, "pid": os.getpid()}
 
     # -- plans ----------------------------------------------------------------------------
-    def lookup(self, keys: PlanKeys) -> dict | None:
+    def stored(self, keys: PlanKeys) -> dict | None:
+        """The plan stored for ``keys`` (warm cache first), whatever its policy."""
         recipe = self._plans.get(keys)
         if recipe is not None:
             self._plans.move_to_end(keys)
@@ -87,15 +112,37 @@ class PlanService:
         self._remember(keys, recipe)
         return recipe
 
+    def lookup(self, keys: PlanKeys, policy: str = "FASTEST") -> dict | None:
+        """The plan that answers ``policy`` for ``keys``, or None (a miss)."""
+        recipe = self.stored(keys)
+        if recipe is not None and serves(recipe, policy):
+            return recipe
+        if policy == "HEURISTIC":
+            return self._heuristic.get(keys)
+        return None
+
     def _remember(self, keys: PlanKeys, recipe: dict) -> None:
-        self._plans[keys] = recipe
-        while len(self._plans) > MAX_CACHED_PLANS:
-            self._plans.popitem(last=False)
+        current = self._plans.get(keys)
+        # a heuristic answer never displaces a tuned plan: it is kept apart for HEURISTIC requests
+        cache = self._heuristic if current is not None and current.get("tuned") and not recipe.get("tuned") else self._plans
+        cache[keys] = recipe
+        while len(cache) > MAX_CACHED_PLANS:
+            cache.popitem(last=False)
 
     def get_plan(self, body: dict, request_id: int) -> dict:
-        recipe = self.lookup(plan_keys(body, request_id))
+        recipe = self.lookup(plan_keys(body, request_id), request_policy(body, request_id))
         self.counters["plan_hits" if recipe is not None else "plan_misses"] += 1
         return {"plan": recipe}
+
+    def wants_tuning(self, recipe: dict | None, policy: str) -> bool:
+        """Whether serving ``recipe`` under ``policy`` should start a background tuning."""
+        return (recipe is not None and not recipe.get("tuned") and policy != "HEURISTIC"
+                and self.config.background_tuning)
+
+    def ceilings(self, env_key: str) -> dict | None:
+        if self._ceilings.get(env_key) is None:
+            self._ceilings[env_key] = self.store.ceilings(env_key)
+        return self._ceilings[env_key]
 
     def parse_make_plan(self, body: dict, request_id: int) -> tuple[PlanKeys, dict]:
         """Validate a make_plan body on the server thread; the work itself is :meth:`make_plan`."""
@@ -114,27 +161,30 @@ class PlanService:
             raise BadRequest("env_key does not match the environment sent", request_id)
         return keys, {"graph": graph, "wire": body["graph"], "workload": workload, "environment": env}
 
-    def make_plan(self, keys: PlanKeys, job: dict) -> dict:
-        """Plan one graph and store it (worker thread); returns the recipe."""
+    def make_plan(self, keys: PlanKeys, job: dict, policy: str = "FASTEST") -> dict:
+        """Plan one graph (worker thread) under HEURISTIC or FASTEST; returns the recipe.
+
+        FASTEST uses the measurements already in the store when every candidate has them (the
+        same regions measured for another graph or process); otherwise it is the heuristic
+        plan, tuned later. A HEURISTIC plan is stored only where nothing is stored yet.
+        """
         stored = self.store.get_plan(keys)
-        if stored is not None:
+        if stored is not None and serves(stored.to_recipe(), policy):
             return stored.to_recipe()
         start = time.perf_counter()
-        plan: Plan = plan_graph(job["graph"], env=job["environment"])
-        implementations = []
-        for kernel_id in sorted({r.kernel for r in plan.regions}):
-            spec = by_id(kernel_id)
-            implementations.append(
-                {
-                    "id": spec.id,
-                    "op": spec.op,
-                    "backend": spec.backend.value,
-                    "signature": spec.signature,
-                    "target": spec.target,
-                    "description": spec.description,
-                }
-            )
-        self.store.put_plan(keys, job["wire"], job["workload"], job["environment"], plan, implementations)
+        state = candidates(job["graph"], job["environment"], self.ceilings(keys[2]))
+        measured = None
+        if policy != "HEURISTIC":
+            wanted = paths.wanted(job["graph"], list(state.candidates), job["environment"])
+            found = self.store.traces(keys[2], list(wanted))
+            if wanted and all((rkey, impl) in found for rkey, impls in wanted.items() for impl in impls):
+                measured = paths.measurements(found)
+                self.counters["plans_from_shared_traces"] += 1
+        plan: Plan = finish(state, "FASTEST" if measured is not None else "HEURISTIC", measured,
+                            self.store.failed_regions(keys))
+        if stored is None:
+            implementations = [paths.implementation_row(r) for r in plan.regions]
+            self.store.put_plan(keys, job["wire"], job["workload"], job["environment"], plan, implementations)
         elapsed = time.perf_counter() - start
         log.info(
             "planned %s (%d nodes, %d regions %s) in %.1f ms",
@@ -142,10 +192,49 @@ class PlanService:
         )
         return plan.to_recipe() | {"planning_ms": round(elapsed * 1e3, 3)}
 
-    def planned(self, keys: PlanKeys, recipe: dict) -> None:
-        """Server thread: a flight landed; later lookups hit the warm cache."""
-        self.counters["plans_made"] += 1
+    def planned(self, keys: PlanKeys, recipe: dict, tuned: bool = False) -> None:
+        """Server thread: a planning (or tuning) flight landed; later lookups hit the warm cache."""
+        if not tuned:
+            self.counters["plans_made"] += 1
         self._remember(keys, recipe)
+
+    # -- tuning (tuner thread) -------------------------------------------------------------
+    def tune(self, keys: PlanKeys, job: dict | None, policy: str = "FASTEST") -> dict:
+        """Measure and re-plan ``keys``; the tuned plan supersedes the stored one. Returns the
+        tuned recipe (the stored one if it is tuned already)."""
+        from hypatia.planner import tuner  # imports torch: only the tuner thread pays for it
+
+        current = self.store.get_plan(keys)
+        if current is not None and current.tuned:
+            return current.to_recipe()
+        if job is None:
+            found = self.store.get_job(keys)
+            if found is None:
+                raise LookupError(f"no stored graph for plan {keys[0][:16]}")
+            wire, workload, environment = found
+            job = {"graph": CanonicalGraph.from_wire(wire), "wire": wire, "workload": workload, "environment": environment}
+        if current is None:
+            self.make_plan(keys, job, "HEURISTIC")
+            current = self.store.get_plan(keys)
+        report = tuner.TuneReport()
+        plan = tuner.tune(job["graph"], keys, job["environment"], self.store, policy=policy,
+                          budget_s=self.config.tune_budget_ms / 1000, report=report)
+        self._ceilings.pop(keys[2], None)
+        plan = plan.superseding(current)
+        self.store.replace_plan(keys, plan)
+        self.counters["tunings"] += 1
+        self.counters["traces_written"] += report.measured
+        self.counters["traces_reused"] += report.reused
+        return plan.to_recipe()
+
+    def flush(self) -> dict:
+        """Empty the store and the warm caches (server thread, with nothing in flight)."""
+        deleted = self.store.flush()
+        self._plans.clear()
+        self._heuristic.clear()
+        self._ceilings.clear()
+        self.counters["flushes"] += 1
+        return {"deleted": deleted}
 
     # -- reports and stats ----------------------------------------------------------------
     def report(self, body: dict, request_id: int) -> dict:
@@ -194,7 +283,7 @@ class PlanService:
         self._remember(keys, recipe)
         return recipe
 
-    def stats(self, inflight: int) -> dict[str, Any]:
+    def stats(self, inflight: int, tuning: int = 0) -> dict[str, Any]:
         hits, misses = self.counters["plan_hits"], self.counters["plan_misses"]
         counts = self.store.counts()
         return {
@@ -226,9 +315,21 @@ class PlanService:
             "plans": counts["plans"],
             "fallbacks": self.counters["fallbacks"],
             "validation": {"passed": self.counters["validations_passed"], "failed": self.counters["validations_failed"]},
+            "tuning": {
+                "tunings": self.counters["tunings"],
+                "failed": self.counters["tunings_failed"],
+                "skipped": self.counters["tunings_skipped"],
+                "coalesced": self.counters["tune_coalesced"],
+                "traces_written": self.counters["traces_written"],
+                "traces_reused": self.counters["traces_reused"],
+                "plans_from_shared_traces": self.counters["plans_from_shared_traces"],
+                "background": self.config.background_tuning,
+            },
+            "traces": counts["benchmark_traces"],
             "errors": dict(self.errors),
             "error_total": sum(self.errors.values()),
             "corrupt_rows": self.store.counters["corrupt_rows"],
             "rules": {k[5:]: v for k, v in planner_counters.counters.items() if k.startswith("rule.")},
             "inflight": inflight,
+            "tuning_inflight": tuning,
         }

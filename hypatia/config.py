@@ -42,6 +42,7 @@ def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
 
 
 CHECKSUM_MODES = ("strict", "soft", "off")
+POLICIES = ("HEURISTIC", "EXPLORE", "FASTEST")
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,10 @@ class Config:
     log_level: str = "INFO"
     debug_fx: bool = False
     checksum_mode: str = "strict"
+    policy: str = "FASTEST"
+    background_tuning: bool = True
+    tune_budget_ms: int = 100
+    tune_timeout_s: int = 600
     faults: str = ""
 
     @property
@@ -110,12 +115,22 @@ def load(env: Mapping[str, str] | None = None) -> Config:
         log_level=env.get("HYPATIA_LOG_LEVEL", "INFO").upper(),
         debug_fx=_flag(env, "HYPATIA_DEBUG_FX", False),
         checksum_mode=env.get("HYPATIA_CHECKSUM_MODE", "strict").strip().lower(),
+        policy=env.get("HYPATIA_POLICY", "FASTEST").strip().upper() or "FASTEST",
+        background_tuning=_flag(env, "HYPATIA_BACKGROUND_TUNING", True),
+        tune_budget_ms=_int(env, "HYPATIA_TUNE_BUDGET_MS", 100, minimum=1),
+        tune_timeout_s=_int(env, "HYPATIA_TUNE_TIMEOUT_S", 600, minimum=1),
         faults=env.get("HYPATIA_FAULTS", ""),
     )
     if config.checksum_mode not in CHECKSUM_MODES:
         raise ConfigError(
             f"HYPATIA_CHECKSUM_MODE={config.checksum_mode!r} is not one of {', '.join(CHECKSUM_MODES)}; "
             "strict checks every fused region against the unfused graph, soft only shapes and dtypes, off nothing"
+        )
+    if config.policy not in POLICIES:
+        raise ConfigError(
+            f"HYPATIA_POLICY={config.policy!r} is not one of {', '.join(POLICIES)}; HEURISTIC plans with the "
+            "static cost model, EXPLORE measures every candidate before answering, FASTEST (the default) "
+            "uses the best measured and tunes in the background"
         )
     if len(str(config.socket_path)) > MAX_IPC_PATH:
         raise ConfigError(

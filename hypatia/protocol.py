@@ -18,7 +18,7 @@ import msgpack
 PROTOCOL_VERSION = 1
 
 # Methods the daemon answers. `hello` must come first on every connection.
-METHODS = ("hello", "ping", "get_plan", "make_plan", "report", "stats")
+METHODS = ("hello", "ping", "get_plan", "make_plan", "report", "stats", "tune", "tune_status", "flush")
 
 # Nesting deeper than this is refused before any handler sees the body.
 MAX_DEPTH = 64
@@ -33,6 +33,7 @@ class ErrorCode(enum.IntEnum):
     INTERNAL = 6
     SHUTTING_DOWN = 7
     NOT_HANDSHAKEN = 8
+    BUSY = 9
 
 
 class ProtocolError(Exception):
@@ -67,6 +68,12 @@ class UnknownMethod(ProtocolError):
     """The method name is not one the daemon serves."""
 
     code = ErrorCode.UNKNOWN_METHOD
+
+
+class Busy(ProtocolError):
+    """The request cannot be served while work is in flight; retry later."""
+
+    code = ErrorCode.BUSY
 
 
 class BadRequest(ProtocolError):

@@ -73,5 +73,17 @@ def by_id(kernel_id: str) -> KernelSpec:
         ) from None
 
 
+def load_kernel(kernel_id: str, placement: str = "device") -> Callable:
+    """The callable a plan's region runs: the kernel itself, or on the host with copies."""
+    kernel = by_id(kernel_id).load()
+    if placement == "device":
+        return kernel
+    if placement == "host":
+        from hypatia.kernels.host import on_host
+
+        return on_host(kernel)
+    raise UnknownKernel(f"placement {placement!r} is not known to this installation")
+
+
 def all_kernels() -> list[KernelSpec]:
     return sorted(_BY_ID.values(), key=lambda s: s.id)

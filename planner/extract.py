@@ -25,9 +25,15 @@ MAX_REGION_NODES = 96
 
 @dataclass(frozen=True)
 class Candidate:
+    """A region that may be fused: its default implementation (the device's own backend) and
+    the static model's saving for it; the path planner also tries the other backends that
+    have ``(kernel_op, signature)``."""
+
     rule: str
     region: Region
     saving: float
+    kernel_op: str = ""
+    signature: str = ""
 
 
 def well_formed(graph: CanonicalGraph, users: list[list[int]], root: int, nodes: frozenset[int]) -> bool:
@@ -54,21 +60,22 @@ def backend_for(graph: CanonicalGraph, root: int, kernel_op: str, env: dict | No
 
 
 def candidate(graph: CanonicalGraph, rule: Rule | str, kernel_op: str, root: int, nodes: frozenset[int],
-              fusion: Fusion, env: dict | None) -> Candidate | None:
+              fusion: Fusion, env: dict | None, model: costs.CostModel) -> Candidate | None:
     name = rule if isinstance(rule, str) else rule.name
     backend = backend_for(graph, root, kernel_op, env)
     spec = lookup(kernel_op, backend, fusion.signature) if backend else None
     if spec is None:
         counters[f"rule.{name}.no_kernel"] += 1
         return None
-    ceilings = costs.DEFAULT_CEILINGS.get(costs.node_device(graph, root), costs.DEFAULT_CEILINGS["cpu"])
+    ceilings = model.ceilings(costs.node_device(graph, root))
     eager = sum(costs.node_cost(graph, i, ceilings) for i in nodes)
     fused = costs.region_cost(graph, nodes, fusion.inputs, root, spec.launches, ceilings)
     region = Region(rule=name, kernel=spec.id, inputs=fusion.inputs, consts=fusion.consts, output=root, nodes=tuple(sorted(nodes)))
-    return Candidate(name, region, eager - fused)
+    return Candidate(name, region, eager - fused, kernel_op, fusion.signature)
 
 
-def from_hits(graph: CanonicalGraph, hits: list[Hit], rules: dict[str, Rule], env: dict | None) -> list[Candidate]:
+def from_hits(graph: CanonicalGraph, hits: list[Hit], rules: dict[str, Rule], env: dict | None,
+              model: costs.CostModel) -> list[Candidate]:
     users = graph.users_of()
     found: dict[tuple, Candidate] = {}
     for hit in hits:
@@ -82,14 +89,15 @@ def from_hits(graph: CanonicalGraph, hits: list[Hit], rules: dict[str, Rule], en
         if fusion is None:
             counters[f"rule.{rule.name}.rejected"] += 1
             continue
-        c = candidate(graph, rule, rule.kernel_op, hit.root, nodes, fusion, env)
+        c = candidate(graph, rule, rule.kernel_op, hit.root, nodes, fusion, env, model)
         if c is not None:
             found.setdefault((c.region.output, c.region.nodes, c.rule), c)
     return list(found.values())
 
 
 def select(cands: list[Candidate], claimed: frozenset[int] = frozenset()) -> list[Candidate]:
-    """The greedy cost-based choice of non-overlapping regions."""
+    """The greedy cost-based choice of non-overlapping regions (what later passes build on;
+    the path planner makes the final choice)."""
     taken = set(claimed)
     chosen = []
     for c in sorted(cands, key=lambda c: (-c.saving, -len(c.region.nodes), c.region.output, c.rule)):
@@ -97,5 +105,4 @@ def select(cands: list[Candidate], claimed: frozenset[int] = frozenset()) -> lis
             continue
         taken.update(c.region.nodes)
         chosen.append(c)
-        counters[f"rule.{c.rule}.fired"] += 1
     return chosen

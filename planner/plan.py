@@ -1,17 +1,31 @@
-"""Plans: which regions of a canonical graph run as which kernel, as a versioned recipe."""
+"""Plans: which regions of a canonical graph run as which kernel, as a versioned JSON recipe.
+
+Recipe format 2 adds, per region, where it runs (``placement``: on the graph's device, or on
+the host with explicit copies) and, per plan, whether its choices were measured (``tuned``)
+and the decisions behind them (every candidate region, what was chosen for it and at what
+cost). Format 1 recipes are still read: their regions run on the device and carry no
+decisions.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-RECIPE_FORMAT = 1
+import msgpack
+
+from hypatia.canonical import CanonicalGraph, is_ref
+
+RECIPE_FORMAT = 2
+READABLE_FORMATS = (1, 2)
+PLACEMENTS = ("device", "host")
+EAGER = "aten/eager"  # the implementation id of a region left to ATen, op by op
 
 
 class PlanFormatError(ValueError):
-    """A recipe does not have the shape of this format version; it must be re-planned."""
+    """A recipe does not have the shape of a known format version; it must be re-planned."""
 
 
 @dataclass(frozen=True)
@@ -19,7 +33,8 @@ class Region:
     """A connected set of canonical nodes replaced by one kernel call.
 
     The call receives ``inputs`` (canonical node indices) then ``consts``; its result replaces
-    ``output``; every node in ``nodes`` is removed.
+    ``output``; every node in ``nodes`` is removed. ``placement == "host"`` runs a CPU kernel
+    on copies of the inputs and copies the result back to the graph's device.
     """
 
     rule: str
@@ -28,16 +43,82 @@ class Region:
     consts: tuple[Any, ...]
     output: int
     nodes: tuple[int, ...]
+    placement: str = "device"
+
+    @property
+    def implementation(self) -> str:
+        """The id benchmark traces and decisions use: the kernel id, ``@host`` when copied."""
+        return self.kernel if self.placement == "device" else f"{self.kernel}@{self.placement}"
 
     def to_dict(self) -> dict:
         return {
             "rule": self.rule,
             "kernel": self.kernel,
+            "placement": self.placement,
             "inputs": list(self.inputs),
             "consts": list(self.consts),
             "output": self.output,
             "nodes": list(self.nodes),
         }
+
+
+def region_key(graph: CanonicalGraph, region: Region) -> str:
+    """The structural key of a region: ``r1-`` + a hash of the region's nodes (inputs and members numbered locally), its input
+    metas, its constants and its output. It names the region's math and shapes, not the graph it came
+    from, so the same layer in another model, process or host reuses its measurements."""
+    local = {j: ["in", k] for k, j in enumerate(region.inputs)}
+    members = sorted(region.nodes)
+    local |= {j: ["m", k] for k, j in enumerate(members)}
+
+    def relabel(arg: Any) -> Any:
+        if is_ref(arg):
+            return local.get(arg[1], ["x", arg[1]])
+        if isinstance(arg, list):
+            return [relabel(a) for a in arg]
+        if isinstance(arg, dict):
+            return {k: relabel(v) for k, v in sorted(arg.items())}
+        return arg
+
+    body = [
+        [graph.nodes[j].meta for j in region.inputs],
+        [[graph.nodes[j].op, relabel(graph.nodes[j].args), relabel(graph.nodes[j].kwargs), graph.nodes[j].meta] for j in members],
+        relabel(["n", region.output]),
+        list(region.consts),
+    ]
+    return "r1-" + hashlib.sha256(msgpack.packb(body, use_bin_type=True, default=str)).hexdigest()
+
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What was chosen for one candidate region and why: ``chosen`` is an implementation id
+    or :data:`EAGER`; costs are seconds under the plan's policy (measured when ``measured``)."""
+
+    rule: str
+    output: int
+    chosen: str
+    cost_s: float
+    eager_s: float
+    measured: bool
+    heuristic: str = ""  # what the static cost model alone would choose (set when measured)
+    heuristic_cost_s: float = 0.0  # the measured cost of that choice (0 where it was not measured)
+
+    def to_dict(self) -> dict:
+        return {
+            "rule": self.rule, "output": self.output, "chosen": self.chosen,
+            "cost_us": round(self.cost_s * 1e6, 3), "eager_us": round(self.eager_s * 1e6, 3),
+            "measured": self.measured, "heuristic": self.heuristic,
+            "heuristic_cost_us": round(self.heuristic_cost_s * 1e6, 3),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Decision":
+        return cls(
+            rule=_typed(d["rule"], str), output=_typed(d["output"], int), chosen=_typed(d["chosen"], str),
+            cost_s=float(_typed(d["cost_us"], (int, float))) / 1e6, eager_s=float(_typed(d["eager_us"], (int, float))) / 1e6,
+            measured=_typed(d["measured"], bool), heuristic=_typed(d.get("heuristic", ""), str),
+            heuristic_cost_s=float(_typed(d.get("heuristic_cost_us", 0.0), (int, float))) / 1e6,
+        )
 
 
 @dataclass(frozen=True)
@@ -48,13 +129,24 @@ class Plan:
     revision: int = 1
     rules_fired: dict = field(default_factory=dict)
     validated: tuple[int, ...] = ()  # outputs of regions already checked in strict mode
+    tuned: bool = False  # every choice rests on measurements (where a candidate could be measured)
+    decisions: tuple[Decision, ...] = ()
 
     def without(self, failed: set[int], passed: set[int]) -> "Plan":
         """The next revision: regions whose output is in ``failed`` dropped (they run unfused),
         those in ``passed`` remembered as validated."""
         regions = tuple(r for r in self.regions if r.output not in failed)
         validated = tuple(sorted((set(self.validated) | passed) & {r.output for r in regions}))
-        return Plan(self.graph_key, regions, self.policy, self.revision + 1, self.rules_fired, validated)
+        return replace(self, regions=regions, revision=self.revision + 1, validated=validated)
+
+    def superseding(self, previous: "Plan | None") -> "Plan":
+        """This plan as the next revision after ``previous``, keeping the validation of the
+        regions both run with the same kernel in the same place."""
+        if previous is None:
+            return self
+        before = {(r.output, r.implementation) for r in previous.regions if r.output in previous.validated}
+        validated = tuple(sorted(r.output for r in self.regions if (r.output, r.implementation) in before))
+        return replace(self, revision=previous.revision + 1, validated=validated)
 
     def to_recipe(self) -> dict:
         return {
@@ -62,14 +154,16 @@ class Plan:
             "graph_key": self.graph_key,
             "policy": self.policy,
             "revision": self.revision,
+            "tuned": self.tuned,
             "regions": [r.to_dict() for r in self.regions],
             "validated": list(self.validated),
+            "decisions": [d.to_dict() for d in self.decisions],
         }
 
     @classmethod
     def from_recipe(cls, recipe: Any) -> "Plan":
-        if not isinstance(recipe, dict) or recipe.get("format") != RECIPE_FORMAT:
-            raise PlanFormatError(f"recipe is not format {RECIPE_FORMAT}")
+        if not isinstance(recipe, dict) or recipe.get("format") not in READABLE_FORMATS:
+            raise PlanFormatError(f"recipe is not one of formats {READABLE_FORMATS}")
         try:
             regions = tuple(
                 Region(
@@ -79,6 +173,7 @@ class Plan:
                     consts=tuple(r["consts"]),
                     output=_typed(r["output"], int),
                     nodes=tuple(_typed(i, int) for i in r["nodes"]),
+                    placement=_placement(r.get("placement", "device")),
                 )
                 for r in recipe["regions"]
             )
@@ -88,14 +183,23 @@ class Plan:
                 policy=_typed(recipe["policy"], str),
                 revision=_typed(recipe["revision"], int),
                 validated=tuple(_typed(i, int) for i in recipe.get("validated", ())),
+                tuned=_typed(recipe.get("tuned", False), bool),
+                decisions=tuple(Decision.from_dict(d) for d in recipe.get("decisions", ())),
             )
         except (KeyError, TypeError) as exc:
             raise PlanFormatError(f"recipe is malformed: {exc}") from None
 
 
-def _typed(value: Any, kind: type) -> Any:
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise TypeError(f"expected {kind.__name__}, got {type(value).__name__}")
+def _placement(value: Any) -> str:
+    if value not in PLACEMENTS:
+        raise TypeError(f"placement {value!r} is not one of {PLACEMENTS}")
+    return value
+
+
+def _typed(value: Any, kind: type | tuple) -> Any:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if not isinstance(value, kinds) or (bool not in kinds and isinstance(value, bool)):
+        raise TypeError(f"expected {'/'.join(k.__name__ for k in kinds)}, got {type(value).__name__}")
     return value
 
 

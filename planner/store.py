@@ -108,8 +108,19 @@ def _migrate_2(db: sqlite_utils.Database) -> None:
     )
 
 
+def _migrate_3(db: sqlite_utils.Database) -> None:
+    # The tuner: measured ceilings per environment, traces keyed by the region's structure (so
+    # any graph containing the same region reuses them), and whether a plan was measured.
+    db["environments"].add_column("ceilings", str)
+    db["environments"].add_column("measured_at", str)
+    for name, kind in (("region_key", str), ("rule", str), ("ok", int), ("detail", str)):
+        db["benchmark_traces"].add_column(name, kind)
+    db["benchmark_traces"].create_index(["env_key", "region_key", "implementation_id"])
+    db["plans"].add_column("tuned", int, not_null_default=0)
+
+
 # Schema version N is reached by running MIGRATIONS[N - 1]; append, never edit.
-MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_migrate_1, _migrate_2)
+MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (_migrate_1, _migrate_2, _migrate_3)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -241,16 +252,7 @@ class Store:
                 },
                 ignore=True,
             )
-            db["environments"].insert(
-                {
-                    "key": env_key,
-                    "device_type": str(environment.get("device_type", "")),
-                    "device_name": str(environment.get("device_name", "")),
-                    "details": json.dumps(environment, sort_keys=True, default=str),
-                    "created_at": now,
-                },
-                ignore=True,
-            )
+            self._environment_row(db, env_key, environment, now)
             db["workloads"].insert(
                 {"key": workload_key, "inputs": json.dumps(workload), "created_at": now},
                 ignore=True,
@@ -264,6 +266,7 @@ class Store:
                     "env_key": env_key,
                     "revision": plan.revision,
                     "policy": plan.policy,
+                    "tuned": int(plan.tuned),
                     "recipe": text,
                     "checksum": recipe_checksum(keys, text),
                     "created_at": now,
@@ -288,6 +291,127 @@ class Store:
                 "WHERE graph_key = ? AND workload_key = ? AND env_key = ?",
                 (text, recipe_checksum(keys, text), plan.revision, now, *keys),
             )
+
+    def replace_plan(self, keys: tuple[str, str, str], plan: Plan) -> None:
+        """Store ``plan`` (a tuned revision) over the existing row of ``keys``."""
+        text = recipe_text(plan.to_recipe())
+        db = self._db()
+        with db.atomic():
+            db.execute(
+                "UPDATE plans SET recipe = ?, checksum = ?, revision = ?, policy = ?, tuned = ?, updated_at = ? "
+                "WHERE graph_key = ? AND workload_key = ? AND env_key = ?",
+                (text, recipe_checksum(keys, text), plan.revision, plan.policy, int(plan.tuned), _now(), *keys),
+            )
+
+    def failed_regions(self, keys: tuple[str, str, str]) -> frozenset[tuple[int, str]]:
+        """(region output, kernel) pairs that failed strict validation for these keys: no
+        later plan of the keys may use them."""
+        rows = self._db().execute(
+            "SELECT region, kernel FROM verdicts WHERE graph_key = ? AND workload_key = ? AND env_key = ? AND ok = 0", keys
+        ).fetchall()
+        return frozenset((int(r), str(k)) for r, k in rows)
+
+    # -- environments and traces (the tuner) ----------------------------------------------
+    def ceilings(self, env_key: str) -> dict | None:
+        row = self._db().execute("SELECT ceilings FROM environments WHERE key = ?", (env_key,)).fetchone()
+        if not row or not row[0]:
+            return None
+        try:
+            value = json.loads(row[0])
+        except ValueError:
+            self.counters["corrupt_rows"] += 1
+            return None
+        return value if isinstance(value, dict) else None
+
+    def set_ceilings(self, env_key: str, environment: dict, ceilings: dict) -> None:
+        """Record an environment's measured ceilings (creating its row if needed)."""
+        db = self._db()
+        now = _now()
+        with db.atomic():
+            self._environment_row(db, env_key, environment, now)
+            db.execute("UPDATE environments SET ceilings = ?, measured_at = ? WHERE key = ?",
+                       (json.dumps(ceilings, sort_keys=True), now, env_key))
+
+    def _environment_row(self, db: sqlite_utils.Database, env_key: str, environment: dict, now: str) -> None:
+        db["environments"].insert(
+            {
+                "key": env_key,
+                "device_type": str(environment.get("device_type", "")),
+                "device_name": str(environment.get("device_name", "")),
+                "details": json.dumps(environment, sort_keys=True, default=str),
+                "created_at": now,
+            },
+            ignore=True,
+        )
+
+    def traces(self, env_key: str, region_keys: list[str]) -> dict[tuple[str, str], dict]:
+        """The newest trace per (region key, implementation) measured in this environment."""
+        found: dict[tuple[str, str], dict] = {}
+        db = self._db()
+        for start in range(0, len(region_keys), 500):
+            chunk = region_keys[start:start + 500]
+            rows = db.execute(
+                "SELECT region_key, implementation_id, median_us, spread_us, repeats, max_rel_error, ok, id "
+                f"FROM benchmark_traces WHERE env_key = ? AND region_key IN ({','.join('?' * len(chunk))}) ORDER BY id",
+                (env_key, *chunk),
+            ).fetchall()
+            for rkey, impl, median, spread, repeats, err, ok, _ in rows:
+                found[(rkey, impl)] = {"median_us": median, "spread_us": spread, "repeats": repeats,
+                                       "max_rel_error": err, "ok": bool(ok)}
+        return found
+
+    def put_traces(self, rows: list[dict], implementations: list[dict]) -> None:
+        """Benchmark results (one row per region and implementation), in one transaction."""
+        if not rows:
+            return
+        now = _now()
+        db = self._db()
+        with db.atomic():
+            for impl in implementations:
+                db["implementations"].insert(impl, ignore=True)
+            db["benchmark_traces"].insert_all([r | {"created_at": now} for r in rows])
+
+    def get_job(self, keys: tuple[str, str, str]) -> tuple[dict, list, dict] | None:
+        """(graph wire form, workload, environment) stored for a plan's keys, or None."""
+        db = self._db()
+        graph = db.execute("SELECT graph FROM canonical_graphs WHERE key = ?", (keys[0],)).fetchone()
+        workload = db.execute("SELECT inputs FROM workloads WHERE key = ?", (keys[1],)).fetchone()
+        env = db.execute("SELECT details FROM environments WHERE key = ?", (keys[2],)).fetchone()
+        if not (graph and workload and env):
+            return None
+        try:
+            return msgpack.unpackb(graph[0], raw=False, strict_map_key=False), json.loads(workload[0]), json.loads(env[0])
+        except ValueError:
+            self.counters["corrupt_rows"] += 1
+            return None
+
+    def plan_rows(self, untuned_only: bool = False) -> list[dict]:
+        """One summary per stored plan, newest first."""
+        where = "WHERE p.tuned = 0" if untuned_only else ""
+        rows = self._db().execute(
+            "SELECT p.graph_key, p.workload_key, p.env_key, p.revision, p.policy, p.tuned, p.updated_at, "
+            "g.nodes, e.device_name, p.recipe FROM plans p LEFT JOIN canonical_graphs g ON g.key = p.graph_key "
+            f"LEFT JOIN environments e ON e.key = p.env_key {where} ORDER BY p.updated_at DESC, p.graph_key"
+        ).fetchall()
+        out = []
+        for gk, wk, ek, rev, policy, tuned, updated, nodes, device, recipe in rows:
+            try:
+                regions = [r["rule"] for r in json.loads(recipe)["regions"]]
+            except (ValueError, KeyError, TypeError):
+                regions = None
+            out.append({"graph_key": gk, "workload_key": wk, "env_key": ek, "revision": rev, "policy": policy,
+                        "tuned": bool(tuned), "updated_at": updated, "nodes": nodes, "device": device, "regions": regions})
+        return out
+
+    def flush(self) -> dict[str, int]:
+        """Delete every row of every table (the schema stays); returns what was deleted."""
+        counts = self.counts()
+        db = self._db()
+        with db.atomic():
+            for table in ("verdicts", "benchmark_traces", "plans", "implementations", "canonical_graphs", "workloads", "environments"):
+                db.execute(f"DELETE FROM [{table}]")
+        db.execute("VACUUM")
+        return counts
 
     # -- inspection -----------------------------------------------------------------------
     def counts(self) -> dict[str, int]:

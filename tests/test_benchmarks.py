@@ -34,12 +34,13 @@ def test_quick_run_produces_report_json_and_chart(tmp_path):
         assert section["rows"], f"section {name} has no rows: {section.get('notes')}"
 
     runtime = [r for r in sections["runtime"]["rows"] if "backend" in r]
-    assert {r["backend"] for r in runtime} == {"eager", "inductor", "hypatia"}
+    assert {r["backend"] for r in runtime} == {"eager", "inductor", "hypatia", "hypatia_tuned"}
     for r in runtime:
         assert "error" not in r, r
         assert r["median_ms"] > 0 and r["repeats"] >= 5
         assert r["rel_error"] < 1e-4, r  # float32 against the float64 reference
     assert all(r["speedup"] == 1.0 for r in runtime if r["backend"] == "eager")
+    assert all(isinstance(r["decisions_changed"], list) for r in runtime if r["backend"] == "hypatia_tuned")
 
     families = {(r["family"], r.get("backend")): r for r in sections["families"]["rows"] if r["dtype"] == "float32"}
     for family in FAMILIES:
@@ -67,5 +68,5 @@ def test_quick_run_produces_report_json_and_chart(tmp_path):
     assert (out / "speedup.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = (out / "results.md").read_text()
     assert "## Runtime" in text and "Geometric-mean speedup" in text and "## Time to first call" in text
-    assert "## Fusion families" in text
+    assert "## Fusion families" in text and "Tuned plan slower than eager x 1.02" in text
     assert "## Runtime" in proc.stdout

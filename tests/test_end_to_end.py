@@ -241,7 +241,9 @@ def test_strict_validation_drops_a_wrong_region_for_every_later_process(daemon):
     (row,) = store.query("SELECT rule, ok, max_abs_err, detail FROM verdicts")
     assert row[0] == "linear_relu" and row[1] == 0 and row[2] >= 1e-2, row
     (recipe,) = store.query("SELECT recipe FROM plans")
-    assert json.loads(recipe[0])["regions"] == [] and json.loads(recipe[0])["revision"] == 2
+    # revision 2 drops the region; a background tuning (before or after the verdict) may add one
+    # more revision, and it never brings the failed region back
+    assert json.loads(recipe[0])["regions"] == [] and json.loads(recipe[0])["revision"] >= 2
     store.close()
     daemon.hypatiad("start")
     second = json.loads(daemon.python(WRONG_KERNEL.format(broken=False)).stdout.strip().splitlines()[-1])

@@ -108,9 +108,11 @@ def test_inference_fuses_both_layers(home, dynamo_reset, monkeypatch):
         torch.testing.assert_close(out, model(x))
     from hypatia.client.backend import session
 
-    # fc1 -> GELU -> fc2 is one MLP region; the ReLU after it has nothing left to fuse with.
-    assert session().counters["regions_fused"] == 1
-    assert counters["rule.mlp_gelu.fired"] >= 1
+    # fc1 -> GELU -> fc2 -> ReLU: either one MLP region (the ReLU left alone) or fc1+GELU and
+    # fc2+ReLU as two epilogue GEMMs; the path planner takes the second, which the cost model
+    # finds cheaper, though the greedy choice by single saving would have taken the first.
+    assert session().counters["regions_fused"] == 2
+    assert counters["rule.linear_gelu.fired"] >= 1 and counters["rule.linear_relu.fired"] >= 1
 
 
 def test_ops_without_rules_pass_through(home, dynamo_reset, monkeypatch):

@@ -1,8 +1,16 @@
-"""The environment a plan is valid for: hardware and software versions, never an index or rank."""
+"""The environment sniffer: the hardware and software a plan is valid for, never an index or rank.
+
+:func:`describe` is what keys an environment (GPU name, compute capability, memory, driver and
+CUDA versions, CPU model, torch / cupy / triton / hypatia versions). The device's measured
+ceilings (copy bandwidth, matrix rate, launch and dispatch costs) are not part of the key: they
+are measured once per environment by the tuner (:func:`hypatia.planner.measure.ceilings`) and
+kept in the store's ``environments`` row.
+"""
 
 from __future__ import annotations
 
 import functools
+import os
 import platform
 from importlib import metadata
 
@@ -48,9 +56,11 @@ def describe(device_type: str, device_index: int = 0) -> tuple[str, dict]:
         env.update(
             device_name=props.name,
             capability=f"{props.major}.{props.minor}",
+            memory_bytes=int(props.total_memory),
             cuda=torch.version.cuda,
             driver=get_driver() if get_driver else None,
         )
     else:
         env["device_name"] = env["cpu"]
+        env["cpu_count"] = os.cpu_count()
     return environment_key(env)[0], env

@@ -1,0 +1,136 @@
+"""A candidate region as something the tuner can run on its own: synthetic inputs matching
+the workload, its ATen nodes as a callable (eager, op by op), and the accuracy check of an
+implementation against them."""
+
+from __future__ import annotations
+
+import operator
+from typing import Any, Callable
+
+import torch
+
+from hypatia.canonical import CanonicalGraph, is_ref
+from hypatia.planner import equivalence
+from hypatia.planner.plan import Region, region_key  # noqa: F401  (re-exported)
+from hypatia.planner.rules import tensor_meta
+
+SEED = 4321
+
+
+class NotMeasurable(Exception):
+    """A region uses something the tuner cannot rebuild from the canonical graph alone
+    (a symbolic size, an opaque Python object); it keeps its heuristic choice."""
+
+
+def _resolve(op: str) -> Callable:
+    if op == "_operator.getitem":
+        return operator.getitem
+    namespace, _, rest = op.partition(".")
+    name, _, overload = rest.partition(".")
+    try:
+        return getattr(getattr(getattr(torch.ops, namespace), name), overload or "default")
+    except AttributeError:
+        raise NotMeasurable(f"op {op} is not an ATen operator this torch has") from None
+
+
+def _tensor(meta: Any, device: torch.device, seed: int) -> torch.Tensor:
+    m = tensor_meta(meta)
+    if m is None or not all(isinstance(s, int) for s in m[0]):
+        raise NotMeasurable(f"input meta {meta!r} is not a tensor of static shape")
+    shape, dtype = m[0], m[1]
+    stride = meta[2] if isinstance(meta[2], list) and all(isinstance(s, int) for s in meta[2]) else None
+    value = equivalence.random_inputs([(shape, dtype)], seed=seed, device=device)[0]
+    if stride is None:
+        return value
+    # keep the model's layout (a transposed weight stays transposed)
+    return torch.empty_strided(shape, stride, dtype=value.dtype, device=device).copy_(value)
+
+
+def synthetic_inputs(graph: CanonicalGraph, region: Region, device: torch.device, positive: bool = False) -> list[torch.Tensor]:
+    """Random tensors with the shapes, strides and dtypes of the region's inputs."""
+    out = []
+    for k, j in enumerate(region.inputs):
+        t = _tensor(graph.nodes[j].meta, device, SEED + 7 * k + int(positive))
+        if positive and t.is_floating_point():
+            t = t.abs().add_(0.5)
+        out.append(t)
+    return out
+
+
+def _prepare(arg: Any, device: torch.device) -> Any:
+    """Everything in an encoded argument but its node references, decoded once: dtypes,
+    devices, enums, and tensors baked into the graph (as synthetic values)."""
+    if is_ref(arg) or not isinstance(arg, list):
+        return arg
+    tag = arg[0] if arg else None
+    if tag == "l":
+        return ["l", [_prepare(a, device) for a in arg[1]]]
+    if tag == "slice":
+        return ["slice", [_prepare(a, device) for a in arg[1]]]
+    if tag == "dtype":
+        return getattr(torch, arg[1])
+    if tag == "device":
+        return device if arg[1] == device.type else torch.device(arg[1])
+    if tag == "enum":
+        return getattr(torch, str(arg[1]).rsplit(".", 1)[-1])
+    if tag == "tensor":
+        return _tensor(arg[1], device, SEED)
+    if tag == "ellipsis":
+        return Ellipsis
+    raise NotMeasurable(f"argument {str(arg)[:80]} cannot be rebuilt without the model")
+
+
+def _fill(arg: Any, values: dict[int, Any]) -> Any:
+    if is_ref(arg):
+        return values[arg[1]]
+    if isinstance(arg, list):
+        items = [_fill(a, values) for a in arg[1]]
+        return slice(*items) if arg[0] == "slice" else items
+    return arg
+
+
+def eager_callable(graph: CanonicalGraph, region: Region, device: torch.device) -> Callable[..., Any]:
+    """The region's own ATen nodes, run one by one on the region's inputs."""
+    steps = []
+    for j in sorted(region.nodes):
+        node = graph.nodes[j]
+        if node.op in ("placeholder", "get_attr"):
+            raise NotMeasurable(f"node {j} ({node.op}) cannot be inside a measured region")
+        kwargs = {k: _prepare(v, device) for k, v in node.kwargs.items()}
+        steps.append((j, _resolve(node.op), [_prepare(a, device) for a in node.args], kwargs))
+
+    def run(*inputs: Any) -> Any:
+        values: dict[int, Any] = dict(zip(region.inputs, inputs))
+        for j, fn, args, kwargs in steps:
+            values[j] = fn(*[_fill(a, values) for a in args], **{k: _fill(v, values) for k, v in kwargs.items()})
+        return values[region.output]
+
+    return run
+
+
+# A fused kernel may round differently from the unfused ops (a folded conv, one GEMM epilogue
+# instead of two passes); it passes when its error against float64 is of the order of what
+# the unfused ops in the same dtype make themselves.
+EAGER_ERROR_FACTOR = 4.0
+
+
+def check(fn: Callable[..., Any], reference: Callable[..., Any], draws: list[list[torch.Tensor]]) -> equivalence.Comparison:
+    """``fn`` against ``reference`` computed in float64 on every draw of inputs: within the
+    dtype's tolerance, or within EAGER_ERROR_FACTOR times the reference's own error in that
+    dtype; inputs must stay bit-identical. Returns the worst comparison (or the first failure)."""
+    worst = None
+    with torch.no_grad():
+        for inputs in draws:
+            result = equivalence.check_numerically(fn, reference, inputs)
+            if not result.ok and "modified an input" not in result.detail:
+                own = equivalence.check_numerically(reference, reference, inputs)
+                bound = EAGER_ERROR_FACTOR * own.max_abs_err
+                if bound > 0 and result.max_abs_err <= bound:
+                    result = equivalence.Comparison(
+                        True, result.max_abs_err, result.max_rel_err,
+                        f"max abs err {result.max_abs_err:.3g} within {EAGER_ERROR_FACTOR:g}x the unfused ops' own ({own.max_abs_err:.3g})")
+            if not result.ok:
+                return result
+            if worst is None or result.max_abs_err > worst.max_abs_err:
+                worst = result
+    return worst or equivalence.Comparison(True, 0.0, 0.0, "no draws")
