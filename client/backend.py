@@ -204,6 +204,19 @@ def reset_session() -> None:
         _session = None
 
 
+def _backward_planned_now():
+    """AOTAutograd compiles the backward graph lazily, at the first backward call; planning it
+    with the forward lets the backend see both and pass a graph with nothing to fuse straight
+    through. Where this torch lacks the switch, the backward is planned lazily as before."""
+    import contextlib
+
+    import torch._functorch.config as aot_config
+
+    if hasattr(aot_config, "force_non_lazy_backward_lowering"):
+        return aot_config.patch(force_non_lazy_backward_lowering=True)
+    return contextlib.nullcontext()
+
+
 def hypatia_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], **kwargs: Any) -> Callable:
     """The Dynamo backend registered as ``hypatia``."""
     from torch._dynamo.backends.common import aot_autograd
@@ -220,10 +233,12 @@ def hypatia_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], **kwarg
             bw_compiler=functools.partial(s.compile, phase="backward", planned=planned),
             inference_compiler=functools.partial(s.compile, phase="inference", planned=planned),
         )
-        compiled = compiler(gm, example_inputs)
-        if planned == [("inference", False)]:
-            # Nothing to fuse and no backward: Dynamo's own graph runs exactly what eager would,
-            # without AOTAutograd's runtime wrappers or per-op OpOverload dispatch.
+        with _backward_planned_now():
+            compiled = compiler(gm, example_inputs)
+        if planned and not any(fused for _, fused in planned) and len(planned) == (1 if planned[0][0] == "inference" else 2):
+            # Nothing to fuse forward or backward: Dynamo's own graph runs exactly what eager
+            # would (autograd included), without AOTAutograd's runtime wrappers or per-op
+            # OpOverload dispatch. Eager is the whole graph's fallback alternative.
             s.counters["graphs_passed_through"] += 1
             return gm.forward
         return compiled

@@ -8,6 +8,7 @@ devices by *type* only ``["device", "cuda"]``; symbolic sizes ``["sym", expr]``;
 from __future__ import annotations
 
 import hashlib
+import os
 from typing import Any
 
 import torch
@@ -53,10 +54,18 @@ def encode_size(s: Any) -> Any:
 
 
 def tensor_digest(t: torch.Tensor) -> str:
-    data = t.detach().to("cpu").contiguous()
-    h = hashlib.sha256(str(data.dtype).encode())
-    h.update(str(tuple(data.shape)).encode())
-    h.update(data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    """Content hash of a constant tensor baked into a graph. AOTAutograd calls its compilers
+    under fake mode, so the real constant is read with fake mode switched off; a constant that
+    is itself fake has no content to hash and gets a key of its own (it is never shared)."""
+    from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
+
+    if isinstance(t, FakeTensor):
+        return f"fake-{id(t):x}-{os.getpid()}"
+    with unset_fake_temporarily():
+        data = t.detach().to("cpu").contiguous()
+        h = hashlib.sha256(str(data.dtype).encode())
+        h.update(str(tuple(data.shape)).encode())
+        h.update(data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b"")
     return h.hexdigest()
 
 

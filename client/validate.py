@@ -18,6 +18,7 @@ import torch
 import torch.fx
 
 from hypatia.kernels import load_kernel
+from hypatia.client import capture
 from hypatia.planner import equivalence, regions
 from hypatia.planner.plan import Plan, Region
 
@@ -67,8 +68,12 @@ def random_inputs(fx_nodes: list[torch.fx.Node], region: Region, positive: bool)
     specs = [(tuple(int(s) for s in v.shape), str(v.dtype).removeprefix("torch.")) for v in vals]
     device = vals[0].device if vals else "cpu"
     inputs = equivalence.random_inputs(specs, seed=SEED + int(positive), device=device)
-    if positive:
-        inputs = [x.abs().add_(0.5) if x.is_floating_point() else x for x in inputs]
+    members = {fx_nodes[i] for i in region.nodes}
+    for k, i in enumerate(region.inputs):
+        uses = [(capture.op_name(u), position) for u in fx_nodes[i].users if u in members
+                for position, a in enumerate(u.args) if a is fx_nodes[i]]
+        if (positive or regions.must_be_positive(uses)) and inputs[k].is_floating_point():
+            inputs[k] = inputs[k].abs().add_(0.5)
     # Keep each input's strides (a transposed weight stays transposed) so the kernel sees
     # the layouts it will see in the model.
     return [torch.empty_strided(v.shape, v.stride(), dtype=x.dtype, device=x.device).copy_(x) for v, x in zip(vals, inputs)]

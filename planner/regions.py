@@ -17,6 +17,23 @@ from hypatia.planner.rules import tensor_meta
 SEED = 4321
 
 
+# Arguments whose values must be non-negative for the op to mean anything (a variance under a
+# square root): random inputs feeding them are drawn positive in every draw.
+NONNEGATIVE_ARGS = {
+    "aten._native_batch_norm_legit_no_training.default": (4,),
+    "aten._native_batch_norm_legit.default": (4,),
+    "aten.native_batch_norm.default": (4,),
+    "aten.sqrt.default": (0,),
+    "aten.rsqrt.default": (0,),
+    "aten.log.default": (0,),
+}
+
+
+def must_be_positive(uses: list[tuple[str, int]]) -> bool:
+    """Whether an input used as ``(op, argument position)`` in ``uses`` must be drawn positive."""
+    return any(position in NONNEGATIVE_ARGS.get(op, ()) for op, position in uses)
+
+
 class NotMeasurable(Exception):
     """A region uses something the tuner cannot rebuild from the canonical graph alone
     (a symbolic size, an opaque Python object); it keeps its heuristic choice."""
@@ -48,10 +65,15 @@ def _tensor(meta: Any, device: torch.device, seed: int) -> torch.Tensor:
 
 def synthetic_inputs(graph: CanonicalGraph, region: Region, device: torch.device, positive: bool = False) -> list[torch.Tensor]:
     """Random tensors with the shapes, strides and dtypes of the region's inputs."""
+    uses: dict[int, list[tuple[str, int]]] = {j: [] for j in region.inputs}
+    for i in region.nodes:
+        for position, arg in enumerate(graph.nodes[i].args):
+            if is_ref(arg) and arg[1] in uses:
+                uses[arg[1]].append((graph.nodes[i].op, position))
     out = []
     for k, j in enumerate(region.inputs):
         t = _tensor(graph.nodes[j].meta, device, SEED + 7 * k + int(positive))
-        if positive and t.is_floating_point():
+        if (positive or must_be_positive(uses[j])) and t.is_floating_point():
             t = t.abs().add_(0.5)
         out.append(t)
     return out

@@ -195,3 +195,55 @@ def test_inference_graph_with_nothing_to_fuse_runs_dynamos_own_graph(home, dynam
 
     assert session().counters["graphs_passed_through"] == 1
     assert session().counters["local_plans"] == 1 and session().counters["regions_fused"] == 0
+
+
+def test_graph_with_a_tensor_constant_is_planned_not_dropped(home, dynamo_reset, monkeypatch):
+    """A constant tensor in the graph (as GPT-2's masked bias) is hashed with fake mode off:
+    AOTAutograd calls the compiler under fake mode, where reading it used to raise."""
+    monkeypatch.setenv("HYPATIA_AUTOSTART", "0")
+
+    class WithConstant(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.fc(x).relu() * torch.tensor([1.0, 2.0, 3.0, 4.0])
+
+    model, x = WithConstant().eval(), torch.randn(3, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(model, backend="hypatia")(x), model(x))
+    from hypatia.client.backend import session
+
+    assert session().counters.get("fallbacks", 0) == 0
+    assert session().counters["local_plans"] == 1 and session().counters["regions_fused"] >= 1
+
+
+def test_batch_norm_variance_inputs_are_drawn_positive():
+    from hypatia.planner import regions
+
+    assert regions.must_be_positive([("aten._native_batch_norm_legit_no_training.default", 4)])
+    assert not regions.must_be_positive([("aten._native_batch_norm_legit_no_training.default", 3), ("aten.add.Tensor", 0)])
+
+
+def test_training_graph_with_nothing_to_fuse_passes_through(home, dynamo_reset, monkeypatch):
+    """Forward and backward both planned with no region: Dynamo's own graph runs, autograd and
+    all, so the model pays nothing for AOTAutograd's wrappers."""
+    monkeypatch.setenv("HYPATIA_AUTOSTART", "0")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh())
+    reference = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh())
+    reference.load_state_dict(model.state_dict())
+    x = torch.randn(4, 8)
+    out = torch.compile(model, backend="hypatia")(x)
+    expected = reference(x)
+    torch.testing.assert_close(out, expected)
+    out.sum().backward()
+    expected.sum().backward()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
+    from hypatia.client.backend import session
+
+    counters = session().counters
+    assert counters["graphs_forward"] == 1 and counters["graphs_backward"] == 1
+    assert counters["graphs_passed_through"] == 1 and counters.get("regions_fused", 0) == 0
