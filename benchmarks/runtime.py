@@ -107,12 +107,20 @@ def measure_backend(base: torch.nn.Module, backend: str, dtype: torch.dtype, inp
     if device == "cuda":
         torch.cuda.synchronize()
     row["first_call_s"] = round(time.perf_counter() - t0, 3)
+    if backend == "hypatia_tuned":  # let the graph's plan-or-eager measurement settle first
+        from hypatia.client.choice import TIMED_ROUNDS, WARMUP_ROUNDS
+
+        for _ in range(2 * (WARMUP_ROUNDS + TIMED_ROUNDS)):
+            step()
     row["rel_error"] = _rel_error(primary_output(out), reference)
     row.update(measure(step, device, **timing).to_dict())
     if device == "cuda":
         row["peak_mem_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     if backend == "hypatia_tuned":
+        from hypatia.client.backend import session
+
         row["decisions_changed"] = changed_decisions()
+        row["graph_choices"] = list(session().choices)
     return row
 
 

@@ -26,6 +26,7 @@ from hypatia.client import capture as cap
 from hypatia.client import validate
 from hypatia.planner import environment
 from hypatia.client.autostart import AutostartFailed, ensure_daemon
+from hypatia.client.choice import MeasuredChoice
 from hypatia.client.executor import GuardedCall, apply_plan
 from hypatia.client.rpc import DaemonClient, DaemonGone, DaemonUnavailable, VersionSkew
 from hypatia.config import Config, load
@@ -55,6 +56,7 @@ class Session:
         self.client = DaemonClient(self.config)
         self.counters: Counter = Counter()
         self.plans: deque[tuple[str, Plan]] = deque(maxlen=256)  # (phase, plan) of recent compiles
+        self.choices: deque[dict] = deque(maxlen=256)  # measured plan-or-eager choices (us)
         self._warned: set[str] = set()
         self._skip_daemon_until = 0.0
         self._lock = threading.Lock()
@@ -121,6 +123,11 @@ class Session:
         if kind not in self._warned:
             self._warned.add(kind)
             log.warning("%s", message)
+
+    def chose(self, name: str, medians: dict) -> None:
+        """A compiled graph's measured choice between its plan and the pass-through graph."""
+        self.counters[f"graphs_chose_{name}"] += 1
+        self.choices.append({k: round(v * 1e6, 3) for k, v in medians.items()} | {"chosen": name})
 
     # -- compiling ------------------------------------------------------------------------
     def compile(self, gm: torch.fx.GraphModule, example_inputs: list[Any], phase: str, planned: list | None = None) -> Callable:
@@ -241,6 +248,10 @@ def hypatia_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], **kwarg
             # OpOverload dispatch. Eager is the whole graph's fallback alternative.
             s.counters["graphs_passed_through"] += 1
             return gm.forward
+        if s.config.policy != "HEURISTIC":
+            # measured policies: the planned graph must also beat the pass-through graph whole
+            device = next((x.device.type for x in example_inputs if isinstance(x, torch.Tensor)), "cpu")
+            return MeasuredChoice({"plan": compiled, "eager": gm.forward}, device, s.chose)
         return compiled
     except Exception as exc:  # noqa: BLE001
         s.fallback("AOTAutograd could not trace the graph", exc)

@@ -430,3 +430,66 @@ def test_ctl_flush_asks_at_a_terminal(home):
     yes = subprocess.run([sys.executable, "-c", script], input="y\n", env=home.env, capture_output=True, text=True, timeout=60)
     assert yes.returncode == 0 and "flushed" in yes.stdout
     assert home.stats()["plans"] == 0
+
+
+# -- the whole graph: plan or pass-through, measured in the process ---------------------------
+def test_measured_choice_keeps_the_faster_alternative():
+    from hypatia.client import choice
+
+    calls = {"slow": 0, "fast": 0}
+
+    def slow(x):
+        calls["slow"] += 1
+        time.sleep(0.003)
+        return x + 1
+
+    def fast(x):
+        calls["fast"] += 1
+        return x + 1
+
+    reported = []
+    chooser = choice.MeasuredChoice({"slow": slow, "fast": fast}, "cpu", lambda name, medians: reported.append((name, medians)))
+    rounds = choice.WARMUP_ROUNDS + choice.TIMED_ROUNDS
+    for i in range(2 * rounds + 10):
+        assert chooser(torch.tensor(i)) == i + 1
+    assert [r[0] for r in reported] == ["fast"]
+    assert reported[0][1]["slow"] > reported[0][1]["fast"]
+    assert calls == {"slow": rounds, "fast": rounds + 10}
+
+
+def test_measured_policies_choose_between_plan_and_pass_through_and_stay_correct(home, dynamo_reset, monkeypatch):
+    from hypatia.client import choice
+    from hypatia.client.backend import session
+
+    monkeypatch.setenv("HYPATIA_AUTOSTART", "0")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
+    reference = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
+    reference.load_state_dict(model.state_dict())
+    compiled = torch.compile(model, backend="hypatia")
+    for i in range(2 * (choice.WARMUP_ROUNDS + choice.TIMED_ROUNDS) + 3):
+        x = torch.randn(16, 32)
+        out, expected = compiled(x), reference(x)
+        torch.testing.assert_close(out, expected)
+        out.sum().backward()
+        expected.sum().backward()
+        for p, q in zip(model.parameters(), reference.parameters()):
+            torch.testing.assert_close(p.grad, q.grad)
+    counters = session().counters
+    assert counters["regions_fused"] >= 1
+    assert counters["graphs_chose_plan"] + counters["graphs_chose_eager"] == 1
+    (measured,) = session().choices
+    assert measured["plan"] > 0 and measured["eager"] > 0 and measured["chosen"] in ("plan", "eager")
+
+
+def test_heuristic_policy_runs_the_plan_without_measuring(home, dynamo_reset, monkeypatch):
+    from hypatia.client.backend import session
+
+    monkeypatch.setenv("HYPATIA_AUTOSTART", "0")
+    monkeypatch.setenv("HYPATIA_POLICY", "HEURISTIC")
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU()).eval()
+    compiled = torch.compile(model, backend="hypatia")
+    with torch.no_grad():
+        for _ in range(30):
+            compiled(torch.randn(4, 32))
+    assert session().counters["regions_fused"] == 1 and not session().choices
