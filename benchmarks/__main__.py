@@ -34,6 +34,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workloads", default="", help="comma-separated workload names for the runtime section")
     p.add_argument("--budget-s", type=float, default=None, help="soft time budget for the whole run")
     p.add_argument("--out", type=Path, default=None, help="output directory (default benchmarks/out/<time>)")
+    p.add_argument("--progress", type=Path, default=None, help="append each runtime case's rows to this JSON-lines file as measured")
     p.add_argument("--save-results", action="store_true", help="also copy results.json to benchmarks/results/")
     return p.parse_args(argv)
 
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                     from benchmarks import runtime
 
                     only = [w for w in args.workloads.split(",") if w] or None
-                    data = runtime.run(device, args.quick, section_budget, only)
+                    data = runtime.run(device, args.quick, section_budget, only, progress=args.progress)
                 elif name == "families":
                     from benchmarks import families
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
 import os
 import time
 from typing import Any
@@ -157,8 +158,9 @@ def run_case(w: Workload, device: str, dtype_name: str, mode: str, quick: bool) 
     return add_speedups(rows)
 
 
-def run(device: str, quick: bool, budget_s: float, only: list[str] | None = None) -> dict:
-    """Every (workload, dtype, mode) on ``device``; cases past ``budget_s`` are recorded as skipped."""
+def run(device: str, quick: bool, budget_s: float, only: list[str] | None = None, progress=None) -> dict:
+    """Every (workload, dtype, mode) on ``device``; cases past ``budget_s`` are recorded as skipped.
+    ``progress`` (a path) gets each case's rows as a JSON line as soon as they are measured."""
     start = time.monotonic()
     names = list(QUICK_WORKLOADS) if quick else [w.name for w in WORKLOADS]
     if only:
@@ -180,5 +182,9 @@ def run(device: str, quick: bool, budget_s: float, only: list[str] | None = None
                 if time.monotonic() - start > budget_s:
                     rows.append({"workload": w.name, "dtype": dtype_name, "mode": mode, "skipped": "time budget"})
                     continue
-                rows.extend(run_case(w, device, dtype_name, mode, quick))
+                case = run_case(w, device, dtype_name, mode, quick)
+                rows.extend(case)
+                if progress is not None:
+                    with open(progress, "a") as f:
+                        f.write(json.dumps(case, default=str) + "\n")
     return {"rows": rows, "notes": notes}
