@@ -45,12 +45,12 @@ def runtime_cases(rows: list[dict]) -> dict[tuple, dict[str, dict]]:
 def runtime_section(section: dict) -> tuple[str, dict]:
     cases = runtime_cases(section["rows"])
     table, choices = [], []
-    backends = ("eager", "inductor", "hypatia", "hypatia_tuned")
+    backends = ("eager", "dynamo", "inductor", "hypatia", "hypatia_tuned")
     speedups: dict[str, list[float]] = {b: [] for b in backends[1:]}
     below: dict[str, list[str]] = {"hypatia": [], "hypatia_tuned": []}
     for (wl, dt, mode), by in cases.items():
         if "-" in by and "skipped" in by["-"]:
-            table.append([wl, dt, mode, by["-"]["skipped"], "", "", "", "", ""])
+            table.append([wl, dt, mode, by["-"]["skipped"], "", "", "", "", "", "", "", ""])
             continue
         cells = [wl, dt, mode]
         for backend in backends:
@@ -61,7 +61,7 @@ def runtime_section(section: dict) -> tuple[str, dict]:
                 # the tuned plan must be at most eager x 1.02
                 if backend in below and r["speedup"] < 1 / 1.02:
                     below[backend].append(f"{wl}/{dt}/{mode} {r['speedup']:.3f}x")
-        cells += [_fmt(by.get(b, {}).get("rel_error")) for b in backends[1:]]
+        cells += [_fmt(by.get(b, {}).get("rel_error")) for b in backends[2:]]
         table.append(cells)
         heuristic, tuned = by.get("hypatia", {}), by.get("hypatia_tuned", {})
         for d in tuned.get("decisions_changed", []):
@@ -77,8 +77,8 @@ def runtime_section(section: dict) -> tuple[str, dict]:
         "tuned_below_1/1.02_of_eager": below["hypatia_tuned"],
     }
     text = _table(
-        ["workload", "dtype", "mode", "eager ms (spread)", "inductor ms (speedup)", "hypatia ms (speedup)",
-         "tuned ms (speedup)", "inductor rel err", "hypatia rel err", "tuned rel err"],
+        ["workload", "dtype", "mode", "eager ms (spread)", "dynamo ms (speedup)", "inductor ms (speedup)",
+         "hypatia ms (speedup)", "tuned ms (speedup)", "inductor rel err", "hypatia rel err", "tuned rel err"],
         table,
     )
     text += "\n\nGeometric-mean speedup over eager: " + ", ".join(

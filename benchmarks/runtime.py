@@ -20,7 +20,9 @@ import torch
 from benchmarks.timing import measure
 from benchmarks.workloads import QUICK_WORKLOADS, WORKLOADS, Workload, loss_of, primary_output
 
-BACKENDS = ("eager", "inductor", "hypatia", "hypatia_tuned")
+# "dynamo" is torch.compile(backend="eager"): Dynamo's capture and guards around the same ops,
+# the floor every torch.compile backend pays on top of eager.
+BACKENDS = ("eager", "dynamo", "inductor", "hypatia", "hypatia_tuned")
 POLICY = {"hypatia": "HEURISTIC", "hypatia_tuned": "EXPLORE"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 MODES = ("inference", "training")
@@ -31,6 +33,8 @@ def _compiled(model: torch.nn.Module, backend: str):
         return model
     if backend == "inductor":
         return torch.compile(model)
+    if backend == "dynamo":
+        return torch.compile(model, backend="eager")
     from hypatia.client.backend import reset_session
 
     os.environ["HYPATIA_POLICY"] = POLICY[backend]

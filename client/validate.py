@@ -99,7 +99,7 @@ def check_region(fx_nodes: list[torch.fx.Node], region: Region, mode: str) -> Ve
                     return Verdict(ok=False, detail=f"kernel returned {tuple(out.shape)} {out.dtype}, the graph expects "
                                    f"{tuple(expected.shape)} {expected.dtype}", **base)
             return Verdict(ok=True, detail="shapes and dtypes match", **base)
-        result = regions.check(fused, reference, draws)
+        result = regions.check(fused, regions.Reference(reference, draws))
         return Verdict(ok=result.ok, max_abs_err=result.max_abs_err, max_rel_err=result.max_rel_err,
                        detail="" if result.ok else result.detail, **base)
     except Exception as exc:  # noqa: BLE001 - a kernel that cannot even run fails validation

@@ -60,6 +60,7 @@ def _measure_candidate(graph: CanonicalGraph, cand: Candidate, options: list[Reg
     eager = regions.eager_callable(graph, cand.region, device)
     draws = [regions.synthetic_inputs(graph, cand.region, device, positive) for positive in (False, True)]
     rkey = region_key(graph, cand.region)
+    reference = regions.Reference(eager, draws)
     rows = []
     for region in [Region(cand.rule, EAGER, cand.region.inputs, (), cand.region.output, cand.region.nodes), *options]:
         row = {"region": region.output, "region_key": rkey, "rule": cand.rule, "implementation_id": region.implementation}
@@ -69,7 +70,7 @@ def _measure_candidate(graph: CanonicalGraph, cand: Candidate, options: list[Reg
             else:
                 kernel, consts = load_kernel(region.kernel, region.placement), region.consts
                 fn = lambda *xs, kernel=kernel, consts=consts: kernel(*xs, *consts)  # noqa: E731
-            accuracy = regions.check(fn, eager, draws)
+            accuracy = regions.check(fn, reference)
             timing = measure.time_call(fn, draws[0], device.type, budget_s=budget_s)
             row |= {"median_us": timing.median_s * 1e6, "spread_us": timing.spread_s * 1e6, "repeats": timing.repeats,
                     "max_rel_error": accuracy.max_rel_err, "ok": int(accuracy.ok),

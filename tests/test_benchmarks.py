@@ -34,7 +34,7 @@ def test_quick_run_produces_report_json_and_chart(tmp_path):
         assert section["rows"], f"section {name} has no rows: {section.get('notes')}"
 
     runtime = [r for r in sections["runtime"]["rows"] if "backend" in r]
-    assert {r["backend"] for r in runtime} == {"eager", "inductor", "hypatia", "hypatia_tuned"}
+    assert {r["backend"] for r in runtime} == {"eager", "dynamo", "inductor", "hypatia", "hypatia_tuned"}
     for r in runtime:
         assert "error" not in r, r
         assert r["median_ms"] > 0 and r["repeats"] >= 5

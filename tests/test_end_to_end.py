@@ -48,7 +48,11 @@ def run_client(home, *args, extra_env=None, timeout=120):
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def test_second_process_is_a_plan_cache_hit(daemon):
+def test_second_process_is_a_plan_cache_hit(home):
+    # no background tuning: its re-plans would count rule firings and tunings of their own
+    home.env["HYPATIA_BACKGROUND_TUNING"] = "0"
+    home.hypatiad("start")
+    daemon = home
     first = run_client(daemon)
     assert first["daemon_misses"] == 2 and first.get("daemon_hits", 0) == 0  # forward + backward
     # Linear+ReLU fuses; Linear+GELU keeps its pre-activation for backward, so stays unfused
