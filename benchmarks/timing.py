@@ -9,6 +9,8 @@ from typing import Callable
 
 import torch
 
+from hypatia.planner.measure import quantile
+
 
 @dataclass(frozen=True)
 class Timing:
@@ -22,19 +24,10 @@ class Timing:
         return asdict(self)
 
 
-def _quantile(sorted_values: list[float], q: float) -> float:
-    if len(sorted_values) == 1:
-        return sorted_values[0]
-    pos = q * (len(sorted_values) - 1)
-    lo = int(pos)
-    hi = min(lo + 1, len(sorted_values) - 1)
-    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
-
-
 def summarize(samples_ms: list[float]) -> Timing:
     s = sorted(samples_ms)
     med = statistics.median(s)
-    p10, p90 = _quantile(s, 0.1), _quantile(s, 0.9)
+    p10, p90 = quantile(s, 0.1), quantile(s, 0.9)
     return Timing(round(med, 4), round(p10, 4), round(p90, 4), round(100 * (p90 - p10) / med, 2) if med else 0.0, len(s))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 
 import pytest
@@ -73,3 +74,41 @@ def test_newer_schema_is_refused_not_misread(tmp_path):
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     with pytest.raises(StoreError, match="newer Hypatia"):
         Store(path)
+
+
+def test_a_version_2_store_migrates_and_its_format_1_plans_still_serve(tmp_path):
+    """Schema 3 (the tuner's columns) is added in place; plans written before it, in recipe
+    format 1, are read as untuned plans whose regions run on the device."""
+    import sqlite3
+
+    import sqlite_utils
+
+    from hypatia.planner import schema
+    from hypatia.planner.plan import recipe_checksum
+
+    path = tmp_path / "old.sqlite"
+    db = sqlite_utils.Database(sqlite3.connect(path))
+    for migrate in schema.MIGRATIONS[:2]:
+        migrate(db)
+    db.execute("PRAGMA user_version = 2")
+    keys = ("g1-old", "w1-old", "e1-old")
+    recipe = json.dumps({"format": 1, "graph_key": "g1-old", "policy": "HEURISTIC", "revision": 1, "validated": [],
+                         "regions": [{"rule": "linear_relu", "kernel": "linear_activation/cpu_torch/relu",
+                                      "inputs": [0, 1, 2], "consts": [None], "output": 4, "nodes": [3, 4]}]},
+                        sort_keys=True, separators=(",", ":"))
+    db["canonical_graphs"].insert({"key": keys[0], "nodes": 5, "ops": "{}", "graph": b"", "created_at": "t"})
+    db["workloads"].insert({"key": keys[1], "inputs": "[]", "created_at": "t"})
+    db["environments"].insert({"key": keys[2], "device_type": "cpu", "device_name": "x", "details": "{}", "created_at": "t"})
+    db["plans"].insert({"graph_key": keys[0], "workload_key": keys[1], "env_key": keys[2], "revision": 1,
+                        "policy": "HEURISTIC", "recipe": recipe, "checksum": recipe_checksum(keys, recipe),
+                        "created_at": "t", "updated_at": "t"})
+    db.conn.commit()
+    db.conn.close()
+
+    store = Store(path)
+    assert store.query("PRAGMA user_version")[0][0] == SCHEMA_VERSION == 3
+    plan = store.get_plan(keys)
+    assert plan is not None and not plan.tuned and plan.regions[0].placement == "device"
+    assert [r["tuned"] for r in store.plan_rows(untuned_only=True)] == [False]
+    assert store.ceilings(keys[2]) is None and store.traces(keys[2], ["r1-x"]) == {}
+    store.close()
