@@ -19,3 +19,14 @@ def key_of(fn, *inputs) -> str:
 
 def canonical(fn, *inputs):
     return capture(aten_graph(fn, *inputs))[0]
+
+
+def assert_training_step_matches(compiled, model: torch.nn.Module, reference: torch.nn.Module, x: torch.Tensor) -> None:
+    """One forward and backward of ``compiled`` (built on ``model``) and of ``reference``: the
+    outputs and every parameter's gradient must match."""
+    out, expected = compiled(x), reference(x)
+    torch.testing.assert_close(out, expected)
+    out.sum().backward()
+    expected.sum().backward()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)

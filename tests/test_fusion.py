@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from graphs import aten_graph
+from graphs import aten_graph, assert_training_step_matches
 from hypatia.client.capture import capture
 from hypatia.client.executor import apply_plan
 from hypatia.planner import plan_graph
@@ -234,14 +234,7 @@ def test_training_graph_with_nothing_to_fuse_passes_through(home, dynamo_reset, 
     model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh())
     reference = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh())
     reference.load_state_dict(model.state_dict())
-    x = torch.randn(4, 8)
-    out = torch.compile(model, backend="hypatia")(x)
-    expected = reference(x)
-    torch.testing.assert_close(out, expected)
-    out.sum().backward()
-    expected.sum().backward()
-    for p, q in zip(model.parameters(), reference.parameters()):
-        torch.testing.assert_close(p.grad, q.grad)
+    assert_training_step_matches(torch.compile(model, backend="hypatia"), model, reference, torch.randn(4, 8))
     from hypatia.client.backend import session
 
     counters = session().counters
