@@ -69,5 +69,6 @@ class MeasuredChoice:
         best = min(self.names, key=medians.__getitem__)  # ties go to the first listed
         self.chosen = self.alternatives[best]
         self.samples = {}
+        self.alternatives = {best: self.chosen}  # the other graph and its kernels can go
         log.info("graph alternatives measured %s; keeping %s", {n: f"{m * 1e6:.1f} us" for n, m in medians.items()}, best)
         self.report(best, medians)
