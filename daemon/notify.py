@@ -20,3 +20,13 @@ def sd_notify(message: str) -> bool:
         except OSError:
             return False
     return True
+
+
+def watchdog_interval() -> float | None:
+    """Seconds between ``WATCHDOG=1`` pings when systemd watches this process (``WatchdogSec=``):
+    half the timeout it set in ``WATCHDOG_USEC``; None when there is no watchdog for us."""
+    usec = os.environ.get("WATCHDOG_USEC", "")
+    pid = os.environ.get("WATCHDOG_PID", "")
+    if not usec.isdigit() or int(usec) <= 0 or (pid and pid != str(os.getpid())):
+        return None
+    return int(usec) / 1e6 / 2

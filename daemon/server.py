@@ -23,7 +23,7 @@ from hypatia import __version__
 from hypatia.config import Config, ensure_private_dir
 from hypatia.daemon.faults import Faults
 from hypatia.daemon.lock import PidLock
-from hypatia.daemon.notify import sd_notify
+from hypatia.daemon.notify import sd_notify, watchdog_interval
 from hypatia.daemon.service import PlanKeys, PlanService, plan_keys, request_policy
 from hypatia.planner.store import Store
 from hypatia.protocol import (
@@ -41,6 +41,7 @@ from hypatia.protocol import (
 log = logging.getLogger("hypatia.daemon")
 
 RESULTS_ENDPOINT = "inproc://hypatiad-results"
+STATUS_EVERY_S = 5.0  # how often STATUS= is refreshed for systemctl status
 MAX_HANDSHAKEN_PEERS = 65536
 DRAIN_TIMEOUT_S = 60.0
 
@@ -130,12 +131,35 @@ class Server:
         self.stopping = True
 
     # -- loop -----------------------------------------------------------------------------
+    def _status(self) -> str:
+        c = self.service.counters
+        return (f"STATUS=serving {self.config.endpoint}: {c['plan_hits']} hits, {c['plan_misses']} misses, "
+                f"{c['plans_made']} plans made, {c['tunings']} tunings, {len(self._flights)} planning, "
+                f"{len(self._tuning)} tuning")
+
+    def _heartbeat(self, now: float) -> None:
+        """Watchdog pings and status for systemd; the idle timeout."""
+        if self._watchdog and now >= self._next_ping:
+            sd_notify("WATCHDOG=1")
+            self._next_ping = now + self._watchdog
+        if now >= self._next_status:
+            sd_notify(self._status())
+            self._next_status = now + STATUS_EVERY_S
+        idle = self.config.idle_timeout_s
+        if idle and not self.stopping and not self._flights and not self._tuning and now - self._last_request > idle:
+            log.info("no request for %d s (HYPATIA_IDLE_TIMEOUT_S): exiting", idle)
+            sd_notify(f"STATUS=idle for {idle} s, exiting")
+            self.stopping = True
+
     def _loop(self) -> None:
         poller = zmq.Poller()
         poller.register(self.router, zmq.POLLIN)
         poller.register(self.results, zmq.POLLIN)
         drain_deadline = None
+        self._watchdog = watchdog_interval()
+        self._next_ping = self._next_status = self._last_request = time.monotonic()
         while True:
+            self._heartbeat(time.monotonic())
             if self.stopping:
                 if not self._flights and not any(self._tuning.values()):
                     return
@@ -170,6 +194,7 @@ class Server:
         self._send(identity, encode_error(request_id, code, message))
 
     def _dispatch(self, frames: list[bytes]) -> None:
+        self._last_request = time.monotonic()
         identity, payload = frames[0], frames[1:]
         if len(payload) != 1:
             self._error(identity, None, ErrorCode.BAD_FRAME, "expected exactly one frame per message")

@@ -63,6 +63,7 @@ class Config:
     background_tuning: bool = True
     tune_budget_ms: int = 100
     tune_timeout_s: int = 600
+    idle_timeout_s: int = 0
     faults: str = ""
 
     @property
@@ -119,6 +120,7 @@ def load(env: Mapping[str, str] | None = None) -> Config:
         background_tuning=_flag(env, "HYPATIA_BACKGROUND_TUNING", True),
         tune_budget_ms=_int(env, "HYPATIA_TUNE_BUDGET_MS", 100, minimum=1),
         tune_timeout_s=_int(env, "HYPATIA_TUNE_TIMEOUT_S", 600, minimum=1),
+        idle_timeout_s=_int(env, "HYPATIA_IDLE_TIMEOUT_S", 0),
         faults=env.get("HYPATIA_FAULTS", ""),
     )
     if config.checksum_mode not in CHECKSUM_MODES:
