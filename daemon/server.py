@@ -60,6 +60,7 @@ class Server:
         self._flight_ids = itertools.count(1)
         self._flight_jobs: dict[int, tuple[PlanKeys, str, dict]] = {}
         self._tuning: dict[PlanKeys, list[tuple[bytes, int]]] = {}  # queued or running, with waiters
+        self._tuning_jobs: dict[PlanKeys, dict | None] = {}
         self._batches: dict[int, dict] = {}  # hypatia-ctl tune requests and their progress
         self._batch_ids = itertools.count(1)
         self._peers: dict[bytes, None] = {}
@@ -271,7 +272,10 @@ class Server:
             self.service.counters["coalesced"] += 1
             waiters.append((identity, rid))
             return
-        self._flights[(keys, policy)] = [(identity, rid)]
+        self._plan_flight(keys, policy, job, [(identity, rid)])
+
+    def _plan_flight(self, keys: PlanKeys, policy: str, job: dict, waiters: list[tuple[bytes, int]]) -> None:
+        self._flights[(keys, policy)] = waiters
         flight = next(self._flight_ids)
         self._flight_jobs[flight] = (keys, policy, job)
         self.pool.submit(self._run, ["plan", flight], self.service.make_plan, keys, job, policy)
@@ -286,15 +290,20 @@ class Server:
                 waiters.append(waiter)
             return False
         self._tuning[keys] = [waiter] if waiter is not None else []
-        self.tuner.submit(self._run, ["tune", keys], self.service.tune, keys, job, "EXPLORE" if policy == "EXPLORE" else "FASTEST")
+        self._tuning_jobs[keys] = job
+        self.tuner.submit(self._run, ["tune", keys], self._tuning_job, keys, job, "EXPLORE" if policy == "EXPLORE" else "FASTEST")
         return True
+
+    def _tuning_job(self, keys: PlanKeys, job: dict | None, policy: str) -> dict:
+        self.faults.tuning()
+        return self.service.tune(keys, job, policy)
 
     def _run(self, tag: list, fn, *args) -> None:
         """Worker or tuner thread: run ``fn`` and hand the outcome to the server thread."""
         try:
             result = [*tag, True, fn(*args)]
         except Exception as exc:
-            skipped = type(exc).__name__ == "EnvironmentMismatch"
+            skipped = bool(getattr(exc, "skip", False))  # not a failure: the work is not ours to do
             (log.warning if skipped else log.exception)("%s %s failed: %s", tag[0], str(tag[1])[:40], exc)
             result = [*tag, False, {"skipped": skipped, "error": f"{type(exc).__name__}: {exc}"}]
         push = getattr(self._local, "push", None)
@@ -321,6 +330,7 @@ class Server:
             else:
                 keys = tuple(tag)
                 waiters = [w for w in self._tuning.pop(keys, []) if w is not None]
+                job = self._tuning_jobs.pop(keys, None)
                 outcome = "done" if ok else ("skipped" if payload["skipped"] else "failed")
                 if ok:
                     self.service.planned(keys, payload, tuned=True)
@@ -330,9 +340,17 @@ class Server:
                     if keys in batch["pending"]:
                         batch["pending"].discard(keys)
                         batch[outcome] += 1
+            fallback = None if ok or kind == "plan" else self.service.stored(keys)  # a failed tuning: the plan we have
+            if not ok and kind == "tune" and waiters and fallback is None and job is not None and not self.stopping:
+                # nothing stored yet: plan it without measuring (joining such a flight if one runs)
+                if (keys, "HEURISTIC") in self._flights:
+                    self._flights[(keys, "HEURISTIC")].extend(waiters)
+                else:
+                    self._plan_flight(keys, "HEURISTIC", job, waiters)
+                continue
             for identity, rid in waiters:
-                if ok:
-                    self._send(identity, encode_reply(rid, {"plan": payload}))
+                if ok or fallback is not None:
+                    self._send(identity, encode_reply(rid, {"plan": payload if ok else fallback}))
                 else:
                     self._error(identity, rid, ErrorCode.INTERNAL, f"{kind} failed: {payload['error']}")
 

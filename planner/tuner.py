@@ -30,6 +30,8 @@ log = logging.getLogger("hypatia.tuner")
 class EnvironmentMismatch(Exception):
     """The plan is for another environment than the one this process can measure."""
 
+    skip = True  # the daemon counts it as skipped, not failed
+
 
 @dataclass
 class TuneReport:

@@ -487,3 +487,13 @@ def test_heuristic_policy_runs_the_plan_without_measuring(home, dynamo_reset, mo
         for _ in range(30):
             compiled(torch.randn(4, 32))
     assert session().counters["regions_fused"] == 1 and not session().choices
+
+
+def test_a_failed_tuning_serves_the_plan_there_is_and_is_counted(home):
+    _start(home, HYPATIA_FAULTS="fail_tuning")
+    out = _client(home, "EXPLORE")
+    plan = out["plans"][0]
+    assert not plan["tuned"] and plan["policy"] == "HEURISTIC" and plan["regions"]
+    assert out["counters"].get("fallbacks", 0) == 0 and out["counters"]["regions_fused"] >= 1
+    stats = home.stats()
+    assert stats["tuning"]["failed"] == 1 and stats["tuning"]["tunings"] == 0 and stats["traces"] == 0
