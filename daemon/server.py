@@ -24,6 +24,7 @@ from hypatia.config import Config, ensure_private_dir
 from hypatia.daemon.faults import Faults
 from hypatia.daemon.lock import PidLock
 from hypatia.daemon.notify import sd_notify, watchdog_interval
+from hypatia.daemon.zap import DOMAIN, ZapHandler
 from hypatia.daemon.service import PlanKeys, PlanService, plan_keys, request_policy
 from hypatia.planner.store import Store
 from hypatia.protocol import (
@@ -86,7 +87,10 @@ class Server:
         store = Store(self.config.store_path)
         self.service = PlanService(self.config, store)
         ctx = zmq.Context()
+        self.zap = ZapHandler(ctx, os.getuid())
+        self.zap.start()
         router = ctx.socket(zmq.ROUTER)
+        router.setsockopt(zmq.ZAP_DOMAIN, DOMAIN)  # every connection is checked by the ZAP handler
         router.setsockopt(zmq.LINGER, 0)
         router.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes)
         router.setsockopt(zmq.ROUTER_HANDOVER, 1)
@@ -117,6 +121,7 @@ class Server:
                 signal.signal(s, handler)
             pool.shutdown(wait=True, cancel_futures=True)
             self.tuner.shutdown(wait=True, cancel_futures=True)
+            self.zap.stop()
             ctx.destroy(linger=500)  # let the last drained replies leave
             store.close()
             try:
@@ -232,6 +237,7 @@ class Server:
                 result = self.service.report(body, rid)
             elif method == "stats":
                 result = self.service.stats(inflight=len(self._flights), tuning=len(self._tuning))
+                result["peers"] = {k: self.zap.counters[k] for k in ("accepted", "refused", "unverified", "malformed")}
             elif method == "make_plan":
                 self._start_flight(identity, rid, body)
                 return

@@ -1,0 +1,64 @@
+"""Only the daemon's own user reaches it: peer credentials (SO_PEERCRED) checked through ZAP."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from hypatia.daemon.zap import peer_uid
+
+
+def test_peer_uid_is_read_from_the_zap_address():
+    assert peer_uid(b"/run/user/1000/hypatia/hypatiad.sock:1000:1000:4242") == 1000
+    assert peer_uid(b":0:0:1") == 0
+    assert peer_uid(b"") is None and peer_uid(b"127.0.0.1") is None and peer_uid(b"a:b:c:d") is None
+
+
+def test_own_user_is_accepted_through_zap(daemon):
+    daemon.python("import torch; from hypatia.client.rpc import DaemonClient; from hypatia.config import load; "
+                  "c = DaemonClient(load()); print(c.call('ping')); c.close()")
+    peers = daemon.stats()["peers"]
+    assert peers["accepted"] >= 2 and peers["refused"] == 0 and peers["unverified"] == 0
+
+
+OTHER_USER_CLIENT = textwrap.dedent(
+    """
+    import sys, zmq
+    from hypatia.protocol import PROTOCOL_VERSION, encode_request
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(sys.argv[1])
+    s.send(encode_request(1, "hello", {"protocol": PROTOCOL_VERSION}))
+    print("answered" if s.poll(3000) else "no answer")
+    """
+)
+
+
+@pytest.mark.skipif(os.getuid() != 0 or shutil.which("setpriv") is None,
+                    reason="needs root and setpriv to run a client as another user")
+def test_another_user_is_refused_even_when_the_socket_is_left_open(daemon):
+    # Loosen the directory and socket by hand, as a careless admin might: the ZAP check still holds.
+    os.chmod(daemon.path, 0o755)
+    os.chmod(daemon.config.runtime_dir, 0o755)
+    os.chmod(daemon.config.socket_path, 0o777)
+    try:
+        proc = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", OTHER_USER_CLIENT,
+             daemon.config.endpoint],
+            env=daemon.env, capture_output=True, text=True, timeout=60, cwd="/tmp",
+        )
+    finally:
+        os.chmod(daemon.config.runtime_dir, 0o700)
+        os.chmod(daemon.config.socket_path, 0o600)
+        os.chmod(daemon.path, 0o700)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "no answer"
+    stats = daemon.stats()  # the daemon's own user is still served
+    assert stats["peers"]["refused"] >= 1
+    assert "refused a connection from uid 65534" in daemon.config.log_path.read_text()
