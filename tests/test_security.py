@@ -62,3 +62,21 @@ def test_another_user_is_refused_even_when_the_socket_is_left_open(daemon):
     stats = daemon.stats()  # the daemon's own user is still served
     assert stats["peers"]["refused"] >= 1
     assert "refused a connection from uid 65534" in daemon.config.log_path.read_text()
+
+
+def test_daemon_refuses_a_runtime_directory_others_can_enter(home):
+    home.config.runtime_dir.mkdir(parents=True)
+    os.chmod(home.config.runtime_dir, 0o755)
+    proc = home.hypatiad("start", check=False)
+    assert proc.returncode == 2
+    assert "has mode 755" in proc.stderr and f"chmod 700 {home.config.runtime_dir}" in proc.stderr
+    assert home.daemon_pid() is None
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to give the directory to another user")
+def test_daemon_refuses_a_runtime_directory_of_another_owner(home):
+    home.config.runtime_dir.mkdir(parents=True, mode=0o700)
+    os.chown(home.config.runtime_dir, 65534, 65534)
+    proc = home.hypatiad("start", check=False)
+    assert proc.returncode == 2 and "belongs to uid 65534" in proc.stderr
+    assert home.daemon_pid() is None
