@@ -9,6 +9,7 @@ because of Hypatia.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -215,8 +216,6 @@ def _backward_planned_now():
     """AOTAutograd compiles the backward graph lazily, at the first backward call; planning it
     with the forward lets the backend see both and pass a graph with nothing to fuse straight
     through. Where this torch lacks the switch, the backward is planned lazily as before."""
-    import contextlib
-
     import torch._functorch.config as aot_config
 
     if hasattr(aot_config, "force_non_lazy_backward_lowering"):

@@ -36,7 +36,7 @@ FAMILIES: tuple[Family, ...] = (normalization.FAMILY, linear_activation.FAMILY, 
 class PlanState:
     graph: CanonicalGraph
     env: dict | None = None
-    model: costs.CostModel = costs.CostModel(dict(costs.DEFAULT_CEILINGS))
+    model: costs.CostModel = costs.cost_model()
     measured: paths.Measurements | None = None
     candidates: tuple[extract.Candidate, ...] = ()
     claimed: frozenset[int] = frozenset()  # nodes of the greedy choice, which later finders skip

@@ -111,9 +111,20 @@ class _Costs:
 
     def __init__(self, graph: CanonicalGraph, model: costs.CostModel, measured: Measurements | None):
         self.graph, self.model, self.measured = graph, model, measured or {}
+        self._keys: dict[tuple, str] = {}
+
+    def _measurement(self, region: Region, implementation: str) -> Measurement | None:
+        """The measurement of ``region`` run as ``implementation``; its structural key is
+        hashed once per region, and not at all when nothing is measured (HEURISTIC)."""
+        if not self.measured:
+            return None
+        ident = (region.rule, region.output, region.nodes)
+        if ident not in self._keys:
+            self._keys[ident] = region_key(self.graph, region)
+        return self.measured.get((self._keys[ident], implementation))
 
     def eager(self, region: Region) -> tuple[float, bool]:
-        hit = self.measured.get((region_key(self.graph, region), EAGER))
+        hit = self._measurement(region, EAGER)
         if hit is not None:
             return hit.median_s, True
         ceilings = self.model.ceilings(costs.node_device(self.graph, region.output))
@@ -121,7 +132,7 @@ class _Costs:
 
     def fused(self, region: Region, eager_measured: bool) -> tuple[float, float, float, bool] | None:
         """(copy in, run, copy out) seconds and whether measured; None when excluded."""
-        hit = self.measured.get((region_key(self.graph, region), region.implementation))
+        hit = self._measurement(region, region.implementation)
         if hit is not None:
             return (0.0, hit.median_s, 0.0, True) if hit.ok else None
         if eager_measured:
@@ -170,7 +181,12 @@ def branches(cluster: list[Candidate]) -> Iterator[tuple[Candidate, ...]]:
 def path_graph(graph: CanonicalGraph, cands: list[Candidate], env: dict | None, model: costs.CostModel,
                measured: Measurements | None = None, excluded: frozenset[tuple[int, str]] = frozenset()) -> nx.DiGraph:
     """The alternatives of every cluster between ``("join", 0)`` and ``("join", len(clusters))``."""
-    cost = _Costs(graph, model, measured)
+    return _path_graph(graph, cands, env, _Costs(graph, model, measured), excluded)
+
+
+def _path_graph(graph: CanonicalGraph, cands: list[Candidate], env: dict | None, cost: _Costs,
+                excluded: frozenset[tuple[int, str]]) -> nx.DiGraph:
+    model = cost.model
     g = nx.DiGraph()
     groups = clusters(cands)
     g.add_node(("join", 0))
@@ -230,11 +246,12 @@ def choose(graph: CanonicalGraph, cands: list[Candidate], env: dict | None, mode
            measured: Measurements | None = None, excluded: frozenset[tuple[int, str]] = frozenset(),
            ) -> tuple[list[Choice], list[Decision]]:
     """The chosen implementations and one decision per candidate (EAGER where none was taken)."""
-    chosen = shortest(path_graph(graph, cands, env, model, measured, excluded))
-    heuristic = {(c.region.output, c.region.rule): c.region.implementation
-                 for c in shortest(path_graph(graph, cands, env, model, None, excluded))} if measured is not None else None
-    by_output = {c.region.output: c for c in chosen}
     cost = _Costs(graph, model, measured)
+    chosen = shortest(_path_graph(graph, cands, env, cost, excluded))
+    heuristic = {(c.region.output, c.region.rule): c.region.implementation
+                 for c in shortest(_path_graph(graph, cands, env, _Costs(graph, model, None), excluded))} \
+        if measured is not None else None
+    by_output = {c.region.output: c for c in chosen}
     decisions = []
     for cand in sorted(cands, key=lambda c: (c.region.output, c.rule)):
         pick = by_output.get(cand.region.output)
@@ -245,7 +262,7 @@ def choose(graph: CanonicalGraph, cands: list[Candidate], env: dict | None, mode
             d = Decision(cand.rule, cand.region.output, EAGER, eager_s, eager_s, measured_eager)
         if heuristic is not None:
             impl = heuristic.get((cand.region.output, cand.rule), EAGER)
-            hit = None if impl == EAGER else (measured or {}).get((region_key(graph, cand.region), impl))
+            hit = None if impl == EAGER else cost._measurement(cand.region, impl)
             d = replace(d, heuristic=impl, heuristic_cost_s=cost.eager(cand.region)[0] if impl == EAGER
                         else (hit.median_s if hit is not None and hit.ok else 0.0))
         decisions.append(d)

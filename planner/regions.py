@@ -11,7 +11,7 @@ import torch
 
 from hypatia.canonical import CanonicalGraph, is_ref
 from hypatia.planner import equivalence
-from hypatia.planner.plan import Region, region_key  # noqa: F401  (re-exported)
+from hypatia.planner.plan import Region
 from hypatia.planner.rules import tensor_meta
 
 SEED = 4321
