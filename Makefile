@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install --quiet -e '.[test]'
-	@$(BIN)/python -c "import torch, zmq, msgpack, sqlite_utils, networkx, egglog, pytest, pytest_timeout, hypothesis" \
+	@$(BIN)/python -c "import torch, zmq, msgpack, sqlite_utils, networkx, egglog, pytest, pytest_timeout, hypothesis, psycopg" \
 		|| { echo "set-up incomplete: a required package did not install" >&2; exit 1; }
 	touch $(STAMP)
 

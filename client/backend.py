@@ -85,7 +85,7 @@ class Session:
 
     # -- planning -------------------------------------------------------------------------
     def _ask_daemon(self, graph: CanonicalGraph, keys: tuple[str, str, str], workload: list, env: dict) -> dict:
-        if self.config.autostart:
+        if self.config.autostart and not self.config.remote:  # a remote daemon is not ours to start
             try:
                 ensure_daemon(self.config)
             except AutostartFailed as exc:

@@ -19,6 +19,7 @@ import zmq
 
 from hypatia import __version__
 from hypatia.config import Config, read_daemon_pid
+from hypatia.keys import KeysError, load_client_keys
 from hypatia.protocol import (
     PROTOCOL_VERSION,
     ErrorCode,
@@ -75,7 +76,12 @@ class DaemonClient:
         sock.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes)
         sock.setsockopt(zmq.RECONNECT_IVL, 50)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 500)
-        sock.connect(self.config.endpoint)
+        if self.config.remote:
+            keys = load_client_keys(self.config.client_keys)
+            sock.curve_serverkey = keys.server_public
+            sock.curve_publickey = keys.public
+            sock.curve_secretkey = keys.secret
+        sock.connect(self.config.client_endpoint)
         return sock
 
     def _reset(self) -> None:
@@ -104,7 +110,7 @@ class DaemonClient:
                 raise TimeoutError(f"{method}: no reply within {self.timeout_ms} ms")
             # Wait in slices: a late reply is the moment to notice a daemon that died.
             if not sock.poll(min(left_ms, LIVENESS_SLICE_MS), zmq.POLLIN):
-                if read_daemon_pid(self.config) is None:
+                if not self.config.remote and read_daemon_pid(self.config) is None:
                     raise DaemonGone(f"hypatiad exited while answering {method}")
                 continue
             reply = decode_reply(sock.recv(), self.config.max_message_bytes)
@@ -139,7 +145,7 @@ class DaemonClient:
                 try:
                     if self._sock is None:
                         # Checked only when connecting: the hot path stays one send and one recv.
-                        if read_daemon_pid(self.config) is None:
+                        if not self.config.remote and read_daemon_pid(self.config) is None:
                             raise DaemonGone(f"no hypatiad is running for {self.config.endpoint}")
                         self._sock = self._open()
                         self._handshake(self._sock, deadline)
@@ -147,6 +153,9 @@ class DaemonClient:
                 except (VersionSkew, DaemonGone):
                     self._reset()
                     raise
+                except KeysError as exc:  # retrying cannot help: the key file itself is wrong
+                    self._reset()
+                    raise DaemonUnavailable(str(exc)) from None
                 except RemoteError as exc:
                     if exc.code == ErrorCode.VERSION_MISMATCH:
                         self._reset()
@@ -160,6 +169,6 @@ class DaemonClient:
                     self._reset()
                     last = exc
             raise DaemonUnavailable(
-                f"hypatiad at {self.config.endpoint} did not answer {method} after "
+                f"hypatiad at {self.config.client_endpoint} did not answer {method} after "
                 f"{1 + self.retries} attempt(s): {last}"
             )

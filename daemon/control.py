@@ -18,6 +18,7 @@ from hypatia.client.rpc import DaemonClient, DaemonUnavailable
 from hypatia.config import Config, ensure_private_dir, read_daemon_pid
 from hypatia.daemon.lock import AlreadyRunning, PidLock
 from hypatia.daemon.server import Server, StartFailed
+from hypatia.keys import admit_client, admitted, ensure_server_keys, revoke_client
 from hypatia.planner.plan import PlanFormatError
 from hypatia.planner.store import Store, StoreError
 from hypatia.protocol import ErrorCode, RemoteError
@@ -134,7 +135,7 @@ def status(config: Config) -> dict[str, Any]:
         "pid": pid,
         "version": (answer or {}).get("version"),
         "socket": config.endpoint,
-        "store": str(config.store_path),
+        "store": config.store_shown,
         "log": str(config.log_path),
     }
 
@@ -149,9 +150,9 @@ def stats(config: Config) -> dict[str, Any]:
             pass
         finally:
             client.close()
-    result: dict[str, Any] = {"running": False, "socket": config.endpoint, "store": {"path": str(config.store_path)}}
+    result: dict[str, Any] = {"running": False, "socket": config.endpoint, "store": {"path": config.store_shown}}
     try:
-        store = Store(config.store_path, readonly=True)
+        store = Store(config.store_location, readonly=True)
     except StoreError as exc:
         return result | {"note": str(exc)}
     try:
@@ -174,7 +175,7 @@ class NoSuchPlan(LookupError):
 
 
 def _read_store(config: Config) -> Store:
-    return Store(config.store_path, readonly=True)
+    return Store(config.store_location, readonly=True)
 
 
 def plans(config: Config) -> list[dict]:
@@ -236,8 +237,8 @@ def tune(config: Config, graph_key: str = "", progress: Callable[[dict], None] |
 
 
 def flush(config: Config) -> dict[str, int]:
-    """Empty the plan cache: through the daemon when it runs, else by removing the store file.
-    Returns the number of rows per table that were deleted."""
+    """Empty the plan cache: through the daemon when it runs, else by removing the store file (or,
+    for a shared PostgreSQL store, its rows). Returns the number of rows per table deleted."""
     if read_daemon_pid(config) is not None:
         client = DaemonClient(config, timeout_ms=max(config.timeout_ms, 10_000), retries=0)
         try:
@@ -252,6 +253,12 @@ def flush(config: Config) -> dict[str, int]:
     lock = PidLock(config.lock_path)
     lock.acquire()  # no daemon starts on the file while it goes (AlreadyRunning if one just did)
     try:
+        if config.store_url:
+            store = Store(config.store_url)
+            try:
+                return store.flush()
+            finally:
+                store.close()
         try:
             store = _read_store(config)
             counts = store.counts()
@@ -266,3 +273,23 @@ def flush(config: Config) -> dict[str, int]:
         return counts
     finally:
         lock.release()
+
+
+def keys(config: Config, admit: str | None = None, revoke: str | None = None) -> str:
+    """Create the daemon's CURVE key pair if needed, admit or revoke a client, and describe the
+    result for people."""
+    public, _ = ensure_server_keys(config.keys_dir)
+    lines = []
+    if admit:
+        bundle = admit_client(config.keys_dir, admit)
+        lines += [f"admitted client {admit!r}; copy {bundle} to its machine (keep it private) and set there:",
+                  f"  HYPATIA_CONNECT=tcp://<this host>:<port>  HYPATIA_CLIENT_KEYS=<path of the copy>", ""]
+    if revoke:
+        revoke_client(config.keys_dir, revoke)
+        lines += [f"revoked client {revoke!r}: its next connection is refused", ""]
+    clients = sorted(admitted(config.keys_dir).values())
+    lines += [f"server public key: {public.decode()}",
+              f"keys directory:    {config.keys_dir}",
+              f"admitted clients:  {', '.join(clients) if clients else 'none (hypatia-ctl keys --client NAME)'}",
+              f"TCP listener:      {config.listen or 'off (set HYPATIA_LISTEN=tcp://ADDRESS:PORT for hypatiad)'}"]
+    return "\n".join(lines)

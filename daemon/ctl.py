@@ -13,6 +13,7 @@ from hypatia.client.rpc import DaemonUnavailable
 from hypatia.daemon.cli import print_status
 from hypatia.daemon.lock import AlreadyRunning
 from hypatia.daemon.server import StartFailed
+from hypatia.keys import KeysError
 from hypatia.planner.store import StoreError
 from hypatia.protocol import RemoteError
 
@@ -44,6 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Delete every stored graph, plan, benchmark trace and verdict. Asks first "
                        "unless --yes is given.")
     p.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
+    p = sub.add_parser("keys", help="CURVE keys for the optional TCP listener: show, admit or revoke clients",
+                       description="Create the daemon's CURVE key pair if it has none and print its public key and "
+                       "the admitted clients. With --client NAME, also create a key pair for a remote client, "
+                       "admit it, and write the file its machine points HYPATIA_CLIENT_KEYS at. With --revoke NAME, "
+                       "stop admitting that client.")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--client", metavar="NAME", help="admit a new remote client and write its key file")
+    group.add_argument("--revoke", metavar="NAME", help="stop admitting this client")
     return parser
 
 
@@ -126,6 +135,8 @@ def format_stats(s: dict[str, Any]) -> str:
             ("pid", s["pid"]),
             ("uptime", f"{s['uptime_s']:.1f} s"),
             ("socket", s["socket"]),
+            ("tcp listener", s.get("listen") or "off"),
+            ("peers", ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in s.get("peers", {}).items() if v) or "none yet"),
             ("store", s["store"]["path"]),
             ("store size", _fmt_bytes(s["store"]["size_bytes"])),
             ("clients seen", s["clients_seen"]),
@@ -148,7 +159,7 @@ def format_stats(s: dict[str, Any]) -> str:
         rows += [
             ("fallbacks", s["fallbacks"]),
             ("errors", s["error_total"]),
-            ("corrupt rows", s["corrupt_rows"]),
+            ("corrupt rows", f"{s['corrupt_rows']} ({s.get('quarantined_rows', 0)} quarantined)"),
             ("rules fired", ", ".join(f"{k} {v}" for k, v in sorted(s["rules"].items())) or "none"),
             ("tunings", f"{s['tuning']['tunings']} done, {s['tuning']['failed']} failed, {s['tuning']['skipped']} skipped, "
                         f"{s['tuning_inflight']} in flight, {s['tuning']['coalesced']} coalesced"
@@ -188,12 +199,15 @@ def main(argv: list[str] | None = None) -> int:
                     print("hypatia-ctl: flush deletes every stored plan and measurement; "
                           "run it with --yes to confirm when not at a terminal", file=sys.stderr)
                     return 2
-                answer = input(f"Delete every plan, graph and benchmark trace in {config.store_path}? [y/N] ")
+                answer = input(f"Delete every plan, graph and benchmark trace in {config.store_shown}? [y/N] ")
                 if answer.strip().lower() not in ("y", "yes"):
                     print("nothing deleted")
                     return 1
             deleted = control.flush(config)
             print("flushed: " + (", ".join(f"{n} {t}" for t, n in sorted(deleted.items())) or "the store was empty"))
+            return 0
+        if args.command == "keys":
+            print(control.keys(config, admit=args.client, revoke=args.revoke))
             return 0
         pid = control.stop(config)
         print(f"hypatiad (pid {pid}) stopped")
@@ -202,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hypatia-ctl: {exc}", file=sys.stderr)
         return 3
     except (ConfigError, TimeoutError, control.NoSuchPlan, StoreError, AlreadyRunning, StartFailed,
-            DaemonUnavailable, RemoteError) as exc:
+            DaemonUnavailable, RemoteError, KeysError) as exc:
         print(f"hypatia-ctl: {exc}", file=sys.stderr)
         return 2
 

@@ -20,11 +20,12 @@ from typing import Any
 import zmq
 
 from hypatia import __version__
-from hypatia.config import Config, ensure_private_dir
+from hypatia.config import Config, ConfigError, ensure_private_dir
 from hypatia.daemon.faults import Faults
 from hypatia.daemon.lock import PidLock
 from hypatia.daemon.notify import sd_notify, watchdog_interval
-from hypatia.daemon.zap import DOMAIN, ZapHandler
+from hypatia.daemon.zap import COUNTERS as ZAP_COUNTERS, DOMAIN, TCP_DOMAIN, ZapHandler
+from hypatia.keys import KeysError, server_keys
 from hypatia.daemon.service import PlanKeys, PlanService, plan_keys, request_policy
 from hypatia.planner.store import Store
 from hypatia.protocol import (
@@ -45,6 +46,7 @@ RESULTS_ENDPOINT = "inproc://hypatiad-results"
 STATUS_EVERY_S = 5.0  # how often STATUS= is refreshed for systemctl status
 MAX_HANDSHAKEN_PEERS = 65536
 DRAIN_TIMEOUT_S = 60.0
+LOCAL, TCP = b"l", b"t"  # the first byte of a peer's identity inside the daemon: which socket it came in on
 
 
 class StartFailed(Exception):
@@ -84,10 +86,10 @@ class Server:
             lock.release()
 
     def _serve(self) -> int:
-        store = Store(self.config.store_path)
+        store = Store(self.config.store_location)
         self.service = PlanService(self.config, store)
         ctx = zmq.Context()
-        self.zap = ZapHandler(ctx, os.getuid())
+        self.zap = ZapHandler(ctx, os.getuid(), self.config.keys_dir)
         self.zap.start()
         router = ctx.socket(zmq.ROUTER)
         router.setsockopt(zmq.ZAP_DOMAIN, DOMAIN)  # every connection is checked by the ZAP handler
@@ -98,6 +100,10 @@ class Server:
         results.setsockopt(zmq.LINGER, 0)
         results.bind(RESULTS_ENDPOINT)
         self.ctx, self.router, self.results = ctx, router, results
+        # Replies go back through the socket a request came in on: identities carry its tag.
+        self.sockets = {LOCAL: router}
+        if self.config.listen:  # before the ipc bind: a listener that cannot start stops the daemon here
+            self.sockets[TCP] = self._tcp_listener(ctx)
         sock = self.config.socket_path
         if sock.exists() or sock.is_symlink():
             sock.unlink()  # stale: we hold the lock, so no live daemon owns it
@@ -111,7 +117,7 @@ class Server:
         self.pool = pool
         self.tuner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hypatiad-tune")
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-        log.info("hypatiad %s serving %s (pid %d, store %s)", __version__, self.config.endpoint, os.getpid(), store.path)
+        log.info("hypatiad %s serving %s (pid %d, store %s)", __version__, self.config.endpoint, os.getpid(), store.location)
         sd_notify(f"READY=1\nSTATUS=serving {self.config.endpoint}\nMAINPID={os.getpid()}")
         try:
             self._loop()
@@ -130,6 +136,28 @@ class Server:
                 pass
             log.info("hypatiad stopped")
         return 0
+
+    def _tcp_listener(self, ctx: zmq.Context) -> zmq.Socket:
+        """The optional listener for remote clients: CURVE-encrypted, admitted keys only."""
+        try:
+            public, secret = server_keys(self.config.keys_dir)
+        except KeysError as exc:
+            raise ConfigError(f"HYPATIA_LISTEN={self.config.listen} is set, but {exc}") from None
+        tcp = ctx.socket(zmq.ROUTER)
+        tcp.setsockopt(zmq.LINGER, 0)
+        tcp.setsockopt(zmq.MAXMSGSIZE, self.config.max_message_bytes)
+        tcp.setsockopt(zmq.ROUTER_HANDOVER, 1)
+        tcp.curve_server = True
+        tcp.curve_secretkey = secret
+        tcp.curve_publickey = public
+        tcp.setsockopt(zmq.ZAP_DOMAIN, TCP_DOMAIN)
+        try:
+            tcp.bind(self.config.listen)
+        except zmq.ZMQError as exc:
+            tcp.close(linger=0)
+            raise ConfigError(f"HYPATIA_LISTEN={self.config.listen}: cannot listen there ({exc})") from None
+        log.info("listening for CURVE clients on %s (server key %s)", self.config.listen, public.decode())
+        return tcp
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         if not self.stopping:
@@ -159,7 +187,8 @@ class Server:
 
     def _loop(self) -> None:
         poller = zmq.Poller()
-        poller.register(self.router, zmq.POLLIN)
+        for sock in self.sockets.values():
+            poller.register(sock, zmq.POLLIN)
         poller.register(self.results, zmq.POLLIN)
         drain_deadline = None
         self._watchdog = watchdog_interval()
@@ -181,17 +210,19 @@ class Server:
                 raise
             if self.results in events:
                 self._collect_results()
-            if self.router in events:
+            for tag, sock in self.sockets.items():
+                if sock not in events:
+                    continue
                 for _ in range(256):
                     try:
-                        frames = self.router.recv_multipart(zmq.NOBLOCK, copy=True)
+                        frames = sock.recv_multipart(zmq.NOBLOCK, copy=True)
                     except zmq.Again:
                         break
-                    self._dispatch(frames)
+                    self._dispatch([tag + frames[0], *frames[1:]])
 
     def _send(self, identity: bytes, payload: bytes) -> None:
         try:
-            self.router.send_multipart([identity, payload], zmq.NOBLOCK)
+            self.sockets[identity[:1]].send_multipart([identity[1:], payload], zmq.NOBLOCK)
         except zmq.ZMQError as exc:  # peer gone or its queue full: it will retry
             log.debug("reply dropped: %s", exc)
 
@@ -237,7 +268,8 @@ class Server:
                 result = self.service.report(body, rid)
             elif method == "stats":
                 result = self.service.stats(inflight=len(self._flights), tuning=len(self._tuning))
-                result["peers"] = {k: self.zap.counters[k] for k in ("accepted", "refused", "unverified", "malformed")}
+                result["peers"] = {k: self.zap.counters[k] for k in ZAP_COUNTERS}
+                result["listen"] = self.config.listen or None
             elif method == "make_plan":
                 self._start_flight(identity, rid, body)
                 return

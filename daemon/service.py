@@ -294,7 +294,7 @@ class PlanService:
             "uptime_s": round(time.time() - self.started, 3),
             "socket": self.config.endpoint,
             "store": {
-                "path": str(self.store.path),
+                "path": self.store.location,
                 "size_bytes": self.store.size_bytes(),
                 "schema_version": SCHEMA_VERSION,
             },
@@ -329,6 +329,8 @@ class PlanService:
             "errors": dict(self.errors),
             "error_total": sum(self.errors.values()),
             "corrupt_rows": self.store.counters["corrupt_rows"],
+            "quarantined_rows": self.store.counters["quarantined_rows"],
+            "store_quarantined": self.store.counters["store_quarantined"],
             "rules": {k[5:]: v for k, v in planner_counters.counters.items() if k.startswith("rule.")},
             "inflight": inflight,
             "tuning_inflight": tuning,

@@ -65,6 +65,14 @@ class Config:
     tune_timeout_s: int = 600
     idle_timeout_s: int = 0
     faults: str = ""
+    # Where plans are stored: "" for the SQLite file in cache_dir, or a postgresql:// URL that
+    # the daemons of several hosts share.
+    store_url: str = ""
+    # The optional TCP listener for remote clients (CURVE only), and a client's way to it.
+    listen: str = ""
+    connect: str = ""
+    client_keys: str = ""
+    keys_dir: Path | None = None
 
     @property
     def socket_path(self) -> Path:
@@ -72,7 +80,18 @@ class Config:
 
     @property
     def endpoint(self) -> str:
+        """The daemon's own socket on this host."""
         return f"ipc://{self.socket_path}"
+
+    @property
+    def client_endpoint(self) -> str:
+        """Where this process's client reaches a daemon: ``HYPATIA_CONNECT`` (tcp, CURVE) if set."""
+        return self.connect or self.endpoint
+
+    @property
+    def remote(self) -> bool:
+        """The daemon is on another host: reached over TCP, never started from here."""
+        return bool(self.connect)
 
     @property
     def lock_path(self) -> Path:
@@ -87,8 +106,27 @@ class Config:
         return self.cache_dir / "hypatia.sqlite"
 
     @property
+    def store_location(self) -> Path | str:
+        """The store the daemon opens: a PostgreSQL URL when ``HYPATIA_STORE`` names one."""
+        return self.store_url or self.store_path
+
+    @property
+    def store_shown(self) -> str:
+        """The store's location for people: a URL's password is never printed or logged."""
+        return redact(self.store_url) if self.store_url else str(self.store_path)
+
+    @property
     def log_path(self) -> Path:
         return self.cache_dir / "hypatiad.log"
+
+
+def redact(url: str) -> str:
+    """``url`` without its password."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if not at or ":" not in userinfo:
+        return url
+    return f"{scheme}{sep}{userinfo.split(':', 1)[0]}:***@{host}"
 
 
 def load(env: Mapping[str, str] | None = None) -> Config:
@@ -98,13 +136,15 @@ def load(env: Mapping[str, str] | None = None) -> Config:
     uid = os.getuid()
     if home:
         base = Path(home).expanduser().absolute()
-        runtime_dir, cache_dir = base / "run", base / "cache"
+        runtime_dir, cache_dir, keys_dir = base / "run", base / "cache", base / "keys"
     else:
         xdg_run = env.get("XDG_RUNTIME_DIR")
         runtime_dir = Path(xdg_run) / "hypatia" if xdg_run else Path(f"/tmp/hypatia-{uid}")
         xdg_cache = env.get("XDG_CACHE_HOME")
         cache_root = Path(xdg_cache) if xdg_cache else Path.home() / ".cache"
         cache_dir = cache_root / "hypatia"
+        xdg_config = env.get("XDG_CONFIG_HOME")
+        keys_dir = (Path(xdg_config) if xdg_config else Path.home() / ".config") / "hypatia" / "keys"
     config = Config(
         runtime_dir=runtime_dir,
         cache_dir=cache_dir,
@@ -122,7 +162,29 @@ def load(env: Mapping[str, str] | None = None) -> Config:
         tune_timeout_s=_int(env, "HYPATIA_TUNE_TIMEOUT_S", 600, minimum=1),
         idle_timeout_s=_int(env, "HYPATIA_IDLE_TIMEOUT_S", 0),
         faults=env.get("HYPATIA_FAULTS", ""),
+        store_url=env.get("HYPATIA_STORE", "").strip(),
+        listen=env.get("HYPATIA_LISTEN", "").strip(),
+        connect=env.get("HYPATIA_CONNECT", "").strip(),
+        client_keys=env.get("HYPATIA_CLIENT_KEYS", "").strip(),
+        keys_dir=keys_dir,
     )
+    if config.store_url and not config.store_url.startswith(("postgresql://", "postgres://")):
+        raise ConfigError(
+            f"HYPATIA_STORE={config.store_url!r} is not a postgresql:// URL; unset it to keep plans in "
+            f"{config.store_path}, or give e.g. postgresql://user@dbhost:5432/hypatia to share them between hosts"
+        )
+    for name, value in (("HYPATIA_LISTEN", config.listen), ("HYPATIA_CONNECT", config.connect)):
+        if value and not value.startswith("tcp://"):
+            raise ConfigError(
+                f"{name}={value!r} is not a tcp:// endpoint; give e.g. tcp://0.0.0.0:7787 (local clients "
+                "always use the private ipc socket and need no setting)"
+            )
+    if config.connect and not config.client_keys:
+        raise ConfigError(
+            "HYPATIA_CONNECT names a remote daemon but HYPATIA_CLIENT_KEYS is not set; TCP connections "
+            "are CURVE-encrypted only: run `hypatia-ctl keys --client NAME` on the daemon's host and "
+            "point HYPATIA_CLIENT_KEYS at the file it writes"
+        )
     if config.checksum_mode not in CHECKSUM_MODES:
         raise ConfigError(
             f"HYPATIA_CHECKSUM_MODE={config.checksum_mode!r} is not one of {', '.join(CHECKSUM_MODES)}; "

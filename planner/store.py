@@ -1,14 +1,15 @@
-"""The plan store: one SQLite file through sqlite-utils, WAL, a schema version and migrations.
+"""The plan store: SQLite (one file per host, WAL) by default, PostgreSQL for a cluster of hosts.
 
-The daemon is the only writer. Each thread gets its own connection. A row whose checksum or
-format does not verify is a miss: it is counted, removed and re-planned, never served.
+The daemon is the only writer of a SQLite store; several daemons may share a PostgreSQL one.
+Each thread gets its own connection. A row whose checksum or format does not verify is a miss:
+it is counted, moved to ``quarantine`` and re-planned, never served. A SQLite file that cannot
+be read at all is moved aside whole and the store starts empty.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import sqlite3
 import threading
 import time
 from collections import Counter
@@ -16,65 +17,74 @@ from pathlib import Path
 from typing import Any
 
 import msgpack
-import sqlite_utils
 
+from hypatia.config import redact
+from hypatia.planner.databases import Database, StoreError, UnreadableStore, connect, is_postgres
 from hypatia.planner.plan import Plan, PlanFormatError, recipe_checksum, recipe_text
-from hypatia.planner.schema import MIGRATIONS, SCHEMA_VERSION, TABLES
+from hypatia.planner.schema import SCHEMA_VERSION, TABLES
+
+__all__ = ["SCHEMA_VERSION", "TABLES", "Store", "StoreError"]
 
 log = logging.getLogger("hypatia.store")
 
-
-
-class StoreError(Exception):
-    """The store cannot be opened or used as it is; the message says what to do."""
+PLAN_PK = ("graph_key", "workload_key", "env_key")
 
 
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-class Store:
-    """The SQLite plan store at ``path``; ``readonly`` opens it for inspection only."""
+def _columns(names: Any) -> str:
+    return ", ".join(f'"{n}"' for n in names)
 
-    def __init__(self, path: Path, readonly: bool = False):
-        self.path = Path(path)
+
+class Store:
+    """The plan store at ``location`` (a SQLite file path or a ``postgresql://`` URL);
+    ``readonly`` opens it for inspection only."""
+
+    def __init__(self, location: Path | str, readonly: bool = False):
+        self.postgres = is_postgres(location)
+        self.path: Path | None = None if self.postgres else Path(location)
+        self._target = str(location)
+        # What logs, stats and messages show: a PostgreSQL URL loses its password.
+        self.location = redact(self._target) if self.postgres else str(self.path)
         self.readonly = readonly
         self.counters: Counter = Counter()
         self._local = threading.local()
-        if readonly:
-            if not self.path.exists():
-                raise StoreError(f"no store at {self.path} yet; it is created by the first plan")
-            version = self._db().execute("PRAGMA user_version").fetchone()[0]
-            if version != SCHEMA_VERSION:
-                raise StoreError(
-                    f"{self.path} has schema version {version}, this Hypatia reads {SCHEMA_VERSION}; "
-                    "start the daemon of this version to migrate it"
-                )
-        else:
-            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            self._open_or_quarantine()
+        try:
+            if readonly:
+                if self.path is not None and not self.path.exists():
+                    raise StoreError(f"no store at {self.path} yet; it is created by the first plan")
+                version = self._db().schema_version()
+                if version != SCHEMA_VERSION:
+                    raise StoreError(
+                        f"{self.location} has schema version {version}, this Hypatia reads {SCHEMA_VERSION}; "
+                        "start the daemon of this version to create or migrate it"
+                    )
+            else:
+                if self.path is not None:
+                    self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                self._open_or_quarantine()
+        except BaseException:
+            self.close()  # a store that failed to open holds no connection
+            raise
 
     # -- connections ----------------------------------------------------------------------
-    def _connect(self) -> sqlite_utils.Database:
-        if self.readonly:
-            conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=10, check_same_thread=False)
-        else:
-            conn = sqlite3.connect(str(self.path), timeout=10, check_same_thread=False)
-        db = sqlite_utils.Database(conn, execute_plugins=False)
-        db.execute("PRAGMA busy_timeout = 10000")
-        db.execute("PRAGMA foreign_keys = ON")
-        return db
-
-    def _db(self) -> sqlite_utils.Database:
+    def _db(self) -> Database:
         db = getattr(self._local, "db", None)
+        if db is not None and db.broken:
+            db.close()
+            db = None
         if db is None:
-            db = self._local.db = self._connect()
+            db = self._local.db = connect(self._target, self.readonly)
         return db
 
     def _open_or_quarantine(self) -> None:
         try:
-            self._migrate()
-        except sqlite3.DatabaseError as exc:
+            self._db().migrate()
+        except UnreadableStore as exc:
+            if self.path is None:
+                raise
             stamp = time.strftime("%Y%m%d-%H%M%S")
             aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
             log.error("store %s is unreadable (%s); moved aside to %s and starting empty", self.path, exc, aside)
@@ -84,28 +94,43 @@ class Store:
                 if src.exists():
                     src.rename(Path(str(aside) + suffix))
             self.counters["store_quarantined"] += 1
-            self._migrate()
-
-    def _migrate(self) -> None:
-        db = self._db()
-        db.enable_wal()
-        version = db.execute("PRAGMA user_version").fetchone()[0]
-        if version > SCHEMA_VERSION:
-            raise StoreError(
-                f"{self.path} was written by a newer Hypatia (schema {version} > {SCHEMA_VERSION}); "
-                "upgrade Hypatia, or point HYPATIA_HOME elsewhere"
-            )
-        for target in range(version + 1, SCHEMA_VERSION + 1):
-            with db.atomic():
-                MIGRATIONS[target - 1](db)
-                db.execute(f"PRAGMA user_version = {target}")
-            log.info("store %s migrated to schema %d", self.path, target)
+            self._db().migrate()
 
     def close(self) -> None:
         db = getattr(self._local, "db", None)
         if db is not None:
-            db.conn.close()
+            db.close()
             self._local.db = None
+
+    # -- the SQL both databases share -----------------------------------------------------
+    @staticmethod
+    def _insert(db: Database, table: str, row: dict, ignore: bool = False) -> None:
+        conflict = " ON CONFLICT DO NOTHING" if ignore else ""
+        db.execute(
+            f'INSERT INTO "{table}" ({_columns(row)}) VALUES ({", ".join("?" * len(row))}){conflict}',
+            tuple(row.values()),
+        )
+
+    @staticmethod
+    def _upsert(db: Database, table: str, row: dict, pk: tuple[str, ...]) -> None:
+        updates = ", ".join(f'"{c}" = excluded."{c}"' for c in row if c not in pk)
+        db.execute(
+            f'INSERT INTO "{table}" ({_columns(row)}) VALUES ({", ".join("?" * len(row))}) '
+            f"ON CONFLICT ({_columns(pk)}) DO UPDATE SET {updates}",
+            tuple(row.values()),
+        )
+
+    def _quarantine(self, db: Database, source: str, key: Any, content: Any, reason: str) -> None:
+        """Move a row that failed verification out of the way (never served again, kept to read)."""
+        self.counters["corrupt_rows"] += 1
+        self.counters["quarantined_rows"] += 1
+        self._insert(db, "quarantine", {
+            "source": source,
+            "row_key": json.dumps(key),
+            "content": content if isinstance(content, str) else repr(content)[:100_000],
+            "reason": reason,
+            "created_at": _now(),
+        })
 
     # -- plans ----------------------------------------------------------------------------
     def get_plan(self, keys: tuple[str, str, str]) -> Plan | None:
@@ -126,13 +151,13 @@ class Store:
                 raise PlanFormatError("recipe names another graph")
             return plan
         except (PlanFormatError, ValueError) as exc:
-            self.counters["corrupt_rows"] += 1
-            log.error("plan row %s failed verification (%s); dropping it and re-planning", keys, exc)
-            if not self.readonly:
-                with db.atomic():
-                    db.execute(
-                        "DELETE FROM plans WHERE graph_key = ? AND workload_key = ? AND env_key = ?", keys
-                    )
+            log.error("plan row %s failed verification (%s); quarantined, re-planning", keys, exc)
+            if self.readonly:
+                self.counters["corrupt_rows"] += 1
+                return None
+            with db.atomic():
+                self._quarantine(db, "plans", list(keys), text, str(exc))
+                db.execute("DELETE FROM plans WHERE graph_key = ? AND workload_key = ? AND env_key = ?", keys)
             return None
 
     def put_plan(
@@ -151,25 +176,19 @@ class Store:
         ops = Counter(node[0] for node in graph_wire["nodes"])
         db = self._db()
         with db.atomic():
-            db["canonical_graphs"].insert(
-                {
-                    "key": graph_key,
-                    "nodes": len(graph_wire["nodes"]),
-                    "ops": json.dumps(dict(ops), sort_keys=True),
-                    "graph": msgpack.packb(graph_wire, use_bin_type=True),
-                    "created_at": now,
-                },
-                ignore=True,
-            )
+            self._insert(db, "canonical_graphs", {
+                "key": graph_key,
+                "nodes": len(graph_wire["nodes"]),
+                "ops": json.dumps(dict(ops), sort_keys=True),
+                "graph": msgpack.packb(graph_wire, use_bin_type=True),
+                "created_at": now,
+            }, ignore=True)
             self._environment_row(db, env_key, environment, now)
-            db["workloads"].insert(
-                {"key": workload_key, "inputs": json.dumps(workload), "created_at": now},
-                ignore=True,
-            )
+            self._insert(db, "workloads", {"key": workload_key, "inputs": json.dumps(workload), "created_at": now},
+                         ignore=True)
             for impl in implementations:
-                db["implementations"].insert(impl, ignore=True)
-            db["plans"].upsert(
-                {
+                self._insert(db, "implementations", impl, ignore=True)
+            self._upsert(db, "plans", {
                     "graph_key": graph_key,
                     "workload_key": workload_key,
                     "env_key": env_key,
@@ -180,9 +199,7 @@ class Store:
                     "checksum": recipe_checksum(keys, text),
                     "created_at": now,
                     "updated_at": now,
-                },
-                pk=("graph_key", "workload_key", "env_key"),
-            )
+                }, PLAN_PK)
 
     def record_verdicts(self, keys: tuple[str, str, str], verdicts: list[dict], plan: Plan) -> None:
         """Store validation verdicts and the plan revision they lead to, in one transaction."""
@@ -191,9 +208,9 @@ class Store:
         db = self._db()
         with db.atomic():
             for v in verdicts:
-                db["verdicts"].upsert(
-                    dict(zip(("graph_key", "workload_key", "env_key"), keys)) | v | {"ok": int(v["ok"]), "created_at": now},
-                    pk=("graph_key", "workload_key", "env_key", "region"),
+                self._upsert(
+                    db, "verdicts", dict(zip(PLAN_PK, keys)) | v | {"ok": int(v["ok"]), "created_at": now},
+                    (*PLAN_PK, "region"),
                 )
             db.execute(
                 "UPDATE plans SET recipe = ?, checksum = ?, revision = ?, updated_at = ? "
@@ -241,17 +258,14 @@ class Store:
             db.execute("UPDATE environments SET ceilings = ?, measured_at = ? WHERE key = ?",
                        (json.dumps(ceilings, sort_keys=True), now, env_key))
 
-    def _environment_row(self, db: sqlite_utils.Database, env_key: str, environment: dict, now: str) -> None:
-        db["environments"].insert(
-            {
-                "key": env_key,
-                "device_type": str(environment.get("device_type", "")),
-                "device_name": str(environment.get("device_name", "")),
-                "details": json.dumps(environment, sort_keys=True, default=str),
-                "created_at": now,
-            },
-            ignore=True,
-        )
+    def _environment_row(self, db: Database, env_key: str, environment: dict, now: str) -> None:
+        self._insert(db, "environments", {
+            "key": env_key,
+            "device_type": str(environment.get("device_type", "")),
+            "device_name": str(environment.get("device_name", "")),
+            "details": json.dumps(environment, sort_keys=True, default=str),
+            "created_at": now,
+        }, ignore=True)
 
     def traces(self, env_key: str, region_keys: list[str]) -> dict[tuple[str, str], dict]:
         """The newest trace per (region key, implementation) measured in this environment."""
@@ -277,8 +291,12 @@ class Store:
         db = self._db()
         with db.atomic():
             for impl in implementations:
-                db["implementations"].insert(impl, ignore=True)
-            db["benchmark_traces"].insert_all([r | {"created_at": now} for r in rows])
+                self._insert(db, "implementations", impl, ignore=True)
+            columns = sorted({c for r in rows for c in r} | {"created_at"})
+            db.executemany(
+                f'INSERT INTO "benchmark_traces" ({_columns(columns)}) VALUES ({", ".join("?" * len(columns))})',
+                [tuple((r | {"created_at": now}).get(c) for c in columns) for r in rows],
+            )
 
     def get_job(self, keys: tuple[str, str, str]) -> tuple[dict, list, dict] | None:
         """(graph wire form, workload, environment) stored for a plan's keys, or None."""
@@ -289,7 +307,8 @@ class Store:
         if not (graph and workload and env):
             return None
         try:
-            return msgpack.unpackb(graph[0], raw=False, strict_map_key=False), json.loads(workload[0]), json.loads(env[0])
+            return (msgpack.unpackb(bytes(graph[0]), raw=False, strict_map_key=False), json.loads(workload[0]),
+                    json.loads(env[0]))
         except ValueError:
             self.counters["corrupt_rows"] += 1
             return None
@@ -317,20 +336,19 @@ class Store:
         counts = self.counts()
         db = self._db()
         with db.atomic():
-            for table in ("verdicts", "benchmark_traces", "plans", "implementations", "canonical_graphs", "workloads", "environments"):
-                db.execute(f"DELETE FROM [{table}]")
-        db.execute("VACUUM")
+            for table in ("verdicts", "benchmark_traces", "plans", "implementations", "canonical_graphs", "workloads",
+                          "environments", "quarantine"):
+                db.execute(f'DELETE FROM "{table}"')
+        db.compact()
         return counts
 
     # -- inspection -----------------------------------------------------------------------
     def counts(self) -> dict[str, int]:
         db = self._db()
-        return {t: db.execute(f"SELECT count(*) FROM [{t}]").fetchone()[0] for t in TABLES}
+        return {t: db.execute(f'SELECT count(*) FROM "{t}"').fetchone()[0] for t in TABLES}
 
     def size_bytes(self) -> int:
-        return sum(
-            Path(str(self.path) + s).stat().st_size for s in ("", "-wal") if Path(str(self.path) + s).exists()
-        )
+        return self._db().size_bytes()
 
     def query(self, sql: str, params: Any = ()) -> list[tuple]:
         return self._db().execute(sql, params).fetchall()

@@ -110,3 +110,132 @@ def pytest_collection_modifyitems(config, items):
 
         if not torch.cuda.is_available():
             raise pytest.UsageError("tests marked gpu were selected but no CUDA device is available; use -m 'not gpu'")
+
+
+# -- PostgreSQL ------------------------------------------------------------------------------
+# The store's PostgreSQL tests use the server named by HYPATIA_TEST_POSTGRES (default: the one on
+# 127.0.0.1:5432 with trust auth), else a throwaway server started from local binaries (initdb +
+# pg_ctl in a temporary directory), else they skip, saying why. HYPATIA_REQUIRE_POSTGRES=1 (set by
+# .ci/run) turns that skip into a failure, so CI cannot pass without having run them. Both are read
+# at import, before any test's fixtures clear the HYPATIA_* variables.
+DEFAULT_POSTGRES = "postgresql://postgres@127.0.0.1:5432/postgres"
+TEST_POSTGRES = os.environ.get("HYPATIA_TEST_POSTGRES", DEFAULT_POSTGRES)
+REQUIRE_POSTGRES = os.environ.get("HYPATIA_REQUIRE_POSTGRES") == "1"
+
+
+def _postgres_answers(url: str) -> str | None:
+    """None if ``url`` accepts a connection, else why not."""
+    try:
+        import psycopg
+    except ImportError:
+        return "psycopg is not installed (pip install -e '.[test]')"
+    try:
+        psycopg.connect(url, connect_timeout=3, autocommit=True).close()
+        return None
+    except psycopg.Error as exc:
+        return f"{url}: {str(exc).strip().splitlines()[0]}"
+
+
+def _postgres_binaries() -> Path | None:
+    import glob
+    import shutil
+
+    found = shutil.which("initdb")
+    if found:
+        return Path(found).parent
+    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    return Path(candidates[-1]).parent if candidates else None
+
+
+class ThrowawayPostgres:
+    """A PostgreSQL server in a temporary directory, listening on 127.0.0.1 at a free port.
+
+    initdb refuses to run as root, so as root the cluster belongs to ``nobody``."""
+
+    def __init__(self, bindir: Path):
+        import socket
+
+        self.bindir = bindir
+        self.dir = Path(tempfile.mkdtemp(prefix="hy-pg-"))
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        self._as_user: list[str] = []
+        if os.getuid() == 0:
+            os.chown(self.dir, 65534, 65534)
+            self._as_user = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+    def _run(self, *argv: str) -> None:
+        proc = subprocess.run([*self._as_user, *argv], capture_output=True, text=True, timeout=120)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{argv[0]} failed ({proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}")
+
+    def start(self) -> None:
+        data = self.dir / "data"
+        self._run(str(self.bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8")
+        self._run(str(self.bindir / "pg_ctl"), "-D", str(data), "-l", str(self.dir / "log"), "-w", "-t", "60", "start",
+                  "-o", f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.dir} -c fsync=off")
+
+    def stop(self) -> None:
+        try:
+            self._run(str(self.bindir / "pg_ctl"), "-D", str(self.dir / "data"), "-m", "immediate", "-w", "stop")
+        except (RuntimeError, subprocess.TimeoutExpired):
+            pass
+        import shutil
+
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A URL of a PostgreSQL server that tests may create databases on."""
+    url = TEST_POSTGRES
+    why = _postgres_answers(url)
+    throwaway = None
+    if why is not None:
+        bindir = _postgres_binaries()
+        if bindir is None:
+            why += "; and no initdb was found for a throwaway server"
+        else:
+            throwaway = ThrowawayPostgres(bindir)
+            try:
+                throwaway.start()
+                url, why = throwaway.url, _postgres_answers(throwaway.url)
+            except (RuntimeError, OSError, subprocess.TimeoutExpired) as exc:
+                why += f"; a throwaway server from {bindir} did not start: {exc}"
+    if why is not None:
+        if REQUIRE_POSTGRES:
+            pytest.fail(f"HYPATIA_REQUIRE_POSTGRES=1 but no PostgreSQL server: {why}", pytrace=False)
+        pytest.skip(f"no PostgreSQL server: {why}")
+    yield url
+    if throwaway is not None:
+        throwaway.stop()
+
+
+def _with_database(url: str, name: str) -> str:
+    base, _, _ = url.rpartition("/")
+    return f"{base}/{name}"
+
+
+@pytest.fixture
+def postgres_url(postgres_server):
+    """A fresh database on the test server (dropped afterwards), as a ``postgresql://`` URL."""
+    import uuid
+
+    import psycopg
+
+    name = f"hy_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(postgres_server, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    yield _with_database(postgres_server, name)
+    with psycopg.connect(postgres_server, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_location(request, tmp_path):
+    """Where a store test's store lives: a SQLite file, then a PostgreSQL database."""
+    if request.param == "sqlite":
+        return tmp_path / "s.sqlite"
+    return request.getfixturevalue("postgres_url")

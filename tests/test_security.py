@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -80,3 +81,30 @@ def test_daemon_refuses_a_runtime_directory_of_another_owner(home):
     proc = home.hypatiad("start", check=False)
     assert proc.returncode == 2 and "belongs to uid 65534" in proc.stderr
     assert home.daemon_pid() is None
+
+
+def test_nothing_from_the_wire_is_unpickled_or_executed():
+    """No module of the package can deserialize code: no pickle-family import, no eval/exec, no
+    torch.load (which unpickles), and msgpack is never given hooks that build objects."""
+    import ast
+
+    root = Path(__file__).resolve().parent.parent
+    forbidden_modules = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "marshal", "shelve", "jsonpickle"}
+    problems = []
+    files = [p for d in ("hypatia", "client", "daemon", "planner", "kernels") for p in (root / d).rglob("*.py")]
+    assert len(files) > 30
+    for path in files:
+        tree = ast.parse(path.read_text(), str(path))
+        for node in ast.walk(tree):
+            where = f"{path.relative_to(root)}:{getattr(node, 'lineno', 0)}"
+            if isinstance(node, ast.Import):
+                problems += [f"{where} imports {a.name}" for a in node.names if a.name.split(".")[0] in forbidden_modules]
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in forbidden_modules:
+                problems.append(f"{where} imports from {node.module}")
+            elif isinstance(node, ast.Call):
+                name = ast.unparse(node.func)
+                if name in ("eval", "exec", "torch.load", "pickle.loads", "builtins.eval", "builtins.exec"):
+                    problems.append(f"{where} calls {name}")
+                if name.endswith(("unpackb", "Unpacker")) and {k.arg for k in node.keywords} & {"ext_hook", "object_hook", "object_pairs_hook", "list_hook"}:
+                    problems.append(f"{where} gives msgpack a hook that builds objects")
+    assert problems == []

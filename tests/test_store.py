@@ -1,4 +1,5 @@
-"""The SQLite store: schema and migrations, checksums, quarantine of unreadable files."""
+"""The plan store on SQLite and on PostgreSQL: schema and migrations, checksums, quarantine of bad
+rows and of unreadable files."""
 
 from __future__ import annotations
 
@@ -27,35 +28,58 @@ def put(store, graph, keys, env):
     store.put_plan(keys, graph.to_wire(), [META], env, plan_graph(graph), [])
 
 
+def raw_execute(location, sql: str) -> None:
+    """Change the database behind the store's back, as a damaged disk or a stray tool would."""
+    if isinstance(location, str):
+        import psycopg
+
+        with psycopg.connect(location, autocommit=True) as conn:
+            conn.execute(sql)
+    else:
+        with sqlite3.connect(location) as conn:
+            conn.execute(sql)
+
+
 def test_new_store_has_the_schema_in_wal(tmp_path):
     store = Store(tmp_path / "s.sqlite")
-    assert set(TABLES) <= set(store._db().table_names())
+    assert set(TABLES) <= set(store._db().db.table_names())
     assert store.query("PRAGMA user_version")[0][0] == SCHEMA_VERSION
     assert store.query("PRAGMA journal_mode")[0][0] == "wal"
     assert store.counts() == {t: 0 for t in TABLES}
 
 
-def test_plan_round_trip_and_rows(tmp_path):
-    store = Store(tmp_path / "s.sqlite")
+def test_plan_round_trip_and_rows(store_location):
+    store = Store(store_location)
+    assert store.counts() == {t: 0 for t in TABLES}
     graph, keys, env = sample()
     put(store, graph, keys, env)
+    put(store, graph, keys, env)  # a second write of the same keys is an update, not a conflict
     plan = store.get_plan(keys)
     assert plan is not None and plan.graph_key == graph.key
     counts = store.counts()
     assert counts["plans"] == counts["canonical_graphs"] == counts["workloads"] == counts["environments"] == 1
-    reopened = Store(tmp_path / "s.sqlite", readonly=True)
+    reopened = Store(store_location, readonly=True)
     assert reopened.get_plan(keys) == plan
+    assert reopened.plan_rows()[0]["graph_key"] == graph.key
+    assert store.get_job(keys)[0] == graph.to_wire()
+    reopened.close()
+    store.close()
 
 
-def test_corrupted_row_is_a_counted_miss_and_is_dropped(tmp_path):
-    store = Store(tmp_path / "s.sqlite")
+def test_corrupted_row_is_counted_quarantined_and_never_served(store_location):
+    store = Store(store_location)
     graph, keys, env = sample()
     put(store, graph, keys, env)
-    with sqlite3.connect(tmp_path / "s.sqlite") as conn:
-        conn.execute("UPDATE plans SET recipe = replace(recipe, 'HEURISTIC', 'HEURISTIX')")
+    raw_execute(store_location, "UPDATE plans SET recipe = replace(recipe, 'HEURISTIC', 'HEURISTIX')")
     assert store.get_plan(keys) is None
-    assert store.counters["corrupt_rows"] == 1
+    assert store.counters["corrupt_rows"] == store.counters["quarantined_rows"] == 1
     assert store.counts()["plans"] == 0
+    ((source, row_key, content, reason),) = store.query("SELECT source, row_key, content, reason FROM quarantine")
+    assert source == "plans" and json.loads(row_key) == list(keys)
+    assert "HEURISTIX" in content and "checksum" in reason
+    put(store, graph, keys, env)  # re-planned: the keys are served again
+    assert store.get_plan(keys) is not None
+    store.close()
 
 
 def test_unreadable_file_is_moved_aside(tmp_path):
@@ -67,18 +91,34 @@ def test_unreadable_file_is_moved_aside(tmp_path):
     assert store.counts()["plans"] == 0
 
 
-def test_newer_schema_is_refused_not_misread(tmp_path):
-    path = tmp_path / "s.sqlite"
-    Store(path).close()
-    with sqlite3.connect(path) as conn:
-        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+def test_newer_schema_is_refused_not_misread(store_location):
+    Store(store_location).close()
+    if isinstance(store_location, str):
+        raw_execute(store_location, f"UPDATE hypatia_schema SET version = {SCHEMA_VERSION + 1}")
+    else:
+        raw_execute(store_location, f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
     with pytest.raises(StoreError, match="newer Hypatia"):
-        Store(path)
+        Store(store_location)
+    with pytest.raises(StoreError, match=f"schema version {SCHEMA_VERSION + 1}"):
+        Store(store_location, readonly=True)
+
+
+def test_flush_empties_every_table_and_keeps_the_schema(store_location):
+    store = Store(store_location)
+    graph, keys, env = sample()
+    put(store, graph, keys, env)
+    deleted = store.flush()
+    assert deleted["plans"] == 1 and deleted["canonical_graphs"] == 1
+    assert store.counts() == {t: 0 for t in TABLES}
+    put(store, graph, keys, env)
+    assert store.get_plan(keys) is not None
+    assert store.size_bytes() > 0
+    store.close()
 
 
 def test_a_version_2_store_migrates_and_its_format_1_plans_still_serve(tmp_path):
-    """Schema 3 (the tuner's columns) is added in place; plans written before it, in recipe
-    format 1, are read as untuned plans whose regions run on the device."""
+    """Schemas 3 (the tuner's columns) and 4 (quarantine) are added in place; plans written
+    before them, in recipe format 1, are read as untuned plans whose regions run on the device."""
     import sqlite3
 
     import sqlite_utils
@@ -106,7 +146,7 @@ def test_a_version_2_store_migrates_and_its_format_1_plans_still_serve(tmp_path)
     db.conn.close()
 
     store = Store(path)
-    assert store.query("PRAGMA user_version")[0][0] == SCHEMA_VERSION == 3
+    assert store.query("PRAGMA user_version")[0][0] == SCHEMA_VERSION == 4
     plan = store.get_plan(keys)
     assert plan is not None and not plan.tuned and plan.regions[0].placement == "device"
     assert [r["tuned"] for r in store.plan_rows(untuned_only=True)] == [False]
