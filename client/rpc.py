@@ -24,6 +24,7 @@ from hypatia.protocol import (
     ErrorCode,
     ProtocolError,
     RemoteError,
+    VersionMismatch,
     decode_reply,
     encode_request,
 )
@@ -129,7 +130,8 @@ class DaemonClient:
 
     def call(self, method: str, body: dict | None = None, timeout_ms: int | None = None) -> Any:
         """Send one request and return its result; raises :class:`DaemonUnavailable` when the
-        daemon is down or silent past every retry, :class:`RemoteError` for an error reply."""
+        daemon is down or silent past every retry, :class:`VersionSkew` at once when it speaks
+        another protocol version, :class:`RemoteError` for an error reply."""
         timeout = (self.timeout_ms if timeout_ms is None else timeout_ms) / 1000
         self._fresh_after_fork()
         with self._lock:
@@ -147,6 +149,12 @@ class DaemonClient:
                 except (VersionSkew, DaemonGone):
                     self._reset()
                     raise
+                except VersionMismatch as exc:
+                    # The reply is framed in another protocol version (the daemon's refusal of our
+                    # hello, as a daemon of another release frames it): retrying cannot help.
+                    self._reset()
+                    raise VersionSkew(f"hypatiad at {self.config.endpoint} speaks another protocol ({exc}); "
+                                      "upgrade the older side and restart the daemon") from None
                 except RemoteError as exc:
                     if exc.code == ErrorCode.VERSION_MISMATCH:
                         self._reset()

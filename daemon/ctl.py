@@ -9,7 +9,7 @@ from typing import Any
 
 from hypatia.config import ConfigError, load
 from hypatia.daemon import control
-from hypatia.client.rpc import DaemonUnavailable
+from hypatia.client.rpc import DaemonUnavailable, VersionSkew
 from hypatia.daemon.cli import print_status
 from hypatia.daemon.lock import AlreadyRunning
 from hypatia.daemon.server import StartFailed
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hypatia-ctl: {exc}", file=sys.stderr)
         return 3
     except (ConfigError, TimeoutError, control.NoSuchPlan, StoreError, AlreadyRunning, StartFailed,
-            DaemonUnavailable, RemoteError) as exc:
+            DaemonUnavailable, VersionSkew, RemoteError) as exc:
         print(f"hypatia-ctl: {exc}", file=sys.stderr)
         return 2
 
