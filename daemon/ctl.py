@@ -148,7 +148,7 @@ def format_stats(s: dict[str, Any]) -> str:
         rows += [
             ("fallbacks", s["fallbacks"]),
             ("errors", s["error_total"]),
-            ("corrupt rows", s["corrupt_rows"]),
+            ("corrupt rows", f"{s['corrupt_rows']} (store files moved aside as unreadable: {s['store_quarantined']})"),
             ("rules fired", ", ".join(f"{k} {v}" for k, v in sorted(s["rules"].items())) or "none"),
             ("tunings", f"{s['tuning']['tunings']} done, {s['tuning']['failed']} failed, {s['tuning']['skipped']} skipped, "
                         f"{s['tuning_inflight']} in flight, {s['tuning']['coalesced']} coalesced"

@@ -199,6 +199,13 @@ class Server:
         self.service.errors[code.name] += 1
         self._send(identity, encode_error(request_id, code, message))
 
+    def _log_refusal(self, exc: ProtocolError) -> None:
+        """Log a peer refused for its protocol version: the 1st, 2nd, 4th, 8th... refusal, so
+        that a skewed client shows up in the log and a flood of them cannot fill it."""
+        n = self.service.errors[ErrorCode.VERSION_MISMATCH.name]
+        if n & (n - 1) == 0:
+            log.warning("refused a peer at the handshake (%d refusal(s) so far): %s", n, exc)
+
     def _dispatch(self, frames: list[bytes]) -> None:
         self._last_request = time.monotonic()
         identity, payload = frames[0], frames[1:]
@@ -209,6 +216,8 @@ class Server:
             request = decode_request(payload[0], self.config.max_message_bytes)
         except ProtocolError as exc:
             self._error(identity, exc.request_id, exc.code, str(exc))
+            if exc.code == ErrorCode.VERSION_MISMATCH:
+                self._log_refusal(exc)
             return
         method, rid, body = request.method, request.request_id, request.body
         self.service.requests[method] += 1
@@ -254,6 +263,8 @@ class Server:
                 raise ProtocolError(f"no handler for {method}", rid)
         except ProtocolError as exc:
             self._error(identity, rid, exc.code, str(exc))
+            if exc.code == ErrorCode.VERSION_MISMATCH:
+                self._log_refusal(exc)
             return
         except Exception as exc:
             log.exception("handler %s failed", method)

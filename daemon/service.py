@@ -329,6 +329,7 @@ class PlanService:
             "errors": dict(self.errors),
             "error_total": sum(self.errors.values()),
             "corrupt_rows": self.store.counters["corrupt_rows"],
+            "store_quarantined": self.store.counters["store_quarantined"],
             "rules": {k[5:]: v for k, v in planner_counters.counters.items() if k.startswith("rule.")},
             "inflight": inflight,
             "tuning_inflight": tuning,
