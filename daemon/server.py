@@ -79,6 +79,7 @@ class Server:
                 raise StartFailed("fault injected: fail_start")
             if self.faults.slow_start:
                 time.sleep(self.faults.slow_start)
+            self.faults.speak_protocol()
             return self._serve()
         finally:
             lock.release()
@@ -295,7 +296,7 @@ class Server:
         self._flights[(keys, policy)] = waiters
         flight = next(self._flight_ids)
         self._flight_jobs[flight] = (keys, policy, job)
-        self.pool.submit(self._run, ["plan", flight], self.service.make_plan, keys, job, policy)
+        self.pool.submit(self._run, ["plan", flight], self._planning_job, keys, job, policy)
 
     def _tune(self, keys: PlanKeys, job: dict | None, waiter: tuple[bytes, int] | None = None, policy: str = "FASTEST") -> bool:
         """Queue a tuning of ``keys`` unless one is queued or running (single flight); returns
@@ -310,6 +311,10 @@ class Server:
         self._tuning_jobs[keys] = job
         self.tuner.submit(self._run, ["tune", keys], self._tuning_job, keys, job, "EXPLORE" if policy == "EXPLORE" else "FASTEST")
         return True
+
+    def _planning_job(self, keys: PlanKeys, job: dict, policy: str) -> dict:
+        self.faults.planning()
+        return self.service.make_plan(keys, job, policy)
 
     def _tuning_job(self, keys: PlanKeys, job: dict | None, policy: str) -> dict:
         self.faults.tuning()
