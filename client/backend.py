@@ -115,6 +115,7 @@ class Session:
                     self._skip_daemon_until = time.monotonic() + UNRESPONSIVE_BACKOFF_S
                 self._note_once("unavailable", f"hypatiad unavailable ({exc}); planning in-process")
             except VersionSkew as exc:
+                self.counters["version_skew"] += 1
                 self._skip_daemon_until = float("inf")
                 self._note_once("skew", f"{exc}; planning in-process for the rest of this process")
         self.counters["local_plans"] += 1

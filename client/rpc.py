@@ -25,6 +25,7 @@ from hypatia.protocol import (
     ErrorCode,
     ProtocolError,
     RemoteError,
+    VersionMismatch,
     decode_reply,
     encode_request,
 )
@@ -135,7 +136,8 @@ class DaemonClient:
 
     def call(self, method: str, body: dict | None = None, timeout_ms: int | None = None) -> Any:
         """Send one request and return its result; raises :class:`DaemonUnavailable` when the
-        daemon is down or silent past every retry, :class:`RemoteError` for an error reply."""
+        daemon is down or silent past every retry, :class:`VersionSkew` at once when it speaks
+        another protocol version, :class:`RemoteError` for an error reply."""
         timeout = (self.timeout_ms if timeout_ms is None else timeout_ms) / 1000
         self._fresh_after_fork()
         with self._lock:
@@ -156,6 +158,12 @@ class DaemonClient:
                 except KeysError as exc:  # retrying cannot help: the key file itself is wrong
                     self._reset()
                     raise DaemonUnavailable(str(exc)) from None
+                except VersionMismatch as exc:
+                    # The reply is framed in another protocol version (the daemon's refusal of our
+                    # hello, as a daemon of another release frames it): retrying cannot help.
+                    self._reset()
+                    raise VersionSkew(f"hypatiad at {self.config.client_endpoint} speaks another protocol ({exc}); "
+                                      "upgrade the older side and restart the daemon") from None
                 except RemoteError as exc:
                     if exc.code == ErrorCode.VERSION_MISMATCH:
                         self._reset()

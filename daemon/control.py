@@ -14,7 +14,7 @@ import sys
 import time
 from typing import Any, Callable
 
-from hypatia.client.rpc import DaemonClient, DaemonUnavailable
+from hypatia.client.rpc import DaemonClient, DaemonUnavailable, VersionSkew
 from hypatia.config import Config, ensure_private_dir, read_daemon_pid
 from hypatia.daemon.lock import AlreadyRunning, PidLock
 from hypatia.daemon.server import Server, StartFailed
@@ -67,7 +67,7 @@ def ping(config: Config, timeout_ms: int = 300) -> dict | None:
     try:
         client.call("ping")
         return client.server
-    except DaemonUnavailable:
+    except (DaemonUnavailable, VersionSkew):
         return None
     finally:
         client.close()
@@ -142,19 +142,21 @@ def status(config: Config) -> dict[str, Any]:
 
 def stats(config: Config) -> dict[str, Any]:
     """Counters from the running daemon, or what the store holds (read-only) when it is down."""
+    result: dict[str, Any] = {"running": False, "socket": config.endpoint, "store": {"path": config.store_shown}}
     if read_daemon_pid(config) is not None:
         client = DaemonClient(config, timeout_ms=max(config.timeout_ms, 2000), retries=1)
         try:
             return {"running": True} | client.call("stats")
         except DaemonUnavailable:
             pass
+        except VersionSkew as exc:  # it runs, but cannot be asked: say why beside what the store holds
+            result["note"] = str(exc)
         finally:
             client.close()
-    result: dict[str, Any] = {"running": False, "socket": config.endpoint, "store": {"path": config.store_shown}}
     try:
         store = Store(config.store_location, readonly=True)
     except StoreError as exc:
-        return result | {"note": str(exc)}
+        return result | {"note": "; ".join(filter(None, (result.get("note"), str(exc))))}
     try:
         counts = store.counts()
         result["store"]["size_bytes"] = store.size_bytes()

@@ -9,7 +9,7 @@ from typing import Any
 
 from hypatia.config import ConfigError, load
 from hypatia.daemon import control
-from hypatia.client.rpc import DaemonUnavailable
+from hypatia.client.rpc import DaemonUnavailable, VersionSkew
 from hypatia.daemon.cli import print_status
 from hypatia.daemon.lock import AlreadyRunning
 from hypatia.daemon.server import StartFailed
@@ -159,7 +159,8 @@ def format_stats(s: dict[str, Any]) -> str:
         rows += [
             ("fallbacks", s["fallbacks"]),
             ("errors", s["error_total"]),
-            ("corrupt rows", f"{s['corrupt_rows']} ({s.get('quarantined_rows', 0)} quarantined)"),
+            ("corrupt rows", f"{s['corrupt_rows']} ({s.get('quarantined_rows', 0)} quarantined); store files moved aside "
+                             f"as unreadable: {s['store_quarantined']}"),
             ("rules fired", ", ".join(f"{k} {v}" for k, v in sorted(s["rules"].items())) or "none"),
             ("tunings", f"{s['tuning']['tunings']} done, {s['tuning']['failed']} failed, {s['tuning']['skipped']} skipped, "
                         f"{s['tuning_inflight']} in flight, {s['tuning']['coalesced']} coalesced"
@@ -216,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hypatia-ctl: {exc}", file=sys.stderr)
         return 3
     except (ConfigError, TimeoutError, control.NoSuchPlan, StoreError, AlreadyRunning, StartFailed,
-            DaemonUnavailable, RemoteError, KeysError) as exc:
+            DaemonUnavailable, VersionSkew, RemoteError, KeysError) as exc:
         print(f"hypatia-ctl: {exc}", file=sys.stderr)
         return 2
 

@@ -2,7 +2,11 @@
 
 ``fail_start`` exit before serving; ``slow_start=S`` sleep S seconds before binding;
 ``no_reply=METHOD`` drop requests of METHOD; ``crash=METHOD`` SIGKILL itself on METHOD;
-``delay=METHOD:S`` sleep S seconds while handling METHOD; ``fail_tuning`` every tuning raises.
+``delay=METHOD:S`` sleep S seconds while handling METHOD (on the server thread, so every
+client waits); ``slow_plan=S`` every planning takes S seconds longer (on its worker thread,
+so requests pile up in flight while the server thread stays responsive); ``fail_tuning``
+every tuning raises; ``protocol_version=N`` speak wire protocol N, as a daemon of another
+release would.
 """
 
 from __future__ import annotations
@@ -21,10 +25,13 @@ class Faults:
     crash: frozenset[str] = frozenset()
     delay: dict = field(default_factory=dict)
     fail_tuning: bool = False
+    slow_plan: float = 0.0
+    protocol_version: int | None = None
 
     @classmethod
     def parse(cls, spec: str) -> "Faults":
         fail_start, slow_start, no_reply, crash, delay, fail_tuning = False, 0.0, set(), set(), {}, False
+        slow_plan, protocol_version = 0.0, None
         for item in filter(None, (s.strip() for s in spec.split(","))):
             name, _, value = item.partition("=")
             if name == "fail_start":
@@ -40,9 +47,30 @@ class Faults:
             elif name == "delay":
                 method, _, seconds = value.partition(":")
                 delay[method] = float(seconds)
+            elif name == "slow_plan":
+                slow_plan = float(value)
+            elif name == "protocol_version":
+                protocol_version = int(value)
             else:
                 raise ValueError(f"unknown fault {name!r} in HYPATIA_FAULTS")
-        return cls(fail_start, slow_start, frozenset(no_reply), frozenset(crash), delay, fail_tuning)
+        return cls(fail_start, slow_start, frozenset(no_reply), frozenset(crash), delay, fail_tuning,
+                   slow_plan, protocol_version)
+
+    def speak_protocol(self) -> None:
+        """With ``protocol_version=N``, make this process frame, check and announce protocol N
+        everywhere the daemon uses the version (call before serving)."""
+        if self.protocol_version is None:
+            return
+        from hypatia import protocol
+        from hypatia.daemon import service
+
+        protocol.PROTOCOL_VERSION = self.protocol_version  # read at call time by encode/decode
+        service.PROTOCOL_VERSION = self.protocol_version  # the handshake check and stats
+
+    def planning(self) -> None:
+        """Called on the worker thread before each planning."""
+        if self.slow_plan:
+            time.sleep(self.slow_plan)
 
     def tuning(self) -> None:
         """Called before each tuning."""

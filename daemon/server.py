@@ -81,6 +81,7 @@ class Server:
                 raise StartFailed("fault injected: fail_start")
             if self.faults.slow_start:
                 time.sleep(self.faults.slow_start)
+            self.faults.speak_protocol()
             return self._serve()
         finally:
             lock.release()
@@ -230,6 +231,13 @@ class Server:
         self.service.errors[code.name] += 1
         self._send(identity, encode_error(request_id, code, message))
 
+    def _log_refusal(self, exc: ProtocolError) -> None:
+        """Log a peer refused for its protocol version: the 1st, 2nd, 4th, 8th... refusal, so
+        that a skewed client shows up in the log and a flood of them cannot fill it."""
+        n = self.service.errors[ErrorCode.VERSION_MISMATCH.name]
+        if n & (n - 1) == 0:
+            log.warning("refused a peer at the handshake (%d refusal(s) so far): %s", n, exc)
+
     def _dispatch(self, frames: list[bytes]) -> None:
         self._last_request = time.monotonic()
         identity, payload = frames[0], frames[1:]
@@ -240,6 +248,8 @@ class Server:
             request = decode_request(payload[0], self.config.max_message_bytes)
         except ProtocolError as exc:
             self._error(identity, exc.request_id, exc.code, str(exc))
+            if exc.code == ErrorCode.VERSION_MISMATCH:
+                self._log_refusal(exc)
             return
         method, rid, body = request.method, request.request_id, request.body
         self.service.requests[method] += 1
@@ -286,6 +296,8 @@ class Server:
                 raise ProtocolError(f"no handler for {method}", rid)
         except ProtocolError as exc:
             self._error(identity, rid, exc.code, str(exc))
+            if exc.code == ErrorCode.VERSION_MISMATCH:
+                self._log_refusal(exc)
             return
         except Exception as exc:
             log.exception("handler %s failed", method)
@@ -316,7 +328,7 @@ class Server:
         self._flights[(keys, policy)] = waiters
         flight = next(self._flight_ids)
         self._flight_jobs[flight] = (keys, policy, job)
-        self.pool.submit(self._run, ["plan", flight], self.service.make_plan, keys, job, policy)
+        self.pool.submit(self._run, ["plan", flight], self._planning_job, keys, job, policy)
 
     def _tune(self, keys: PlanKeys, job: dict | None, waiter: tuple[bytes, int] | None = None, policy: str = "FASTEST") -> bool:
         """Queue a tuning of ``keys`` unless one is queued or running (single flight); returns
@@ -331,6 +343,10 @@ class Server:
         self._tuning_jobs[keys] = job
         self.tuner.submit(self._run, ["tune", keys], self._tuning_job, keys, job, "EXPLORE" if policy == "EXPLORE" else "FASTEST")
         return True
+
+    def _planning_job(self, keys: PlanKeys, job: dict, policy: str) -> dict:
+        self.faults.planning()
+        return self.service.make_plan(keys, job, policy)
 
     def _tuning_job(self, keys: PlanKeys, job: dict | None, policy: str) -> dict:
         self.faults.tuning()

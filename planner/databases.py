@@ -8,6 +8,8 @@ their size is read. The store's own SQL is the same text for both: ``?`` placeho
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
 import sqlite3
 from pathlib import Path
@@ -101,6 +103,7 @@ class SqliteDatabase(Database):
             self.db.execute("PRAGMA foreign_keys = ON")
         except sqlite3.DatabaseError as exc:
             raise UnreadableStore(f"{self.path} is not a readable store: {exc}") from exc
+        self._savepoints = itertools.count()
 
     def execute(self, sql: str, params: Iterable[Any] = ()) -> sqlite3.Cursor:
         return self.db.execute(sql, tuple(params))
@@ -108,8 +111,30 @@ class SqliteDatabase(Database):
     def executemany(self, sql: str, rows: list[tuple]) -> None:
         self.db.conn.executemany(sql, rows)
 
-    def atomic(self) -> ContextManager:
-        return self.db.atomic()
+    @contextlib.contextmanager
+    def atomic(self):
+        """``BEGIN IMMEDIATE``: take the write lock before the first read, so that a writer waits
+        for another (busy_timeout) instead of failing at once with "database is locked", which
+        SQLite does to a deferred transaction that has read. Nested blocks are savepoints."""
+        conn = self.db.conn
+        if conn.in_transaction:
+            name = f"hypatia_{next(self._savepoints)}"
+            conn.execute(f"SAVEPOINT {name}")
+            try:
+                yield
+            except BaseException:
+                conn.execute(f"ROLLBACK TO {name}")
+                conn.execute(f"RELEASE {name}")
+                raise
+            conn.execute(f"RELEASE {name}")
+            return
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            conn.rollback()
+            raise
+        conn.commit()
 
     def schema_version(self) -> int:
         try:
@@ -123,10 +148,15 @@ class SqliteDatabase(Database):
             version = self.schema_version()
             self._refuse_newer(version)
             for target in range(version + 1, SCHEMA_VERSION + 1):
-                with self.db.atomic():
+                with self.atomic():
                     MIGRATIONS[target - 1](self.db)
                     self.db.execute(f"PRAGMA user_version = {target}")
                 log.info("store %s migrated to schema %d", self.path, target)
+            # Every page once: a file cut short behind a surviving WAL still opens and reads its
+            # first page, and would fail only later, on each query that reaches a lost page.
+            problems = [row[0] for row in self.db.execute("PRAGMA quick_check").fetchall()]
+            if problems != ["ok"]:
+                raise UnreadableStore(f"{self.path} failed its integrity check: {'; '.join(problems[:3])}")
         except sqlite3.DatabaseError as exc:
             raise UnreadableStore(f"{self.path} is not a readable store: {exc}") from exc
 

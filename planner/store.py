@@ -51,6 +51,8 @@ class Store:
         self.readonly = readonly
         self.counters: Counter = Counter()
         self._local = threading.local()
+        self._open: list[Database] = []  # every thread's connection, so close() reaches them all
+        self._open_lock = threading.Lock()
         try:
             if readonly:
                 if self.path is not None and not self.path.exists():
@@ -73,11 +75,21 @@ class Store:
     def _db(self) -> Database:
         db = getattr(self._local, "db", None)
         if db is not None and db.broken:
-            db.close()
+            self._forget(db)
             db = None
         if db is None:
             db = self._local.db = connect(self._target, self.readonly)
+            with self._open_lock:
+                self._open.append(db)
         return db
+
+    def _forget(self, db: Database) -> None:
+        db.close()
+        with self._open_lock:
+            if db in self._open:
+                self._open.remove(db)
+        if getattr(self._local, "db", None) is db:
+            self._local.db = None
 
     def _open_or_quarantine(self) -> None:
         try:
@@ -97,10 +109,15 @@ class Store:
             self._db().migrate()
 
     def close(self) -> None:
-        db = getattr(self._local, "db", None)
-        if db is not None:
-            db.close()
-            self._local.db = None
+        """Close every thread's connection (the last SQLite one folds the WAL into the file)."""
+        with self._open_lock:
+            dbs, self._open = self._open, []
+        for db in dbs:
+            try:
+                db.close()
+            except Exception:  # noqa: BLE001 - closing is best effort; the next use reconnects
+                log.debug("closing a store connection failed", exc_info=True)
+        self._local = threading.local()
 
     # -- the SQL both databases share -----------------------------------------------------
     @staticmethod
