@@ -28,7 +28,8 @@ from hypatia.client import validate
 from hypatia.planner import environment
 from hypatia.client.autostart import AutostartFailed, ensure_daemon
 from hypatia.client.choice import MeasuredChoice
-from hypatia.client.executor import GuardedCall, apply_plan
+from hypatia.client.executor import GuardedCall
+from hypatia.planner.executable import apply_plan
 from hypatia.client.rpc import DaemonClient, DaemonGone, DaemonUnavailable, VersionSkew
 from hypatia.config import Config, load
 from hypatia.planner import Plan, plan_graph
