@@ -28,7 +28,9 @@ from hypatia.client import validate
 from hypatia.planner import environment
 from hypatia.client.autostart import AutostartFailed, ensure_daemon
 from hypatia.client.choice import MeasuredChoice
-from hypatia.client.executor import GuardedCall, apply_plan
+from hypatia.client.executor import GuardedCall
+from hypatia.client.remote import RemoteRunner
+from hypatia.planner.executable import apply_plan
 from hypatia.client.rpc import DaemonClient, DaemonGone, DaemonUnavailable, VersionSkew
 from hypatia.config import Config, load
 from hypatia.planner import Plan, plan_graph
@@ -56,6 +58,7 @@ class Session:
                 logger.addHandler(logging.StreamHandler())
         self.client = DaemonClient(self.config)
         self.counters: Counter = Counter()
+        self.remote = RemoteRunner(self.config, self.client, self.counters) if self.config.mode == "remote" else None
         self.plans: deque[tuple[str, Plan]] = deque(maxlen=256)  # (phase, plan) of recent compiles
         self.choices: deque[dict] = deque(maxlen=256)  # measured plan-or-eager choices (us)
         self._warned: set[str] = set()
@@ -155,14 +158,26 @@ class Session:
             (x.device.index or 0 for x in example_inputs if isinstance(x, torch.Tensor) and x.device.type == device), 0
         )
         ekey, env = environment.describe(device, index)
-        plan = self.plan(graph, (graph.key, wkey, ekey), workload, env)
+        keys = (graph.key, wkey, ekey)
+        plan = self.plan(graph, keys, workload, env)
         self.plans.append((phase, plan))
+        local = self._executable(gm, fx_nodes, plan, keys, phase, eager)
+        if self.remote is None:
+            return local
+        registration = {"graph_key": keys[0], "workload_key": keys[1], "env_key": keys[2], "policy": self.config.policy,
+                        "graph": graph.to_wire(), "workload": workload, "environment": env}
+        output_type = type(next(n for n in gm.graph.nodes if n.op == "output").args[0])
+        return self.remote.wrap(graph, keys, registration, phase, example_inputs, output_type, local)
+
+    def _executable(self, gm: torch.fx.GraphModule, fx_nodes: list, plan: Plan, keys: tuple[str, str, str], phase: str,
+                    eager: Callable) -> Callable:
+        """The graph as this process runs it: planned and validated, or eager when nothing fuses."""
         if self.config.debug_fx:
-            log.warning("HYPATIA_DEBUG_FX %s graph %s before:\n%s", phase, graph.key, gm.graph)
+            log.warning("HYPATIA_DEBUG_FX %s graph %s before:\n%s", phase, keys[0], gm.graph)
             log.warning("HYPATIA_DEBUG_FX plan: %s", plan.to_recipe())
         if not plan.regions:
             return eager
-        plan = self._validate(fx_nodes, plan, (graph.key, wkey, ekey))
+        plan = self._validate(fx_nodes, plan, keys)
         if not plan.regions:
             return eager
         planned = apply_plan(gm, fx_nodes, plan)
@@ -170,7 +185,6 @@ class Session:
         if self.config.debug_fx:
             log.warning("HYPATIA_DEBUG_FX %s graph after:\n%s", phase, planned.graph)
         return GuardedCall(planned.forward, gm.forward, functools.partial(self.fallback, f"{phase} graph failed at run time"))
-
 
     def _validate(self, fx_nodes: list, plan: Plan, keys: tuple[str, str, str]) -> Plan:
         """Check the plan's regions under HYPATIA_CHECKSUM_MODE; failing ones run unfused."""
@@ -248,7 +262,7 @@ def hypatia_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], **kwarg
             # OpOverload dispatch. Eager is the whole graph's fallback alternative.
             s.counters["graphs_passed_through"] += 1
             return gm.forward
-        if s.config.policy != "HEURISTIC":
+        if s.config.policy != "HEURISTIC" and s.remote is None:
             # measured policies: the planned graph must also beat the pass-through graph whole
             device = next((x.device.type for x in example_inputs if isinstance(x, torch.Tensor)), "cpu")
             return MeasuredChoice({"plan": compiled, "eager": gm.forward}, device, s.chose)

@@ -134,15 +134,18 @@ class DaemonClient:
                 raise VersionSkew(str(exc)) from None
             raise
 
-    def call(self, method: str, body: dict | None = None, timeout_ms: int | None = None) -> Any:
+    def call(self, method: str, body: dict | None = None, timeout_ms: int | None = None,
+             retries: int | None = None) -> Any:
         """Send one request and return its result; raises :class:`DaemonUnavailable` when the
         daemon is down or silent past every retry, :class:`VersionSkew` at once when it speaks
-        another protocol version, :class:`RemoteError` for an error reply."""
+        another protocol version, :class:`RemoteError` for an error reply. ``retries=0`` for a
+        request that must not be served twice (a remote run)."""
         timeout = (self.timeout_ms if timeout_ms is None else timeout_ms) / 1000
+        retries = self.retries if retries is None else retries
         self._fresh_after_fork()
         with self._lock:
             last: Exception | None = None
-            for _attempt in range(1 + self.retries):
+            for _attempt in range(1 + retries):
                 deadline = time.monotonic() + timeout
                 try:
                     if self._sock is None:
@@ -178,5 +181,5 @@ class DaemonClient:
                     last = exc
             raise DaemonUnavailable(
                 f"hypatiad at {self.config.client_endpoint} did not answer {method} after "
-                f"{1 + self.retries} attempt(s): {last}"
+                f"{1 + retries} attempt(s): {last}"
             )

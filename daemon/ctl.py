@@ -168,6 +168,14 @@ def format_stats(s: dict[str, Any]) -> str:
             ("benchmark traces", f"{s['traces']} stored, {s['tuning']['traces_written']} written and "
                                  f"{s['tuning']['traces_reused']} reused since start"),
         ]
+        if "remote" in s:
+            r, m = s["remote"], s["shm"]
+            rows += [
+                ("remote runs", f"{r['runs']} run, {r['errors']} failed, {r['abandoned']} abandoned by their client; "
+                                f"{r['executables_cached']} executables cached, {r['executables_built']} built"),
+                ("shared memory", f"{m['transfers']} transfers ({m['segments_read']} in, {m['segments_written']} out), "
+                                  f"{_fmt_bytes(m['bytes'])}; {m['segments_swept']} segments of exited clients swept"),
+            ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
 

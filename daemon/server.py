@@ -1,8 +1,9 @@
 """hypatiad's server loop: a ZeroMQ ROUTER on the per-user ipc socket.
 
 Cheap requests (hello, ping, get_plan, report, stats, tune_status, flush) are answered on this
-thread; planning runs on a small worker pool and tuning on one tuner thread, whose results come
-back over an inproc PULL socket, so that only this thread ever touches the ROUTER. SIGTERM stops
+thread; planning and remote-mode runs go to a small worker pool and tuning to one tuner thread,
+whose results come back over an inproc PULL socket, so that only this thread ever touches the
+ROUTER. SIGTERM stops
 intake, drains the flights in progress (queued background tunings are dropped) and exits.
 """
 
@@ -24,6 +25,7 @@ from hypatia.config import Config, ConfigError, ensure_private_dir
 from hypatia.daemon.faults import Faults
 from hypatia.daemon.lock import PidLock
 from hypatia.daemon.notify import sd_notify, watchdog_interval
+from hypatia.daemon.remote import RunService
 from hypatia.daemon.zap import COUNTERS as ZAP_COUNTERS, DOMAIN, TCP_DOMAIN, ZapHandler
 from hypatia.keys import KeysError, server_keys
 from hypatia.daemon.service import PlanKeys, PlanService, plan_keys, request_policy
@@ -67,6 +69,7 @@ class Server:
         self._batches: dict[int, dict] = {}  # hypatia-ctl tune requests and their progress
         self._batch_ids = itertools.count(1)
         self._peers: dict[bytes, None] = {}
+        self._runs: dict[int, tuple[bytes, int]] = {}  # remote-mode runs on the worker pool, by flight id
         self._local = threading.local()
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -89,6 +92,8 @@ class Server:
     def _serve(self) -> int:
         store = Store(self.config.store_location)
         self.service = PlanService(self.config, store)
+        self.runs = RunService(store, self.service.stored)
+        self.runs.tick(time.monotonic())  # segments of clients that died while no daemon ran
         ctx = zmq.Context()
         self.zap = ZapHandler(ctx, os.getuid(), self.config.keys_dir)
         self.zap.start()
@@ -180,8 +185,10 @@ class Server:
         if now >= self._next_status:
             sd_notify(self._status())
             self._next_status = now + STATUS_EVERY_S
+        self.runs.tick(now)
         idle = self.config.idle_timeout_s
-        if idle and not self.stopping and not self._flights and not self._tuning and now - self._last_request > idle:
+        busy = self._flights or self._tuning or self._runs
+        if idle and not self.stopping and not busy and now - self._last_request > idle:
             log.info("no request for %d s (HYPATIA_IDLE_TIMEOUT_S): exiting", idle)
             sd_notify(f"STATUS=idle for {idle} s, exiting")
             self.stopping = True
@@ -197,7 +204,7 @@ class Server:
         while True:
             self._heartbeat(time.monotonic())
             if self.stopping:
-                if not self._flights and not any(self._tuning.values()):
+                if not self._flights and not any(self._tuning.values()) and not self._runs:
                     return
                 drain_deadline = drain_deadline or time.monotonic() + DRAIN_TIMEOUT_S
                 if time.monotonic() > drain_deadline:
@@ -280,8 +287,18 @@ class Server:
                 result = self.service.stats(inflight=len(self._flights), tuning=len(self._tuning))
                 result["peers"] = {k: self.zap.counters[k] for k in ZAP_COUNTERS}
                 result["listen"] = self.config.listen or None
+                result |= self.runs.stats()
             elif method == "make_plan":
                 self._start_flight(identity, rid, body)
+                return
+            elif method == "run":
+                if identity[:1] == TCP:  # its segment names would name this host's memory, not the peer's
+                    raise BadRequest("remote mode passes tensors through this host's shared memory: a client "
+                                        "on another host (HYPATIA_CONNECT) runs its graphs itself", rid)
+                job = self.runs.parse(body, rid)
+                flight = next(self._flight_ids)
+                self._runs[flight] = (identity, rid)
+                self.pool.submit(self._run, ["run", flight], self.runs.run, job)
                 return
             elif method == "tune":
                 result = self._tune_batch(body, rid)
@@ -374,6 +391,9 @@ class Server:
             except zmq.Again:
                 return
             kind, tag, ok, payload = unpack(data, 1 << 30)
+            if kind == "run":
+                self._finish_run(tag, ok, payload)
+                continue
             if kind == "plan":
                 keys, policy, job = self._flight_jobs.pop(tag)
                 waiters = self._flights.pop((keys, policy), [])
@@ -407,6 +427,18 @@ class Server:
                     self._send(identity, encode_reply(rid, {"plan": payload if ok else fallback}))
                 else:
                     self._error(identity, rid, ErrorCode.INTERNAL, f"{kind} failed: {payload['error']}")
+
+    def _finish_run(self, flight: int, ok: bool, outcome: dict) -> None:
+        """A worker finished a remote-mode run: count it and answer its client."""
+        identity, rid = self._runs.pop(flight)
+        if not ok:  # the run raised past its own handler
+            outcome = {"ok": False, "code": int(ErrorCode.INTERNAL), "message": outcome["error"]}
+        self.runs.finished(outcome)
+        if outcome["ok"]:
+            self._send(identity, encode_reply(rid, {"outputs": outcome["outputs"]}))
+        elif not outcome.get("abandoned"):  # an abandoned run has nobody waiting for it
+            self._error(identity, rid, ErrorCode(outcome.get("code", ErrorCode.INTERNAL)),
+                        outcome.get("message", "the client gave up on this run"))
 
     # -- hypatia-ctl tune -------------------------------------------------------------------
     def _tune_batch(self, body: dict, rid: int) -> dict:

@@ -43,6 +43,7 @@ def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
 
 CHECKSUM_MODES = ("strict", "soft", "off")
 POLICIES = ("HEURISTIC", "EXPLORE", "FASTEST")
+MODES = ("local", "remote")
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,8 @@ class Config:
     connect: str = ""
     client_keys: str = ""
     keys_dir: Path | None = None
+    mode: str = "local"
+    run_timeout_ms: int = 60000
 
     @property
     def socket_path(self) -> Path:
@@ -167,6 +170,8 @@ def load(env: Mapping[str, str] | None = None) -> Config:
         connect=env.get("HYPATIA_CONNECT", "").strip(),
         client_keys=env.get("HYPATIA_CLIENT_KEYS", "").strip(),
         keys_dir=keys_dir,
+        mode=env.get("HYPATIA_MODE", "local").strip().lower() or "local",
+        run_timeout_ms=_int(env, "HYPATIA_RUN_TIMEOUT_MS", 60000, minimum=1),
     )
     if config.store_url and not config.store_url.startswith(("postgresql://", "postgres://")):
         raise ConfigError(
@@ -195,6 +200,12 @@ def load(env: Mapping[str, str] | None = None) -> Config:
             f"HYPATIA_POLICY={config.policy!r} is not one of {', '.join(POLICIES)}; HEURISTIC plans with the "
             "static cost model, EXPLORE measures every candidate before answering, FASTEST (the default) "
             "uses the best measured and tunes in the background"
+        )
+    if config.mode not in MODES:
+        raise ConfigError(
+            f"HYPATIA_MODE={config.mode!r} is not one of {', '.join(MODES)}; local (the default) runs compiled "
+            "graphs in this process, remote has the daemon run CPU inference graphs on tensors passed "
+            "through shared memory"
         )
     if len(str(config.socket_path)) > MAX_IPC_PATH:
         raise ConfigError(

@@ -18,7 +18,17 @@ import msgpack
 PROTOCOL_VERSION = 1
 
 # Methods the daemon answers. `hello` must come first on every connection.
-METHODS = ("hello", "ping", "get_plan", "make_plan", "report", "stats", "tune", "tune_status", "flush")
+METHODS = ("hello", "ping", "get_plan", "make_plan", "report", "stats", "tune", "tune_status", "flush", "run")
+
+# `run` (remote mode): run a planned graph in the daemon on tensors passed through shared memory
+# (hypatia/shm.py). Body: ``graph_key``, ``workload_key``, ``env_key`` (a graph the daemon
+# stored through make_plan), ``pid`` (the client process every segment belongs to), ``tag`` (8 to
+# 32 characters of [0-9a-z], unique to the request) and ``inputs``, one tensor descriptor per graph
+# input, each naming a segment of that client tagged ``<tag>i<k>``. Reply: ``{"outputs": [...]}``, per graph
+# output a descriptor of a segment the daemon created for that client (tag ``<tag>o<k>``), or
+# ``{"value": x}`` for a non-tensor output. The client unlinks every segment of the request and
+# of the reply; the daemon sweeps those of a client that died. Malformed descriptors are
+# BAD_REQUEST; keys whose graph or plan the daemon does not hold are UNKNOWN_GRAPH.
 
 # Nesting deeper than this is refused before any handler sees the body.
 MAX_DEPTH = 64
@@ -34,6 +44,7 @@ class ErrorCode(enum.IntEnum):
     SHUTTING_DOWN = 7
     NOT_HANDSHAKEN = 8
     BUSY = 9
+    UNKNOWN_GRAPH = 10
 
 
 class ProtocolError(Exception):
@@ -80,6 +91,12 @@ class BadRequest(ProtocolError):
     """The body of a known method is missing fields or has values of the wrong type."""
 
     code = ErrorCode.BAD_REQUEST
+
+
+class UnknownGraph(ProtocolError):
+    """The keys name a graph or plan the daemon does not hold; send make_plan first."""
+
+    code = ErrorCode.UNKNOWN_GRAPH
 
 
 class RemoteError(Exception):

@@ -8,7 +8,7 @@ import torch
 
 from graphs import aten_graph, assert_training_step_matches
 from hypatia.client.capture import capture
-from hypatia.client.executor import apply_plan
+from hypatia.planner.executable import apply_plan
 from hypatia.planner import plan_graph
 from hypatia.planner.counters import counters
 

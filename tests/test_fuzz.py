@@ -17,7 +17,7 @@ LEAVES = st.one_of(st.none(), st.booleans(), INTS, st.floats(allow_nan=True),
 VALUES = st.recursive(LEAVES, lambda inner: st.one_of(st.lists(inner, max_size=5),
                                                       st.dictionaries(st.one_of(st.text(max_size=10), INTS), inner, max_size=5)),
                       max_leaves=25)
-METHODS = st.sampled_from(["hello", "ping", "get_plan", "make_plan", "report", "stats", "tune", "tune_status", "flush",
+METHODS = st.sampled_from(["hello", "ping", "get_plan", "make_plan", "report", "stats", "tune", "tune_status", "flush", "run",
                            "", "shutdown", "__class__", "x" * 300])
 
 

@@ -7,7 +7,7 @@ import torch
 
 from graphs import aten_graph
 from hypatia.client.capture import capture
-from hypatia.client.executor import apply_plan
+from hypatia.planner.executable import apply_plan
 from hypatia.planner import plan_graph
 
 pytestmark = pytest.mark.gpu

@@ -9,7 +9,7 @@ import torch
 
 from graphs import aten_graph
 from hypatia.client.capture import capture, graph_workload_key
-from hypatia.client.executor import apply_plan
+from hypatia.planner.executable import apply_plan
 from hypatia.planner import plan_graph, tuner
 from hypatia.planner.environment import describe
 from hypatia.planner.plan import EAGER, region_key

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from graphs import aten_graph
 from hypatia.canonical import RawNode, canonicalize
 from hypatia.client.capture import capture
-from hypatia.client.executor import apply_plan
+from hypatia.planner.executable import apply_plan
 from hypatia.planner import plan_graph
 from hypatia.planner.counters import counters
 from hypatia.planner.egraph import EGraph, program_for

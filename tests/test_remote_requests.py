@@ -1,0 +1,172 @@
+"""Run requests built by hand against a real hypatiad: a good one, the reply segments of a
+client that died (swept), and hostile descriptors (another uid, path traversal, sizes beyond the
+segment, unknown dtypes, negative strides and shapes, segments of another process or request),
+each answered BAD_REQUEST while the daemon keeps serving."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+
+import pytest
+import torch
+
+from graphs import aten_graph
+from hypatia import shm
+from hypatia.canonical import workload_key
+from hypatia.client import capture as cap
+from hypatia.client.rpc import DaemonClient
+from hypatia.config import load, read_daemon_pid
+from hypatia.planner import environment
+from hypatia.protocol import ErrorCode, RemoteError
+from remote_helpers import UID, clean_shm, daemon_stats, wait_for  # noqa: F401  (a fixture)
+
+# every test fails if it leaves a segment of this user behind in /dev/shm
+pytestmark = pytest.mark.usefixtures("clean_shm")
+
+
+class Registered:
+    """A graph made_plan'ed with the daemon, and run requests for it built by hand."""
+
+    def __init__(self, config):
+        torch.manual_seed(0)
+        self.x, self.w = torch.randn(4, 8), torch.randn(8, 3)
+        graph, _ = cap.capture(aten_graph(lambda x, w: (torch.relu(x @ w),), self.x, self.w))
+        metas = cap.input_metas([self.x, self.w])
+        ekey, env = environment.describe("cpu", 0)
+        self.keys = (graph.key, workload_key(metas)[0], ekey)
+        self.client = DaemonClient(config)
+        body = {"graph_key": self.keys[0], "workload_key": self.keys[1], "env_key": self.keys[2], "policy": "HEURISTIC",
+                "graph": graph.to_wire(), "workload": metas, "environment": env}
+        self.client.call("make_plan", body, timeout_ms=60000)
+        self.made: list[str] = []
+
+    def inputs(self, pid: int, tag: str) -> list[dict]:
+        descs = [shm.put(t, shm.segment_name(pid, f"{tag}i{k}")) for k, t in enumerate((self.x, self.w))]
+        self.made += [d.name for d in descs]
+        return [d.to_wire() for d in descs]
+
+    def run(self, pid: int, tag: str, inputs: list) -> dict:
+        body = {"graph_key": self.keys[0], "workload_key": self.keys[1], "env_key": self.keys[2],
+                "pid": pid, "tag": tag, "inputs": inputs}
+        return self.client.call("run", body, timeout_ms=60000, retries=0)
+
+    def close_inputs(self) -> None:
+        for name in self.made:
+            shm.unlink(name)
+        self.made.clear()
+
+    def close(self) -> None:
+        self.close_inputs()
+        self.client.close()
+
+
+@pytest.fixture(scope="module")
+def shared() -> Registered:
+    """One daemon for this module, with one graph registered (make_plan) to send runs for."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HYPATIA_")}
+    env["HYPATIA_HOME"] = tempfile.mkdtemp(prefix="hy-", dir="/tmp")
+    config = load(env)
+    subprocess.run([sys.executable, "-m", "hypatia.daemon", "start"], env=env, check=True, capture_output=True, timeout=120)
+    try:
+        r = Registered(config)
+        yield r
+        r.close()
+    finally:
+        pid = read_daemon_pid(config)
+        if pid is not None:
+            os.kill(pid, signal.SIGTERM)
+            wait_for(lambda: read_daemon_pid(config) is None, what="the shared daemon to stop")
+
+
+def test_a_good_run_by_hand(shared):
+    pid = os.getpid()
+    reply = shared.run(pid, "goodrun01", shared.inputs(pid, "goodrun01"))
+    (out,) = reply["outputs"]
+    assert out["name"] == shm.segment_name(pid, "goodrun01o0")
+    result = shm.read(shm.Descriptor.parse(out, pid, "goodrun01o"))
+    shm.unlink(out["name"])
+    shared.close_inputs()
+    torch.testing.assert_close(result, torch.relu(shared.x @ shared.w))
+
+
+def test_reply_segments_of_a_client_that_died_are_swept(shared):
+    swept = daemon_stats(shared.client.config)["shm"]["segments_swept"]
+    helper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    try:
+        reply = shared.run(helper.pid, "orphan001", shared.inputs(helper.pid, "orphan001"))
+        assert shm.exists(reply["outputs"][0]["name"])
+        assert len(shm.names_of(helper.pid)) == 3  # two inputs and the reply nobody will read
+    finally:
+        helper.kill()
+        helper.wait()
+    wait_for(lambda: not shm.names_of(helper.pid), what="the sweep")
+    assert daemon_stats(shared.client.config)["shm"]["segments_swept"] == swept + 3
+    shared.made.clear()  # swept: nothing of them left to unlink
+
+
+def _hostile(reg: Registered, pid: int, case: str) -> tuple[dict, int, str]:
+    """A run body for ``case``: (inputs or a whole-body override, pid, tag)."""
+    tag = f"hostile{abs(hash(case)) % 10**6:06d}"
+    good = reg.inputs(pid, tag)
+    first = dict(good[0])
+    if case == "other uid":
+        first["name"] = f"hypatia-{UID + 1}-{pid}-{tag}i0"
+    elif case == "path traversal":
+        first["name"] = "../../../etc/passwd"
+    elif case == "traversal inside the tag":
+        first["name"] = f"hypatia-{UID}-{pid}-{tag}i0/../../x"
+    elif case == "larger than the segment":
+        first["nbytes"] = first["nbytes"] * 4
+        first["shape"] = [16, 8]
+    elif case == "layout beyond nbytes":
+        first["shape"] = [40, 8]
+    elif case == "unknown dtype":
+        first["dtype"] = "float128"
+    elif case == "negative stride":
+        first["stride"] = [-8, 1]
+    elif case == "negative shape":
+        first["shape"] = [-4, 8]
+    elif case == "another process's segment":
+        first["name"] = shm.segment_name(pid + 1, f"{tag}i0")
+    elif case == "another request's segment":
+        first["name"] = shm.segment_name(pid, "otherreq1i0")
+    elif case == "missing segment":
+        first["name"] = shm.segment_name(pid, f"{tag}i9")
+    elif case == "descriptor not a map":
+        first = ["name", first["name"]]
+    elif case == "wrong dtype for the graph":
+        reg.made.append(shm.segment_name(pid, f"{tag}i7"))
+        first = shm.put(reg.x.double(), reg.made[-1]).to_wire()
+    elif case == "too few inputs":
+        return {"inputs": good[:1]}, pid, tag
+    elif case == "bad tag":
+        return {"inputs": good}, pid, "../etc"
+    elif case == "bad pid":
+        return {"inputs": good}, -1, tag
+    return {"inputs": [first, *good[1:]]}, pid, tag
+
+
+HOSTILE = ["other uid", "path traversal", "traversal inside the tag", "larger than the segment", "layout beyond nbytes",
+           "unknown dtype", "negative stride", "negative shape", "another process's segment", "another request's segment",
+           "missing segment", "descriptor not a map", "wrong dtype for the graph", "too few inputs", "bad tag", "bad pid"]
+
+
+@pytest.mark.parametrize("case", HOSTILE)
+def test_hostile_descriptor_is_bad_request_and_the_daemon_stays_up(shared, case):
+    pid = os.getpid()
+    before = daemon_stats(shared.client.config)
+    override, req_pid, tag = _hostile(shared, pid, case)
+    with pytest.raises(RemoteError) as info:
+        shared.run(req_pid, tag, override["inputs"])
+    assert info.value.code is ErrorCode.BAD_REQUEST, info.value
+    reply = shared.run(pid, "afterward", shared.inputs(pid, "afterward"))  # still serving
+    shm.unlink(reply["outputs"][0]["name"])
+    shared.close_inputs()
+    after = daemon_stats(shared.client.config)
+    assert after["pid"] == before["pid"]
+    assert after["errors"]["BAD_REQUEST"] == before["errors"].get("BAD_REQUEST", 0) + 1
+    assert after["remote"]["runs"] == before["remote"]["runs"] + 1
