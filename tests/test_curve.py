@@ -16,7 +16,9 @@ from pathlib import Path
 import pytest
 import zmq
 
-from hypatia.protocol import PROTOCOL_VERSION, encode_request
+from hypatia.client.rpc import DaemonClient
+from hypatia.config import load
+from hypatia.protocol import PROTOCOL_VERSION, ErrorCode, RemoteError, encode_request
 from test_end_to_end import run_client
 
 
@@ -94,6 +96,15 @@ def test_an_admitted_remote_client_plans_through_curve(home, listener):
     assert stats["plan_cache"]["plans_made"] == 2 and stats["listen"] == endpoint
     # the remote host started no daemon of its own, though autostart is on
     assert not (Path(env["HYPATIA_HOME"]) / "run" / "hypatiad.lock").exists()
+
+    # remote mode's shared-memory segments are this host's: a TCP peer may not name them
+    client = DaemonClient(load(home.env | env))
+    try:
+        with pytest.raises(RemoteError) as err:
+            client.call("run", {"graph_key": "g1-x", "inputs": []})
+    finally:
+        client.close()
+    assert err.value.code == ErrorCode.BAD_REQUEST and "this host's shared memory" in err.value.remote_message
 
 
 def test_unadmitted_keys_plain_tcp_and_revoked_clients_are_refused(home, listener):
