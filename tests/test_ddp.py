@@ -82,6 +82,9 @@ def _torchrun(home, tmp_path, backend: str) -> list[dict]:
 
 def test_four_ddp_ranks_share_one_daemon_and_match_eager_ddp(home, tmp_path):
     home.env["HYPATIA_BACKGROUND_TUNING"] = "0"  # plan counts below are the ranks' own
+    # a request retried after a timeout is served (and counted) twice: on a loaded machine the
+    # default 2 s could expire, so the exact counts below get a deadline that cannot
+    home.env["HYPATIA_TIMEOUT_MS"] = "60000"
     home.hypatiad("start")
     eager = _torchrun(home, tmp_path, "eager")
     first = _torchrun(home, tmp_path, "hypatia")
