@@ -21,9 +21,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-ORDER = ("daemon", "runtime", "families", "first_call", "multiprocess")
+ORDER = ("daemon", "clients", "runtime", "families", "first_call", "multiprocess")
 # Share of the time budget each section may use (the rest carries over to the next ones).
-SHARES = {"daemon": 0.05, "runtime": 0.5, "families": 0.15, "first_call": 0.15, "multiprocess": 0.15}
+SHARES = {"daemon": 0.05, "clients": 0.1, "runtime": 0.5, "families": 0.15, "first_call": 0.15, "multiprocess": 0.15}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -102,6 +102,10 @@ def main(argv: list[str] | None = None) -> int:
                     from benchmarks import daemon_figures
 
                     data = daemon_figures.run(device, args.quick, section_budget, load())
+                elif name == "clients":
+                    from benchmarks import clients
+
+                    data = clients.run(device, args.quick, section_budget)
                 elif name == "runtime":
                     from benchmarks import runtime
 
