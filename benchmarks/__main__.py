@@ -21,9 +21,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-ORDER = ("daemon", "runtime", "families", "first_call", "multiprocess")
+ORDER = ("daemon", "clients", "runtime", "families", "first_call", "multiprocess")
 # Share of the time budget each section may use (the rest carries over to the next ones).
-SHARES = {"daemon": 0.05, "runtime": 0.5, "families": 0.15, "first_call": 0.15, "multiprocess": 0.15}
+SHARES = {"daemon": 0.05, "clients": 0.1, "runtime": 0.5, "families": 0.15, "first_call": 0.15, "multiprocess": 0.15}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick and device != "cpu":
         device = "cpu"
     sections = [s for s in ORDER if s in args.sections.split(",")]
-    budget = args.budget_s or (120.0 if args.quick else 540.0 if device == "cuda" else 3600.0)
+    # quick: 120 s for the sections that take their budget, plus about 10 s for the clients section
+    budget = args.budget_s or (130.0 if args.quick else 540.0 if device == "cuda" else 3600.0)
     now = dt.datetime.now(dt.timezone.utc)
     results: dict = {
         "meta": {
@@ -102,6 +103,10 @@ def main(argv: list[str] | None = None) -> int:
                     from benchmarks import daemon_figures
 
                     data = daemon_figures.run(device, args.quick, section_budget, load())
+                elif name == "clients":
+                    from benchmarks import clients
+
+                    data = clients.run(device, args.quick, section_budget)
                 elif name == "runtime":
                     from benchmarks import runtime
 

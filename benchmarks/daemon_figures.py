@@ -10,8 +10,9 @@ import time
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
+from benchmarks.plan_requests import plan_request
 from benchmarks.timing import per_call_us
-from hypatia.canonical import CanonicalGraph, environment_key, workload_key
+from hypatia.canonical import CanonicalGraph
 from hypatia.client.capture import capture
 from hypatia.client.rpc import DaemonClient
 from hypatia.config import Config
@@ -70,20 +71,18 @@ def canonicalize_rows(sizes: tuple[int, ...], repeats: int) -> list[dict]:
 
 def round_trip_row(config: Config, requests: int) -> dict:
     """p50/p99 of a get_plan that hits the daemon's warm cache, over the real ipc socket."""
-    gm = make_fx(lambda x, w, b: torch.nn.functional.linear(x, w, b).relu(), tracing_mode="fake")(
-        torch.randn(8, 16), torch.randn(32, 16), torch.randn(32)
-    )
-    graph, _ = capture(gm)
-    meta = [n.meta for n in graph.nodes if n.op == "placeholder"]
-    env = {"device_type": "cpu", "device_name": "benchmark"}
-    keys = {"graph_key": graph.key, "workload_key": workload_key(meta)[0], "env_key": environment_key(env)[0]}
+    inputs = [torch.randn(8, 16), torch.randn(32, 16), torch.randn(32)]
+    gm = make_fx(lambda x, w, b: torch.nn.functional.linear(x, w, b).relu(), tracing_mode="fake")(*inputs)
+    request = plan_request(gm, inputs, "linear_relu")
+    # HEURISTIC: a FASTEST lookup of an untuned plan would start a tuning that runs during the samples
+    lookup = request.get_plan("HEURISTIC")
     client = DaemonClient(config)
     try:
-        client.call("make_plan", keys | {"graph": graph.to_wire(), "workload": meta, "environment": env})
+        client.call("make_plan", request.make_plan("HEURISTIC"))
         samples = []
         for _ in range(requests):
             t0 = time.perf_counter()
-            reply = client.call("get_plan", keys)
+            reply = client.call("get_plan", lookup)
             samples.append((time.perf_counter() - t0) * 1e6)
             assert reply["plan"] is not None, "the round-trip benchmark expected a plan-cache hit"
     finally:

@@ -54,7 +54,8 @@ def base_env(home: Path) -> dict:
     return clean_env() | {"HYPATIA_HOME": str(home), "TORCHINDUCTOR_CACHE_DIR": str(home / "inductor")}
 
 
-def _module(env: dict, *argv: str, timeout: float = 60) -> subprocess.CompletedProcess:
+def run_module(env: dict, *argv: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    """``python -m <argv>`` in the repository with ``env``, output captured."""
     return subprocess.run([sys.executable, "-m", *argv], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
@@ -65,7 +66,7 @@ def run_group(n: int, params: dict, timeout: float) -> dict:
     env = base_env(home)
     row: dict = {}
     try:
-        started = _module(env, "hypatia.daemon", "start")
+        started = run_module(env, "hypatia.daemon", "start")
         if started.returncode != 0:
             raise RuntimeError(f"hypatiad start exited {started.returncode}: {(started.stderr or started.stdout)[-800:]}")
         # Children write to files, not pipes: n processes' stderr could fill a pipe nobody reads yet.
@@ -101,7 +102,7 @@ def run_group(n: int, params: dict, timeout: float) -> dict:
         row |= {"per_process_first_call_s": firsts, "client_counters": counters}
         if errors:
             row["error"] = f"{len(errors)} of {n} processes failed; first: {errors[0]}"
-        stats_proc = _module(env, "hypatia.daemon.ctl", "stats", "--json")
+        stats_proc = run_module(env, "hypatia.daemon.ctl", "stats", "--json")
         if stats_proc.returncode != 0:
             raise RuntimeError(f"hypatia-ctl stats exited {stats_proc.returncode}: {stats_proc.stderr[-800:]}")
         stats = json.loads(stats_proc.stdout)
@@ -116,7 +117,7 @@ def run_group(n: int, params: dict, timeout: float) -> dict:
         row["error"] = "; ".join(filter(None, [row.get("error"), f"{type(exc).__name__}: {exc}"]))
     finally:
         if daemon_pid(home) is not None:
-            stopped = _module(env, "hypatia.daemon", "stop")
+            stopped = run_module(env, "hypatia.daemon", "stop")
             if stopped.returncode != 0:
                 row["error"] = "; ".join(filter(None, [row.get("error"), f"hypatiad stop failed: {stopped.stderr[-300:]}"]))
         shutil.rmtree(home, ignore_errors=True)

@@ -186,11 +186,30 @@ def multiprocess_section(section: dict) -> tuple[str, dict]:
                    "coalesced", "notes"], rows), {}
 
 
+def clients_section(section: dict) -> tuple[str, dict]:
+    rows, summary = [], {}
+    for r in section["rows"]:
+        d = r.get("daemon", {})
+        counters = f"{d['hits']} / {d['misses']} / {d['plans_made']}" if d else "-"
+        note = r.get("skipped") or r.get("error", "")[:120]
+        if not note and r.get("over_default_client_timeout"):
+            note = f"{r['over_default_client_timeout']} over the default client timeout"
+        rows.append([r.get("kind"), r.get("clients"), r.get("requests_per_client"), r.get("p50_ms"), r.get("p99_ms"),
+                     r.get("max_ms"), r.get("throughput_rps"), counters, r.get("planning_ms_p50"), note])
+        if r.get("kind") == "get_plan_hit" and r.get("p50_ms") is not None and "error" not in r:
+            # the largest group measured without a problem
+            summary["clients_get_plan_hit"] = {k: r[k] for k in ("clients", "p50_ms", "p99_ms", "throughput_rps")}
+    text = _table(["request", "clients", "per client", "p50 ms", "p99 ms", "max ms", "requests/s",
+                   "daemon hits / misses / plans made", "planning p50 ms", "notes"], rows)
+    return text, summary
+
+
 SECTIONS = {
     "runtime": ("Runtime (median step time)", runtime_section),
     "families": ("Fusion families (median inference call time)", families_section),
     "first_call": ("Time to first call (fresh processes)", first_call_section),
     "daemon": ("Daemon figures", daemon_section),
+    "clients": ("Many clients, one daemon (plan requests)", clients_section),
     "multiprocess": ("Many processes, one cold daemon", multiprocess_section),
 }
 
