@@ -25,15 +25,16 @@ import torch.fx
 from hypatia.canonical import CanonicalGraph
 from hypatia.client import capture as cap
 from hypatia.client import validate
-from hypatia.planner import environment
 from hypatia.client.autostart import AutostartFailed, ensure_daemon
 from hypatia.client.choice import MeasuredChoice
 from hypatia.client.executor import GuardedCall
 from hypatia.client.remote import RemoteRunner
-from hypatia.planner.executable import apply_plan
 from hypatia.client.rpc import DaemonClient, DaemonGone, DaemonUnavailable, VersionSkew
 from hypatia.config import Config, load
 from hypatia.planner import Plan, plan_graph
+from hypatia.planner import environment
+from hypatia.planner.executable import apply_plan
+from hypatia.planner.plan import PlanFormatError
 from hypatia.protocol import RemoteError
 
 log = logging.getLogger("hypatia.client")
@@ -121,6 +122,9 @@ class Session:
                 self.counters["version_skew"] += 1
                 self._skip_daemon_until = float("inf")
                 self._note_once("skew", f"{exc}; planning in-process for the rest of this process")
+            except (RemoteError, PlanFormatError) as exc:  # this graph only: the next asks again
+                self.counters["daemon_errors"] += 1
+                self._note_once("error", f"hypatiad could not plan a graph ({exc}); planning it in-process")
         self.counters["local_plans"] += 1
         return plan_graph(graph, env=env)
 

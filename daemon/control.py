@@ -40,6 +40,10 @@ def configure_logging(config: Config, to_stderr: bool) -> None:
         handlers=handlers,
         force=True,
     )
+    # egglog logs every command of every program at INFO (tens of KB per plan); the log is for
+    # the daemon's own story unless debugging is asked for.
+    if config.log_level != "DEBUG":
+        logging.getLogger("egglog").setLevel(logging.WARNING)
 
 
 def run_foreground(config: Config, detached: bool = False) -> int:
