@@ -16,6 +16,7 @@ import time
 import pytest
 import zmq
 
+from conftest import wait_until
 from hypatia import __version__
 from hypatia.canonical import RawNode, canonicalize, environment_key, workload_key
 from hypatia.client.rpc import DaemonClient, DaemonUnavailable
@@ -30,15 +31,6 @@ from hypatia.protocol import (
 )
 
 # -- helpers ----------------------------------------------------------------------------------
-
-
-def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
 
 
 @contextlib.contextmanager

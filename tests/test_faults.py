@@ -27,6 +27,7 @@ import msgpack
 import pytest
 import zmq
 
+from conftest import wait_until
 from hypatia.canonical import CanonicalGraph, RawNode, canonicalize, workload_key
 from hypatia.client.rpc import DaemonClient, DaemonUnavailable
 from hypatia.planner import environment, plan_graph
@@ -94,15 +95,6 @@ def compile_client(home, widths: list[int], prelude: str = "", extra_env: dict |
 
 
 # -- daemons ----------------------------------------------------------------------------------
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float = 30.0, interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
 
 
 class Daemons:
