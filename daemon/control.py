@@ -289,7 +289,7 @@ def keys(config: Config, admit: str | None = None, revoke: str | None = None) ->
     if admit:
         bundle = admit_client(config.keys_dir, admit)
         lines += [f"admitted client {admit!r}; copy {bundle} to its machine (keep it private) and set there:",
-                  f"  HYPATIA_CONNECT=tcp://<this host>:<port>  HYPATIA_CLIENT_KEYS=<path of the copy>", ""]
+                  "  HYPATIA_CONNECT=tcp://<this host>:<port>  HYPATIA_CLIENT_KEYS=<path of the copy>", ""]
     if revoke:
         revoke_client(config.keys_dir, revoke)
         lines += [f"revoked client {revoke!r}: its next connection is refused", ""]

@@ -10,8 +10,6 @@ import sys
 import textwrap
 import time
 
-import pytest
-
 from hypatia.planner.store import Store
 
 # A client program: compiles an MLP with backend="hypatia", runs one training step, checks

@@ -21,7 +21,7 @@ from hypatia.planner import paths, plan_graph
 from hypatia.planner.counters import counters
 from hypatia.planner.environment import describe
 from hypatia.planner.passes import UnknownPolicy, candidates, finish
-from hypatia.planner.plan import EAGER, Decision, Plan, PlanFormatError, Region, recipe_text, region_key
+from hypatia.planner.plan import EAGER, Decision, Plan, PlanFormatError, Region, recipe_text
 from hypatia.planner.store import Store
 
 
