@@ -139,10 +139,11 @@ def _wait_ready(ready: Path, phase: int, procs: list[subprocess.Popen], deadline
         time.sleep(0.005)
 
 
-def _release(procs: list[subprocess.Popen], ready: Path, phases: int, stats: DaemonStats) -> list[dict[str, int]]:
-    """Start each phase once every client is ready for it; the daemon's counters before the first
-    client connected, at the start of each later phase and after the last client exited."""
-    snapshots = [stats.counters()]
+def _release(procs: list[subprocess.Popen], ready: Path, phases: int, stats: DaemonStats,
+             before: dict[str, int]) -> list[dict[str, int]]:
+    """Start each phase once every client is ready for it; the daemon's counters ``before`` the
+    first client started, at the start of each later phase and after the last client exited."""
+    snapshots = [before]
     for k in range(phases):
         _wait_ready(ready, k, procs, time.monotonic() + READY_TIMEOUT_S)
         if k:
@@ -197,6 +198,7 @@ def run_group(env: dict, home: Path, stats: DaemonStats, phases: list[tuple[str,
                   "phases": [{"kind": kind, "requests": per_client[i]} for kind, per_client in phases]}
         (scratch / f"{i}.params").write_bytes(pack(params))
     procs: list[subprocess.Popen] = []
+    before = stats.counters()  # before any client runs: the first ones say hello while others start
     try:
         for i in range(n):
             # output to a file, not a pipe: nobody reads it until the end
@@ -205,7 +207,7 @@ def run_group(env: dict, home: Path, stats: DaemonStats, phases: list[tuple[str,
                     [sys.executable, "-m", "benchmarks.client_worker", str(scratch / f"{i}.params")], cwd=REPO,
                     env=env, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, text=True,
                     start_new_session=True))
-        snapshots = _release(procs, ready, len(phases), stats)
+        snapshots = _release(procs, ready, len(phases), stats, before)
     finally:
         for p in procs:
             if p.poll() is None:
