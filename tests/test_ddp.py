@@ -101,8 +101,11 @@ def test_four_ddp_ranks_share_one_daemon_and_match_eager_ddp(home, tmp_path):
     assert stats["plan_cache"]["plans_made"] == stats["graphs"] == 4, stats["plan_cache"]
     assert stats["plan_cache"]["misses"] == stats["plan_cache"]["coalesced"] + stats["plan_cache"]["plans_made"]
     assert stats["fallbacks"] == 0 and stats["error_total"] == 0
-    # a rerun of the job: every graph is a plan-cache hit, nothing is planned again
+    # a rerun of the job: every graph is a plan-cache hit, nothing is planned again (the first
+    # run's hits depend on who asked after a plan was stored, so only the rerun's are counted)
+    hits_before = stats["plan_cache"]["hits"]
     again = _torchrun(home, tmp_path, "hypatia")
     assert all(r["counters"]["daemon_hits"] == 3 and r["counters"].get("daemon_misses", 0) == 0 for r in again)
     stats = home.stats()
-    assert stats["plan_cache"]["hits"] == 3 * RANKS + 2 * RANKS and stats["plan_cache"]["plans_made"] == 4
+    assert stats["plan_cache"]["hits"] - hits_before == 3 * RANKS + 2 * RANKS  # 3 graphs per rank, 2 workers' lambda each
+    assert stats["plan_cache"]["plans_made"] == 4
