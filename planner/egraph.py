@@ -179,6 +179,12 @@ class EGraph:
         self.egraph.run_program(*self.egraph.parse_program(program.text))
         self._build()
 
+    def close(self) -> None:
+        """Drop the egglog e-graph now, on this thread: egglog's e-graph may only be freed on the
+        thread that made it, and a frame kept alive by a traceback could otherwise carry it to
+        whichever thread the garbage collector next runs on."""
+        self.__dict__.pop("egraph", None)
+
     # -- building ------------------------------------------------------------------------------
     def _call(self, name: str, *args):
         return self._b.Call(self._span, name, list(args))

@@ -59,16 +59,20 @@ def rewrite_families(state: PlanState) -> tuple[PlanState, bool]:
     graph = state.graph
     started = time.perf_counter()
     egraph = EGraph(graph, program_for(FAMILIES))
-    egraph.run("canonical", iterations=1)
-    rules = {}
-    for family in FAMILIES:
-        for rule in family.rules:
-            rules[rule.name] = rule
-            if rule.graph_pattern is not None:
-                for hit in graph_match.find(graph, rule.graph_pattern):
-                    egraph.feed(rule, hit.root, hit.inputs)
-        egraph.run(family.name)
-    cands = extract.from_hits(graph, egraph.hits(), rules, state.env, state.model)
+    try:
+        egraph.run("canonical", iterations=1)
+        rules = {}
+        for family in FAMILIES:
+            for rule in family.rules:
+                rules[rule.name] = rule
+                if rule.graph_pattern is not None:
+                    for hit in graph_match.find(graph, rule.graph_pattern):
+                        egraph.feed(rule, hit.root, hit.inputs)
+            egraph.run(family.name)
+        hits = egraph.hits()
+    finally:
+        egraph.close()
+    cands = extract.from_hits(graph, hits, rules, state.env, state.model)
     counters["rewrite_seconds"] += time.perf_counter() - started
     return _add(state, cands)
 

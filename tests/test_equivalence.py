@@ -3,6 +3,7 @@ numerical fallback and the dtype-aware comparison used to validate fused plans."
 
 from __future__ import annotations
 
+import gc
 import math
 
 import pytest
@@ -40,6 +41,15 @@ NOT_PROVABLE = {
     "lost_factor": (("mul", ("add", "a", "b"), "c"), ("add", ("mul", "a", "c"), "b")),
     "sub_swapped": (("sub", "a", "b"), ("sub", "b", "a")),
 }
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_egraphs_on_this_thread():
+    """egglog's high-level e-graphs sit in reference cycles, and their native e-graph may only be
+    freed on the thread that made it: collect them here, before a later module's threads could
+    be the ones the garbage collector happens to run on."""
+    yield
+    gc.collect()
 
 
 @pytest.mark.parametrize("lhs,rhs", PROVABLE.values(), ids=PROVABLE.keys())
