@@ -194,18 +194,21 @@ class PostgresDatabase(Database):
                 "check HYPATIA_STORE and that the server accepts connections"
             ) from exc
 
-    def execute(self, sql: str, params: Iterable[Any] = ()) -> Any:
+    @contextlib.contextmanager
+    def _reported(self):
+        """A lost server or connection as a :class:`StoreError` that names the store."""
         try:
-            return self.conn.execute(_pg(sql), tuple(params))
+            yield
         except self._psycopg.OperationalError as exc:
             raise StoreError(f"the PostgreSQL store {self.location} failed: {_said(exc)}") from exc
 
+    def execute(self, sql: str, params: Iterable[Any] = ()) -> Any:
+        with self._reported():
+            return self.conn.execute(_pg(sql), tuple(params))
+
     def executemany(self, sql: str, rows: list[tuple]) -> None:
-        try:
-            with self.conn.cursor() as cur:
-                cur.executemany(_pg(sql), rows)
-        except self._psycopg.OperationalError as exc:
-            raise StoreError(f"the PostgreSQL store {self.location} failed: {_said(exc)}") from exc
+        with self._reported(), self.conn.cursor() as cur:
+            cur.executemany(_pg(sql), rows)
 
     def atomic(self) -> ContextManager:
         return self.conn.transaction()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -58,6 +59,24 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, interval: f
             return True
         time.sleep(interval)
     return predicate()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on at this moment."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def daemon_stats(config: Config) -> dict:
+    """The daemon's stats, asked from this process (cheaper than a hypatia-ctl process per poll)."""
+    from hypatia.client.rpc import DaemonClient
+
+    client = DaemonClient(config, timeout_ms=30_000, retries=0)
+    try:
+        return client.call("stats")
+    finally:
+        client.close()
 
 
 def _kill_daemon(config: Config) -> None:
@@ -164,13 +183,9 @@ class ThrowawayPostgres:
     initdb refuses to run as root, so as root the cluster belongs to ``nobody``."""
 
     def __init__(self, bindir: Path):
-        import socket
-
         self.bindir = bindir
         self.dir = Path(tempfile.mkdtemp(prefix="hy-pg-"))
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
         self._as_user: list[str] = []
         if os.getuid() == 0:

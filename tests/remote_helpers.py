@@ -1,14 +1,13 @@
-"""Helpers of the remote-mode tests: /dev/shm contents, daemon stats from this process, waiting."""
+"""Helpers of the remote-mode tests: /dev/shm contents, waiting."""
 
 from __future__ import annotations
 
 import os
-import time
 
 import pytest
 
+from conftest import wait_until
 from hypatia import shm
-from hypatia.client.rpc import DaemonClient
 
 UID = os.getuid()
 
@@ -26,18 +25,7 @@ def clean_shm():
     assert segments() - before == set()
 
 
-def daemon_stats(config) -> dict:
-    """The daemon's stats, asked from this process (cheaper than a hypatia-ctl process per poll)."""
-    client = DaemonClient(config, timeout_ms=10000, retries=0)
-    try:
-        return client.call("stats")
-    finally:
-        client.close()
-
-
 def wait_for(predicate, timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
+    """:func:`conftest.wait_until`, failing the test when ``what`` does not come in time."""
+    if not wait_until(predicate, timeout):
+        raise AssertionError(f"timed out waiting for {what}")

@@ -9,23 +9,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import tempfile
 from pathlib import Path
 
 import pytest
 import zmq
 
+from conftest import free_port
 from hypatia.client.rpc import DaemonClient
 from hypatia.config import load
 from hypatia.protocol import PROTOCOL_VERSION, ErrorCode, RemoteError, encode_request
 from test_end_to_end import run_client
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def listening_tcp_ports(pid: int) -> set[int]:

@@ -5,12 +5,13 @@ after the rank talked to the daemon compile on their own connection."""
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import textwrap
 
 import torch
+
+from conftest import free_port
 
 RANKS = 4
 
@@ -60,12 +61,6 @@ TRAIN = textwrap.dedent(
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun(home, tmp_path, backend: str) -> list[dict]:
     script = tmp_path / "train.py"
     script.write_text(TRAIN)
@@ -73,7 +68,7 @@ def _torchrun(home, tmp_path, backend: str) -> list[dict]:
     out.mkdir(exist_ok=True)
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={RANKS}", "--master-addr=127.0.0.1",
-         f"--master-port={_free_port()}", str(script), backend],
+         f"--master-port={free_port()}", str(script), backend],
         env=home.env | {"DDP_OUT": str(out), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=400,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -18,12 +18,13 @@ import time
 import pytest
 import torch
 
+from conftest import daemon_stats
 from graphs import aten_graph
 from hypatia import shm
 from hypatia.client import capture as cap
 from hypatia.config import ConfigError, load
 from hypatia.planner import rebuild
-from remote_helpers import clean_shm, daemon_stats, wait_for  # noqa: F401  (a fixture)
+from remote_helpers import clean_shm, wait_for  # noqa: F401  (a fixture)
 
 # every test fails if it leaves a segment of this user behind in /dev/shm
 pytestmark = pytest.mark.usefixtures("clean_shm")

@@ -14,6 +14,7 @@ import tempfile
 import pytest
 import torch
 
+from conftest import daemon_stats
 from graphs import aten_graph
 from hypatia import shm
 from hypatia.canonical import workload_key
@@ -22,7 +23,7 @@ from hypatia.client.rpc import DaemonClient
 from hypatia.config import load, read_daemon_pid
 from hypatia.planner import environment
 from hypatia.protocol import ErrorCode, RemoteError
-from remote_helpers import UID, clean_shm, daemon_stats, wait_for  # noqa: F401  (a fixture)
+from remote_helpers import UID, clean_shm, wait_for  # noqa: F401  (a fixture)
 
 # every test fails if it leaves a segment of this user behind in /dev/shm
 pytestmark = pytest.mark.usefixtures("clean_shm")
