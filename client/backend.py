@@ -1,16 +1,22 @@
-"""``torch.compile(model, backend="hypatia")``: capture, key, ask the daemon, build, run.
+"""``torch.compile(model, backend="hypatia")``: trace, key, plan, rewrite, choose an executor, run.
 
-Every graph Dynamo hands over goes through AOTAutograd; its forward, backward and inference
-graphs are each canonicalized and keyed, planned by the daemon (or, when none answers, by the
-same planner in-process) and rebuilt with fused kernel calls. Any Hypatia error makes that
-graph run as eager PyTorch, with one warning and a counted fallback: a model never fails
-because of Hypatia.
+For every graph Dynamo hands over:
+
+1. trace it to the *model graph*, functional ATen operators (:mod:`hypatia.client.graphs`);
+2. canonicalize and key it, and get its plan from the daemon (planned in-process when no daemon
+   answers);
+3. rewrite the planned regions into the operators their kernels place;
+4. run it under the executor measured fastest for it, which the daemon keeps with the plan;
+   where nothing is measured yet, the default executor runs at once and the others are built and
+   timed on the model's own calls (:mod:`hypatia.client.choice`), and the choice goes to the
+   daemon for every later process.
+
+Any Hypatia error makes that graph run as eager PyTorch (Dynamo's own graph), with one warning and
+a counted fallback: a model never fails because of Hypatia.
 """
 
 from __future__ import annotations
 
-import contextlib
-import functools
 import logging
 import os
 import threading
@@ -24,17 +30,15 @@ import torch.fx
 
 from hypatia.canonical import CanonicalGraph
 from hypatia.client import capture as cap
-from hypatia.client import validate
+from hypatia.client import executors, graphs as model_graphs, validate
 from hypatia.client.autostart import AutostartFailed, ensure_daemon
-from hypatia.client.choice import MeasuredChoice
-from hypatia.client.executor import GuardedCall
+from hypatia.client.choice import ExecutorChoice, Measured
 from hypatia.client.remote import RemoteRunner
 from hypatia.client.rpc import DaemonClient, DaemonGone, DaemonUnavailable, VersionSkew
 from hypatia.config import Config, load
 from hypatia.planner import Plan, plan_graph
 from hypatia.planner import environment
-from hypatia.planner.executable import apply_plan
-from hypatia.planner.plan import PlanFormatError
+from hypatia.planner.plan import PlanFormatError, region_key
 from hypatia.protocol import RemoteError
 
 log = logging.getLogger("hypatia.client")
@@ -45,6 +49,25 @@ UNRESPONSIVE_BACKOFF_S = 10.0
 
 class HypatiaFallbackWarning(RuntimeWarning):
     """A graph runs as eager PyTorch because Hypatia could not plan or run it."""
+
+
+class Guarded:
+    """Runs ``compiled``; on any error from it, warns once, counts, and runs ``eager`` from then on."""
+
+    def __init__(self, compiled: Callable[..., Any], eager: Callable[..., Any], on_failure: Callable[[BaseException], None]):
+        self.compiled = compiled
+        self.eager = eager
+        self.on_failure = on_failure
+        self.failed = False
+
+    def __call__(self, *args: Any) -> Any:
+        if not self.failed:
+            try:
+                return self.compiled(*args)
+            except Exception as exc:  # noqa: BLE001 - any executor failure degrades to eager
+                self.failed = True
+                self.on_failure(exc)
+        return self.eager(*args)
 
 
 class Session:
@@ -61,7 +84,7 @@ class Session:
         self.counters: Counter = Counter()
         self.remote = RemoteRunner(self.config, self.client, self.counters) if self.config.mode == "remote" else None
         self.plans: deque[tuple[str, Plan]] = deque(maxlen=256)  # (phase, plan) of recent compiles
-        self.choices: deque[dict] = deque(maxlen=256)  # measured plan-or-eager choices (us)
+        self.choices: deque[dict] = deque(maxlen=256)  # measured executor choices (us)
         self._warned: set[str] = set()
         self._skip_daemon_until = 0.0
         self._lock = threading.Lock()
@@ -81,11 +104,17 @@ class Session:
                 HypatiaFallbackWarning,
                 stacklevel=2,
             )
-        if time.monotonic() >= self._skip_daemon_until:
-            try:
-                self.client.call("report", {"fallbacks": 1, "reason": reason[:500], "pid": os.getpid()}, timeout_ms=500)
-            except Exception:  # noqa: BLE001 - reporting is best effort
-                pass
+        self._tell_daemon({"fallbacks": 1, "reason": reason[:500], "pid": os.getpid()}, 500)
+
+    def _tell_daemon(self, body: dict, timeout_ms: int) -> dict | None:
+        """A best-effort report; None when the daemon is not there to hear it."""
+        if time.monotonic() < self._skip_daemon_until:
+            return None
+        try:
+            return self.client.call("report", body, timeout_ms=timeout_ms)
+        except Exception as exc:  # noqa: BLE001 - what is not reported is measured again elsewhere
+            log.debug("could not report to the daemon: %s", exc)
+            return None
 
     # -- planning -------------------------------------------------------------------------
     def _ask_daemon(self, graph: CanonicalGraph, keys: tuple[str, str, str], workload: list, env: dict) -> dict:
@@ -106,14 +135,14 @@ class Session:
         timeout_ms = self.config.tune_timeout_s * 1000 if policy == "EXPLORE" else None
         return self.client.call("make_plan", body, timeout_ms=timeout_ms)["plan"]
 
-    def plan(self, graph: CanonicalGraph, keys: tuple[str, str, str], workload: list, env: dict) -> Plan:
-        """The plan for these keys: from the daemon, or planned here when it cannot answer."""
+    def plan(self, graph: CanonicalGraph, keys: tuple[str, str, str], workload: list, env: dict) -> tuple[Plan, bool]:
+        """The plan for these keys and whether the daemon gave it (else it was planned here)."""
         if time.monotonic() >= self._skip_daemon_until:
             try:
                 plan = Plan.from_recipe(self._ask_daemon(graph, keys, workload, env))
                 if plan.graph_key != graph.key:
                     raise RemoteError(0, "the daemon served a plan for another graph")
-                return plan
+                return plan, True
             except DaemonUnavailable as exc:
                 if not isinstance(exc, DaemonGone):  # alive but silent: leave it alone a while
                     self._skip_daemon_until = time.monotonic() + UNRESPONSIVE_BACKOFF_S
@@ -126,73 +155,78 @@ class Session:
                 self.counters["daemon_errors"] += 1
                 self._note_once("error", f"hypatiad could not plan a graph ({exc}); planning it in-process")
         self.counters["local_plans"] += 1
-        return plan_graph(graph, env=env)
+        return plan_graph(graph, env=env), False
 
     def _note_once(self, kind: str, message: str) -> None:
         if kind not in self._warned:
             self._warned.add(kind)
             log.warning("%s", message)
 
-    def chose(self, name: str, medians: dict) -> None:
-        """A compiled graph's measured choice between its plan and the pass-through graph."""
-        self.counters[f"graphs_chose_{name}"] += 1
-        self.choices.append({k: round(v * 1e6, 3) for k, v in medians.items()} | {"chosen": name})
-
     # -- compiling ------------------------------------------------------------------------
-    def compile(self, gm: torch.fx.GraphModule, example_inputs: list[Any], phase: str, planned: list | None = None) -> Callable:
-        """AOTAutograd's compiler for one forward, backward or inference graph; appends to
-        ``planned`` whether the graph got any fused region."""
-        eager = torch._functorch.aot_autograd.make_boxed_func(gm.forward)
-        result = eager
+    def compile(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
+        """What runs Dynamo's ``gm``: its rewritten graph under the chosen executor, or ``gm``
+        itself when anything goes wrong."""
         try:
             with self._lock:
-                result = self._compile(gm, example_inputs, phase, eager)
+                compiled = self._compile(gm, example_inputs)
         except Exception as exc:  # noqa: BLE001 - never fail the user's model
-            self.fallback(f"{phase} graph could not be planned", exc)
-        if planned is not None:
-            planned.append((phase, result is not eager))
-        return result
+            self.fallback("the graph could not be compiled", exc)
+            return gm.forward
+        return Guarded(compiled, gm.forward, lambda exc: self.fallback("the graph failed at run time", exc))
 
-    def _compile(self, gm: torch.fx.GraphModule, example_inputs: list[Any], phase: str, eager: Callable) -> Callable:
+    def _compile(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
+        training = model_graphs.is_training(example_inputs)
+        phase = "training" if training else "inference"
         self.counters[f"graphs_{phase}"] += 1
-        graph, fx_nodes = cap.capture(gm)
-        wkey, workload = cap.graph_workload_key(example_inputs)
-        device = cap.graph_device(graph)
-        index = next(
-            (x.device.index or 0 for x in example_inputs if isinstance(x, torch.Tensor) and x.device.type == device), 0
-        )
-        ekey, env = environment.describe(device, index)
-        keys = (graph.key, wkey, ekey)
-        plan = self.plan(graph, keys, workload, env)
-        self.plans.append((phase, plan))
-        local = self._executable(gm, fx_nodes, plan, keys, phase, eager)
-        if self.remote is None:
+        device = next((x.device.type for x in example_inputs if isinstance(x, torch.Tensor)), "cpu")
+        graphs = executors.Graphs(gm, list(example_inputs), device, training)
+        plan, keys, model = None, None, None
+        try:
+            model = model_graphs.trace(gm, example_inputs)
+        except model_graphs.NotRewritable as exc:
+            self.counters["graphs_not_rewritten"] += 1
+            self._note_once(f"not-rewritten:{str(exc)[:40]}", f"a graph runs unrewritten: {exc}")
+        if model is not None:
+            graph, fx_nodes = cap.capture(model.gm)
+            wkey, workload = cap.graph_workload_key(example_inputs, phase)
+            index = next((x.device.index or 0 for x in example_inputs
+                          if isinstance(x, torch.Tensor) and x.device.type == device), 0)
+            ekey, env = environment.describe(cap.graph_device(graph), index)
+            keys = (graph.key, wkey, ekey)
+            plan, from_daemon = self.plan(graph, keys, workload, env)
+            plan = self._validate(graph, fx_nodes, plan, keys, from_daemon)
+            self.plans.append((phase, plan))
+            if self.config.debug_fx:
+                log.warning("HYPATIA_DEBUG_FX %s graph %s before:\n%s", phase, keys[0], model.gm.graph)
+                log.warning("HYPATIA_DEBUG_FX plan: %s", plan.to_recipe())
+            if plan.regions:
+                rewritten = model_graphs.rewrite(model, fx_nodes, plan, gm)
+                self.counters["regions_fused"] += len(plan.regions)
+                if self.config.debug_fx:
+                    log.warning("HYPATIA_DEBUG_FX %s graph after:\n%s", phase, rewritten.graph)
+                graphs.rewritten = lambda: model_graphs.copy_of(rewritten, gm)
+        local = self._executor(graphs, model, plan, keys)
+        if self.remote is None or model is None or keys is None:
             return local
         registration = {"graph_key": keys[0], "workload_key": keys[1], "env_key": keys[2], "policy": self.config.policy,
                         "graph": graph.to_wire(), "workload": workload, "environment": env}
         output_type = type(next(n for n in gm.graph.nodes if n.op == "output").args[0])
-        return self.remote.wrap(graph, keys, registration, phase, example_inputs, output_type, local)
+        boxed_local = lambda args: local(*args)  # noqa: E731 - remote mode's calls are boxed
+        remote = self.remote.wrap(graph, keys, registration, phase, example_inputs, output_type, boxed_local)
+        return local if remote is boxed_local else (lambda *args: remote(list(args)))
 
-    def _executable(self, gm: torch.fx.GraphModule, fx_nodes: list, plan: Plan, keys: tuple[str, str, str], phase: str,
-                    eager: Callable) -> Callable:
-        """The graph as this process runs it: planned and validated, or eager when nothing fuses."""
-        if self.config.debug_fx:
-            log.warning("HYPATIA_DEBUG_FX %s graph %s before:\n%s", phase, keys[0], gm.graph)
-            log.warning("HYPATIA_DEBUG_FX plan: %s", plan.to_recipe())
-        if not plan.regions:
-            return eager
-        plan = self._validate(fx_nodes, plan, keys)
-        if not plan.regions:
-            return eager
-        planned = apply_plan(gm, fx_nodes, plan)
-        self.counters["regions_fused"] += len(plan.regions)
-        if self.config.debug_fx:
-            log.warning("HYPATIA_DEBUG_FX %s graph after:\n%s", phase, planned.graph)
-        return GuardedCall(planned.forward, gm.forward, functools.partial(self.fallback, f"{phase} graph failed at run time"))
+    def _validate(self, graph: CanonicalGraph, fx_nodes: list, plan: Plan, keys: tuple[str, str, str],
+                  from_daemon: bool) -> Plan:
+        """Check the plan's regions under HYPATIA_CHECKSUM_MODE; failing ones run unfused.
 
-    def _validate(self, fx_nodes: list, plan: Plan, keys: tuple[str, str, str]) -> Plan:
-        """Check the plan's regions under HYPATIA_CHECKSUM_MODE; failing ones run unfused."""
+        ``background`` leaves the check to the daemon, which validates every new region shape
+        while the model runs (unless this plan was made here, with no daemon to do it)."""
         mode = self.config.checksum_mode
+        if mode == "background":
+            if from_daemon:
+                return plan
+            mode = "strict"
+        by_output = {r.output: r for r in plan.regions}
         plan, verdicts = validate.validate(fx_nodes, plan, mode)
         failed = [v for v in verdicts if not v.ok]
         self.counters["regions_validated"] += len(verdicts) - len(failed)
@@ -200,13 +234,67 @@ class Session:
         for v in failed:
             self._note_once(f"verdict:{v.rule}", f"fused region {v.rule} ({v.kernel}) failed validation and runs unfused: {v.detail}")
         reportable = verdicts if mode == "strict" else failed
-        if reportable and time.monotonic() >= self._skip_daemon_until:
-            body = {"graph_key": keys[0], "workload_key": keys[1], "env_key": keys[2], "verdicts": [v.to_wire() for v in reportable]}
-            try:
-                self.client.call("report", body, timeout_ms=1000)
-            except Exception as exc:  # noqa: BLE001 - the verdict is re-derived by the next process
-                log.debug("could not report verdicts: %s", exc)
+        if reportable and from_daemon:
+            wire = [v.to_wire() | {"region_key": region_key(graph, by_output[v.region]),
+                                   "implementation": by_output[v.region].implementation} for v in reportable]
+            self._tell_daemon({"graph_key": keys[0], "workload_key": keys[1], "env_key": keys[2], "verdicts": wire}, 1000)
         return plan
+
+    # -- executors ------------------------------------------------------------------------
+    def _executor(self, graphs: executors.Graphs, model: model_graphs.ModelGraph | None, plan: Plan | None,
+                  keys: tuple[str, str, str] | None) -> Callable[..., Any]:
+        """The executor ``graphs`` run under: forced by HYPATIA_EXECUTOR, the one the daemon
+        keeps for this plan, or the default at once with the others measured as the model runs."""
+        refusal = executors.cudagraphs.refusal(graphs.dynamo, model.gm if model is not None else None,
+                                               graphs.example_inputs)
+        if refusal is not None and graphs.device == "cuda":
+            self.counters[f"cudagraphs_refused.{refusal}"] += 1
+        names = executors.candidates(graphs, refusal)
+        stored = plan.executor.chosen if plan is not None and plan.executor is not None else None
+        if self.config.executor != "auto":
+            name = self.config.executor
+        elif stored is not None:
+            name = stored
+            self.counters["executor_from_daemon"] += 1
+        elif self.config.policy == "HEURISTIC" or len(names) == 1:
+            name = names[0]
+        else:
+            name = None
+        if name is not None:
+            name = self._runnable(name, graphs, refusal)
+            self.counters[f"executor.{name}"] += 1
+            return executors.build(name, graphs)
+        first = executors.build(names[0], graphs)
+        self.counters["executor_measurements"] += 1
+
+        def build(name: str, args: list) -> Callable[..., Any]:
+            return executors.build(name, graphs, args)
+
+        def report(chosen: str, results: dict[str, Measured]) -> None:
+            self.counters[f"executor.{chosen}"] += 1
+            self.choices.append({n: m.to_wire(n) for n, m in results.items()} | {"chosen": chosen})
+            for reason in graphs.skipped:
+                self.counters["cudagraphs_skipped_by_torch"] += 1
+                self._note_once(f"skipped:{reason[:40]}", f"CUDA graphs skipped a graph: {reason}")
+            if keys is None or plan is None:
+                return
+            body = {"graph_key": keys[0], "workload_key": keys[1], "env_key": keys[2], "executor": {
+                "revision": plan.revision, "chosen": chosen, "training": graphs.training,
+                "times": [m.to_wire(n) for n, m in results.items()]}}
+            self._tell_daemon(body, 1000)
+
+        return ExecutorChoice(names, first, build, cuda=graphs.device == "cuda", report=report)
+
+    def _runnable(self, name: str, graphs: executors.Graphs, refusal: str | None) -> str:
+        """``name``, or the nearest candidate this graph can run: without CUDA graphs where they
+        are refused, eager where nothing was rewritten for aten to run."""
+        executor, captured = executors.parse(name)
+        if captured and refusal is not None:
+            self._note_once(f"refused:{refusal}", f"CUDA graphs are not used for a graph: {refusal}")
+            captured = False
+        if executor == "aten" and graphs.rewritten is None:
+            executor = "eager"
+        return executor + (executors.CUDAGRAPHS if captured else "")
 
 
 _session: Session | None = None
@@ -231,46 +319,11 @@ def reset_session() -> None:
         _session = None
 
 
-def _backward_planned_now():
-    """AOTAutograd compiles the backward graph lazily, at the first backward call; planning it
-    with the forward lets the backend see both and pass a graph with nothing to fuse straight
-    through. Where this torch lacks the switch, the backward is planned lazily as before."""
-    import torch._functorch.config as aot_config
-
-    if hasattr(aot_config, "force_non_lazy_backward_lowering"):
-        return aot_config.patch(force_non_lazy_backward_lowering=True)
-    return contextlib.nullcontext()
-
-
-def hypatia_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], **kwargs: Any) -> Callable:
+def hypatia_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], **kwargs: Any) -> Callable[..., Any]:
     """The Dynamo backend registered as ``hypatia``."""
-    from torch._dynamo.backends.common import aot_autograd
-
     try:
         s = session()
     except Exception as exc:  # noqa: BLE001 - e.g. a bad HYPATIA_* variable
         warnings.warn(f"Hypatia is disabled for this process: {exc}", HypatiaFallbackWarning, stacklevel=2)
         return gm.forward
-    planned: list[tuple[str, bool]] = []
-    try:
-        compiler = aot_autograd(
-            fw_compiler=functools.partial(s.compile, phase="forward", planned=planned),
-            bw_compiler=functools.partial(s.compile, phase="backward", planned=planned),
-            inference_compiler=functools.partial(s.compile, phase="inference", planned=planned),
-        )
-        with _backward_planned_now():
-            compiled = compiler(gm, example_inputs)
-        if planned and not any(fused for _, fused in planned) and len(planned) == (1 if planned[0][0] == "inference" else 2):
-            # Nothing to fuse forward or backward: Dynamo's own graph runs exactly what eager
-            # would (autograd included), without AOTAutograd's runtime wrappers or per-op
-            # OpOverload dispatch. Eager is the whole graph's fallback alternative.
-            s.counters["graphs_passed_through"] += 1
-            return gm.forward
-        if s.config.policy != "HEURISTIC" and s.remote is None:
-            # measured policies: the planned graph must also beat the pass-through graph whole
-            device = next((x.device.type for x in example_inputs if isinstance(x, torch.Tensor)), "cpu")
-            return MeasuredChoice({"plan": compiled, "eager": gm.forward}, device, s.chose)
-        return compiled
-    except Exception as exc:  # noqa: BLE001
-        s.fallback("AOTAutograd could not trace the graph", exc)
-        return gm.forward
+    return s.compile(gm, example_inputs)

@@ -126,8 +126,13 @@ def input_metas(example_inputs: list[Any]) -> list[Any]:
     return [encode_meta(x) if isinstance(x, torch.Tensor) else encode_arg(x, {}) for x in example_inputs]
 
 
-def graph_workload_key(example_inputs: list[Any]) -> tuple[str, list[Any]]:
+def graph_workload_key(example_inputs: list[Any], phase: str | None = None) -> tuple[str, list[Any]]:
+    """The workload key and metas of these inputs; ``phase`` ("inference" or "training", with
+    which inputs require grad) is part of it, since training differentiates the graph."""
     metas = input_metas(example_inputs)
+    if phase is not None:
+        grads = [i for i, x in enumerate(example_inputs) if isinstance(x, torch.Tensor) and x.requires_grad]
+        metas.append(["phase", phase, grads if phase == "training" else []])
     return workload_key(metas)[0], metas
 
 

@@ -89,7 +89,22 @@ def format_plan(p: dict) -> str:
             other = f"  (heuristic: {d['heuristic']})" if d["heuristic"] and d["heuristic"] != d["chosen"] else ""
             lines.append(f"  node {d['output']:>4}  {d['rule']:<22} {d['chosen']:<40} {d['cost_us']:>10.2f} us "
                          f"vs {d['eager_us']:>10.2f} us {tag}{other}")
+    lines += format_executor(recipe.get("executor"))
     return "\n".join(lines)
+
+
+def format_executor(decision: dict | None) -> list[str]:
+    """The executor decision of a plan: every candidate's measured step time, the choice marked."""
+    if decision is None:
+        return ["executor: not measured yet (the next process measures the candidates as the model runs)"]
+    step = "forward + backward" if decision["training"] else "forward"
+    lines = [f"executor: {decision['chosen']} (measured as the model ran them; median {step} time per call):"]
+    for t in sorted(decision["times"], key=lambda t: (bool(t["error"]), t["median_us"])):
+        mark = "*" if t["name"] == decision["chosen"] else " "
+        timing = (f"failed: {t['error']}" if t["error"] else
+                  f"{t['median_us']:>12.1f} us  (p90-p10 {t['spread_us']:.1f} us, {t['samples']} samples)")
+        lines.append(f"  {mark} {t['name']:<22} {timing}")
+    return lines
 
 
 def progress_bar(stream=None):
@@ -167,6 +182,10 @@ def format_stats(s: dict[str, Any]) -> str:
                         + ("" if s["tuning"]["background"] else " (background tuning off)")),
             ("benchmark traces", f"{s['traces']} stored, {s['tuning']['traces_written']} written and "
                                  f"{s['tuning']['traces_reused']} reused since start"),
+            ("validation", f"{s['validation']['region_verdicts']} region shapes judged; {s['validation']['passed']} "
+                           f"passed and {s['validation']['failed']} failed in clients' strict checks since start"),
+            ("executor choices", f"{s['executors']['choices']} stored, {s['executors']['stale_reports']} reports for "
+                                 "a superseded plan dropped"),
         ]
         if "remote" in s:
             r, m = s["remote"], s["shm"]

@@ -23,10 +23,11 @@ from typing import Any
 from hypatia import __version__
 from hypatia.canonical import CanonicalGraph, GraphFormatError, environment_key, workload_key
 from hypatia.config import POLICIES, Config
+from hypatia.executors import UnknownCandidate, parse as parse_candidate
 from hypatia.planner import counters as planner_counters
-from hypatia.planner import paths
+from hypatia.planner import paths, verdicts as region_verdicts
 from hypatia.planner.passes import candidates, finish
-from hypatia.planner.plan import Plan
+from hypatia.planner.plan import ExecutorDecision, Plan
 from hypatia.planner.store import SCHEMA_VERSION, Store
 from hypatia.protocol import PROTOCOL_VERSION, BadRequest, VersionMismatch, require
 
@@ -180,8 +181,10 @@ class PlanService:
             if wanted and all((rkey, impl) in found for rkey, impls in wanted.items() for impl in impls):
                 measured = paths.measurements(found)
                 self.counters["plans_from_shared_traces"] += 1
-        plan: Plan = finish(state, "FASTEST" if measured is not None else "HEURISTIC", measured,
-                            self.store.failed_regions(keys))
+        excluded = region_verdicts.excluded(self.store, keys[2], job["graph"], list(state.candidates),
+                                            self.store.failed_regions(keys))
+        plan: Plan = finish(state, "FASTEST" if measured is not None else "HEURISTIC", measured, excluded)
+        plan = region_verdicts.mark_validated(self.store, keys[2], job["graph"], plan)
         if stored is None:
             implementations = [paths.implementation_row(r) for r in plan.regions]
             self.store.put_plan(keys, job["wire"], job["workload"], job["environment"], plan, implementations)
@@ -247,7 +250,41 @@ class PlanService:
             log.warning("client %s reported %d fallback(s) to eager: %s", body.get("pid"), fallbacks, reason)
         if "verdicts" in body:
             return {"plan": self._record_verdicts(plan_keys(body, request_id), body["verdicts"], request_id)}
+        if "executor" in body:
+            return {"plan": self._record_executor(plan_keys(body, request_id), body["executor"], request_id)}
         return {}
+
+    def _record_executor(self, keys: PlanKeys, raw: Any, request_id: int) -> dict | None:
+        """A client's measured executor choice for the graph a plan revision rewrites: stored
+        with the plan, so every later process (and host) builds only the chosen executor.
+        A report for an older revision (the plan was tuned or revised since) is dropped."""
+        if not isinstance(raw, dict):
+            raise BadRequest("executor must be a map", request_id)
+        revision = require(raw, "revision", int, request_id)
+        times = raw.get("times")
+        if not isinstance(times, list) or not 0 < len(times) <= 16:
+            raise BadRequest("executor.times must list the measured candidates (at most 16)", request_id)
+        try:
+            decision = ExecutorDecision.from_dict({"chosen": raw.get("chosen"), "training": raw.get("training"),
+                                                   "times": times})
+            for name in [decision.chosen, *(t.name for t in decision.times)]:
+                parse_candidate(name)
+        except (KeyError, TypeError, ValueError, UnknownCandidate) as exc:
+            raise BadRequest(f"executor: {exc}", request_id) from None
+        if decision.chosen not in {t.name for t in decision.times if not t.error}:
+            raise BadRequest("executor.chosen must be one of the candidates measured without error", request_id)
+        current = self.store.get_plan(keys)
+        if current is None or current.revision != revision:
+            self.counters["executor_reports_stale"] += 1
+            return None
+        revised = current.with_executor(decision)
+        self.store.replace_plan(keys, revised)
+        self.counters["executor_choices"] += 1
+        log.info("executor for %s (revision %d): %s, measured %s", keys[0][:16], revision, decision.chosen,
+                 {t.name: t.median_us for t in decision.times})
+        recipe = revised.to_recipe()
+        self._remember(keys, recipe)
+        return recipe
 
     def _record_verdicts(self, keys: PlanKeys, raw: Any, request_id: int) -> dict | None:
         """Strict validation results from a client: stored, counted, and failing regions
@@ -267,6 +304,10 @@ class PlanService:
                 "max_rel_err": float(v.get("max_rel_err") or 0.0),
                 "detail": str(v.get("detail", ""))[:500],
             })
+            rkey, impl = v.get("region_key"), v.get("implementation")
+            if isinstance(rkey, str) and rkey.startswith("r1-") and len(rkey) <= 80 and isinstance(impl, str):
+                verdicts[-1] |= {"region_key": rkey, "implementation_id": impl[:200]}
+        self.store.put_region_verdicts(keys[2], [v for v in verdicts if "region_key" in v])
         current = self.store.get_plan(keys)
         if current is None:
             return None
@@ -278,7 +319,8 @@ class PlanService:
             if not v["ok"]:
                 log.warning("region %s (%s) failed validation: %s; it now runs unfused", v["region"], v["rule"], v["detail"])
         revised = current.without(failed, passed)
-        self.store.record_verdicts(keys, verdicts, revised)
+        self.store.record_verdicts(keys, [{k: v[k] for k in v if k not in ("region_key", "implementation_id")}
+                                          for v in verdicts], revised)
         recipe = revised.to_recipe()
         self._remember(keys, recipe)
         return recipe
@@ -314,7 +356,10 @@ class PlanService:
             "implementations": counts["implementations"],
             "plans": counts["plans"],
             "fallbacks": self.counters["fallbacks"],
-            "validation": {"passed": self.counters["validations_passed"], "failed": self.counters["validations_failed"]},
+            "validation": {"passed": self.counters["validations_passed"], "failed": self.counters["validations_failed"],
+                           "region_verdicts": counts["region_verdicts"]},
+            "executors": {"choices": self.counters["executor_choices"],
+                          "stale_reports": self.counters["executor_reports_stale"]},
             "tuning": {
                 "tunings": self.counters["tunings"],
                 "failed": self.counters["tunings_failed"],

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
+from hypatia.executors import UnknownCandidate, parse as parse_candidate
+
 # The longest path an AF_UNIX socket accepts on Linux (sun_path is 108 bytes with the NUL).
 MAX_IPC_PATH = 107
 
@@ -41,7 +43,7 @@ def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
     raise ConfigError(f"{name}={raw!r} is not a boolean; use 1 or 0")
 
 
-CHECKSUM_MODES = ("strict", "soft", "off")
+CHECKSUM_MODES = ("background", "strict", "soft", "off")
 POLICIES = ("HEURISTIC", "EXPLORE", "FASTEST")
 MODES = ("local", "remote")
 
@@ -59,8 +61,11 @@ class Config:
     max_message_bytes: int = 64 * 1024 * 1024
     log_level: str = "INFO"
     debug_fx: bool = False
-    checksum_mode: str = "strict"
+    checksum_mode: str = "background"
     policy: str = "FASTEST"
+    # "auto": the executor is chosen by measurement (the daemon keeps the choice); or one
+    # candidate name ("inductor", "aten+cudagraphs", ...) that every graph runs under.
+    executor: str = "auto"
     background_tuning: bool = True
     tune_budget_ms: int = 100
     tune_timeout_s: int = 600
@@ -158,7 +163,8 @@ def load(env: Mapping[str, str] | None = None) -> Config:
         max_message_bytes=_int(env, "HYPATIA_MAX_MESSAGE_BYTES", 64 * 1024 * 1024, minimum=4096),
         log_level=env.get("HYPATIA_LOG_LEVEL", "INFO").upper(),
         debug_fx=_flag(env, "HYPATIA_DEBUG_FX", False),
-        checksum_mode=env.get("HYPATIA_CHECKSUM_MODE", "strict").strip().lower(),
+        checksum_mode=env.get("HYPATIA_CHECKSUM_MODE", "background").strip().lower(),
+        executor=env.get("HYPATIA_EXECUTOR", "auto").strip().lower() or "auto",
         policy=env.get("HYPATIA_POLICY", "FASTEST").strip().upper() or "FASTEST",
         background_tuning=_flag(env, "HYPATIA_BACKGROUND_TUNING", True),
         tune_budget_ms=_int(env, "HYPATIA_TUNE_BUDGET_MS", 100, minimum=1),
@@ -193,8 +199,14 @@ def load(env: Mapping[str, str] | None = None) -> Config:
     if config.checksum_mode not in CHECKSUM_MODES:
         raise ConfigError(
             f"HYPATIA_CHECKSUM_MODE={config.checksum_mode!r} is not one of {', '.join(CHECKSUM_MODES)}; "
-            "strict checks every fused region against the unfused graph, soft only shapes and dtypes, off nothing"
+            "background (the default) has the daemon check each new region shape while the model runs, strict "
+            "checks it before it first runs, soft checks only shapes and dtypes, off nothing"
         )
+    if config.executor != "auto":
+        try:
+            parse_candidate(config.executor)
+        except UnknownCandidate as exc:
+            raise ConfigError(f"HYPATIA_EXECUTOR: {exc}; or auto (the default) to choose by measurement") from None
     if config.policy not in POLICIES:
         raise ConfigError(
             f"HYPATIA_POLICY={config.policy!r} is not one of {', '.join(POLICIES)}; HEURISTIC plans with the "

@@ -15,7 +15,9 @@ from typing import Any
 
 import msgpack
 
-PROTOCOL_VERSION = 1
+# 2: plans are recipe format 3 (the executor decision), reports carry executor choices and
+# region-keyed verdicts, workloads name their phase.
+PROTOCOL_VERSION = 2
 
 # Methods the daemon answers. `hello` must come first on every connection.
 METHODS = ("hello", "ping", "get_plan", "make_plan", "report", "stats", "tune", "tune_status", "flush", "run")

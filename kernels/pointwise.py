@@ -188,6 +188,39 @@ def _checked(program: Any) -> Program:
     return parsed
 
 
+def program_text(program: Any) -> str:
+    """The canonical JSON text of ``program`` (validated), as ``hypatia::pointwise`` takes it."""
+    hit = _TEXT_OF.get(id(program))
+    if hit is not None and hit[0] is program:
+        return hit[1]
+    _checked(program)
+    text = json.dumps(program, sort_keys=True, separators=(",", ":"))
+    if len(_TEXT_OF) > 4096:
+        _TEXT_OF.clear()
+    _TEXT_OF[id(program)] = (program, text)
+    return text
+
+
+_TEXT_OF: dict[int, tuple[Any, str]] = {}
+_PROGRAMS: dict[str, Any] = {}
+
+
+def program_of(text: str) -> dict:
+    """The program whose JSON text is ``text``, validated; one object per text, so per-program
+    caches (validation, compiled kernels) keep working across calls."""
+    program = _PROGRAMS.get(text)
+    if program is None:
+        try:
+            program = json.loads(text)
+        except (TypeError, ValueError) as exc:
+            raise PointwiseProgramError(f"a pointwise program must be JSON text: {exc}") from None
+        _checked(program)
+        if len(_PROGRAMS) > 4096:
+            _PROGRAMS.clear()
+        _PROGRAMS[text] = program
+    return program
+
+
 def validate_program(program: Any) -> None:
     """Raise PointwiseProgramError saying what is wrong with ``program``; cached per program."""
     _checked(program)
@@ -236,9 +269,24 @@ def _fits(target, others) -> bool:
 
 def pointwise_cpu(*args) -> torch.Tensor:
     """Run the program (last argument) on the input tensors with torch ops, on their device."""
+    prog, inputs = _split(args)
+    return _evaluate(prog, inputs, reuse=True)
+
+
+def pointwise_torch_reference(inputs: list, program: Any) -> torch.Tensor:
+    """:func:`pointwise_cpu` without in-place ops or ``out=``, so autograd differentiates it:
+    the same values, for ``hypatia::pointwise``'s backward."""
+    prog, inputs = _split((*inputs, program))
+    return _evaluate(prog, inputs, reuse=False)
+
+
+def _evaluate(prog: Program, inputs: list, reuse: bool) -> torch.Tensor:
+    """The program on ``inputs`` through torch ops; ``reuse`` lets it write into the
+    intermediates it made (and never under autograd)."""
+    import contextlib
+
     import torch
 
-    prog, inputs = _split(args)
     compute = torch.float64 if prog.needs_f64 or any(t.dtype == torch.float64 for t in inputs) else torch.float32
     device = next((t.device for t in inputs if t.dim() > 0), inputs[0].device)  # not a CPU scalar's
     table = _torch_ops()
@@ -251,14 +299,14 @@ def pointwise_cpu(*args) -> torch.Tensor:
         if tag == "c":
             return x, False
         if tag == "v":
-            t, mine = values[x], owned[x] and prog.last_use[x] == k
+            t, mine = values[x], reuse and owned[x] and prog.last_use[x] == k
         else:
             t = inputs[x]
             if not cond and t.dtype != compute:
                 if x not in converted:
                     converted[x] = t.to(compute)
                 t = converted[x]
-            mine = t is not inputs[x] and prog.input_last_use[x] == k
+            mine = reuse and t is not inputs[x] and prog.input_last_use[x] == k
         if cond and t.dtype != torch.bool:
             return t != 0, False
         return t, mine
@@ -266,7 +314,8 @@ def pointwise_cpu(*args) -> torch.Tensor:
     def lift(x, dtype):
         return x if isinstance(x, torch.Tensor) else torch.full((), x, dtype=dtype, device=device)
 
-    with torch.no_grad():  # out= and in-place ops refuse tensors that require grad
+    # out= and in-place ops refuse tensors that require grad
+    with torch.no_grad() if reuse else contextlib.nullcontext():
         for k, (name, operands, target) in enumerate(prog.ops):
             kind = torch.bool if prog.kinds[k] == "bool" else compute
             if name == "where":
@@ -277,7 +326,7 @@ def pointwise_cpu(*args) -> torch.Tensor:
             if kind is compute:  # bool operands count as 0/1 where the result is a number
                 for i in range(name == "where", len(objs)):
                     if isinstance(objs[i], torch.Tensor) and objs[i].dtype == torch.bool:
-                        objs[i], mine[i] = objs[i].to(compute), True
+                        objs[i], mine[i] = objs[i].to(compute), reuse
             if name == "cast":
                 x = objs[0]
                 if target == "bool":
@@ -298,7 +347,7 @@ def pointwise_cpu(*args) -> torch.Tensor:
                     objs[0] = lift(objs[0], torch.bool if isinstance(objs[0], bool) else compute)
                 tensors = [o for o in objs if isinstance(o, torch.Tensor)]
                 out = next(
-                    (o for o, m in zip(objs, mine) if m and o.dtype == kind and _fits(o, tensors)),
+                    (o for o, m in zip(objs, mine) if reuse and m and o.dtype == kind and _fits(o, tensors)),
                     None,
                 )
                 fn = table["nary"][name]
@@ -309,6 +358,6 @@ def pointwise_cpu(*args) -> torch.Tensor:
         if tuple(result.shape) != prog.shape:
             result = result.expand(prog.shape)
         final = result.to(getattr(torch, prog.dtype)).contiguous()
-        if not owned[prog.out] and final.data_ptr() == result.data_ptr():
+        if reuse and not owned[prog.out] and final.data_ptr() == result.data_ptr():
             final = final.clone()  # never hand back an alias of an input
         return final

@@ -8,7 +8,6 @@ variable, an ``int``/``float`` a constant, and a tuple an operator applied to su
 from __future__ import annotations
 
 import functools
-import hashlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -233,6 +232,8 @@ def _fail(detail: str) -> Comparison:
 
 
 def _compare_tensors(actual: torch.Tensor, reference: torch.Tensor, where: str) -> Comparison:
+    """One tensor against its reference, computed on ``actual``'s device (the reference is
+    moved there); only scalars (maxima, the count, the worst element) reach the host."""
     if actual.shape != reference.shape:
         return _fail(f"{where}shape {tuple(actual.shape)} != reference shape {tuple(reference.shape)}")
     inexact = _inexact(actual.dtype)
@@ -241,28 +242,43 @@ def _compare_tensors(actual: torch.Tensor, reference: torch.Tensor, where: str) 
     if actual.numel() == 0:
         return Comparison(True, 0.0, 0.0, f"{where}empty")
     rtol, atol = tolerance(actual.dtype)
-    a = actual.detach().to("cpu", _wide(actual.dtype))
-    r = reference.detach().to("cpu", _wide(actual.dtype))
+    device = actual.device
+    a = actual.detach().to(device, _wide(actual.dtype))
+    r = reference.detach().to(device, _wide(actual.dtype))
     if inexact:
         close = torch.isclose(a, r, rtol=rtol, atol=atol, equal_nan=True)
     else:  # in their own dtype: int64 beyond 2**53 does not survive float64
-        close = actual.detach().cpu() == reference.detach().cpu()
+        close = actual.detach() == reference.detach().to(device)
     # equal values (matching infs, NaN on both sides) have no error; NaN or inf on one side
     # only has an infinite one
     same = (a == r) | (a.isnan() & r.isnan())
     abs_err = torch.where(same, 0.0, (a - r).abs().nan_to_num(nan=math.inf, posinf=math.inf))
     rel_err = torch.where(abs_err == 0, 0.0, abs_err / r.abs()).nan_to_num(nan=math.inf, posinf=math.inf)
-    max_abs, max_rel = abs_err.max().item(), rel_err.max().item()
-    if bool(close.all()):
+    # one transfer (one device sync) for the three scalars every comparison needs; a count
+    # in float64 is exact below 2**53 elements
+    max_abs, max_rel, differ = torch.stack(
+        [abs_err.max(), rel_err.max(), (~close).sum().to(torch.float64)]
+    ).tolist()
+    if differ == 0:
         return Comparison(True, max_abs, max_rel, f"{where}ok (rtol={rtol:g}, atol={atol:g})")
-    excess = torch.where(close, -math.inf, abs_err - rtol * r.abs()).nan_to_num(nan=math.inf).reshape(-1)
-    worst = tuple(int(i) for i in torch.unravel_index(excess.argmax(), a.shape))
+    excess = torch.where(close, -math.inf, abs_err - rtol * r.abs()).nan_to_num(nan=math.inf)
+    worst = _unravel(int(excess.argmax()), tuple(a.shape))
+    got, want = torch.stack([a[worst], r[worst]]).tolist()
     return Comparison(
         False, max_abs, max_rel,
-        f"{where}{int((~close).sum())} of {a.numel()} elements differ beyond rtol={rtol:g}, "
+        f"{where}{int(differ)} of {a.numel()} elements differ beyond rtol={rtol:g}, "
         f"atol={atol:g}; max abs err {max_abs:.3g}, max rel err {max_rel:.3g}; worst at "
-        f"{list(worst)}: {a[worst].item()!r} vs reference {r[worst].item()!r}",
+        f"{list(worst)}: {got!r} vs reference {want!r}",
     )
+
+
+def _unravel(flat: int, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The index in ``shape`` of row-major position ``flat``, worked out on the host."""
+    index = []
+    for size in reversed(shape):
+        flat, i = divmod(flat, size)
+        index.append(i)
+    return tuple(reversed(index))
 
 
 def _describe(value: Any) -> str:
@@ -309,35 +325,63 @@ def compare(actual: Any, reference: Any) -> Comparison:
 def random_inputs(
     specs: Sequence[tuple[Sequence[int], str]], *, seed: int = 0, device: str | torch.device = "cpu"
 ) -> list[torch.Tensor]:
-    """One tensor per ``(shape, dtype_name)``: floats standard normal, bool Bernoulli(0.5),
-    integers uniform in [0, 16). The same seed gives the same values on every device."""
-    # drawn on the CPU, so the values do not depend on the device's generator
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for shape, name in specs:
-        dtype = name if isinstance(name, torch.dtype) else getattr(torch, str(name).removeprefix("torch."), None)
-        if not isinstance(dtype, torch.dtype):
-            raise ValueError(f"unknown dtype {name!r}")
-        if _inexact(dtype):
-            # drawn wide and rounded, so a float16 input is its float64 twin rounded
-            t = torch.randn(tuple(shape), generator=gen, dtype=_wide(dtype)).to(dtype)
-        elif dtype == torch.bool:
-            t = torch.bernoulli(torch.full(tuple(shape), 0.5), generator=gen).bool()
-        else:
-            t = torch.randint(0, 16, tuple(shape), generator=gen, dtype=dtype)
-        out.append(t.to(device))
-    return out
+    """One tensor per ``(shape, dtype_name)``, drawn on ``device``: floats standard normal,
+    bool Bernoulli(0.5), integers uniform in [0, 16). The same seed gives the same values on
+    the same kind of device (CPU and CUDA generators differ)."""
+    # Drawn where the tensors will live: a CPU draw of a large model's inputs, copied over,
+    # costs more than the checks themselves. CUDA spreads a large draw over a grid sized by
+    # the GPU's multiprocessor count, so its values can also differ between GPU models.
+    device = torch.device(device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    return [_draw(tuple(shape), _dtype(name), gen, device) for shape, name in specs]
 
 
-def _checksum(value: Any) -> Any:
-    """Bit-exact fingerprint: NaNs and -0.0 count as unchanged only if truly unchanged."""
-    if isinstance(value, torch.Tensor):
-        raw = value.detach().cpu().contiguous().reshape(-1)
-        data = raw.view(torch.uint8).numpy().tobytes() if raw.numel() else b""
-        return (tuple(value.shape), value.dtype, hashlib.blake2b(data, digest_size=16).hexdigest())
-    if isinstance(value, (tuple, list)):
-        return tuple(_checksum(v) for v in value)
-    return repr(value)
+def _dtype(name: str | torch.dtype) -> torch.dtype:
+    dtype = name if isinstance(name, torch.dtype) else getattr(torch, str(name).removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {name!r}")
+    return dtype
+
+
+def _draw(shape: tuple[int, ...], dtype: torch.dtype, gen: torch.Generator, device: torch.device) -> torch.Tensor:
+    if _inexact(dtype):
+        # drawn wide and rounded, so a float16 input is its float64 twin rounded
+        return torch.randn(shape, generator=gen, dtype=_wide(dtype), device=device).to(dtype)
+    if dtype == torch.bool:
+        return torch.bernoulli(torch.full(shape, 0.5, device=device), generator=gen).bool()
+    return torch.randint(0, 16, shape, generator=gen, dtype=dtype, device=device)
+
+
+# Integer dtypes by element size, to compare values by their bit patterns
+_SAME_WIDTH_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """``t`` reinterpreted (not converted) as integers of the same width, complex as its real
+    and imaginary parts, so that ``==`` tells NaN payloads and the sign of zero apart."""
+    if t.is_complex():
+        t = torch.view_as_real(t)
+    return t.view(_SAME_WIDTH_INT[t.element_size()])
+
+
+def _bit_identical(after: Any, before: Any) -> bool:
+    """Whether ``after`` is ``before`` bit for bit: tensors of the same shape, dtype and
+    strides holding the same bit patterns, compared on their device; sequences item by item;
+    anything else by ``==`` (or identity, so a NaN scalar equals itself)."""
+    if isinstance(before, torch.Tensor):
+        return (
+            isinstance(after, torch.Tensor)
+            and (after.shape, after.dtype, after.stride()) == (before.shape, before.dtype, before.stride())
+            and after.device == before.device
+            and torch.equal(_bits(after.detach()), _bits(before))
+        )
+    if isinstance(before, (tuple, list)):
+        return (
+            type(after) is type(before)
+            and len(after) == len(before)
+            and all(_bit_identical(x, y) for x, y in zip(after, before))
+        )
+    return after is before or after == before
 
 
 def _clone(value: Any, widen: bool = False) -> Any:
@@ -354,16 +398,18 @@ def check_numerically(
 ) -> Comparison:
     """Run ``fn`` on clones of ``inputs`` and ``reference_fn`` on float64 copies, and compare.
     ``fn`` runs ``trials`` times on fresh clones (to catch state kept between calls); a run
-    that writes into its inputs fails. The caller's own tensors are never handed out."""
-    before = _checksum(list(inputs))
+    that changes a bit, the shape, dtype or strides of an input fails. The caller's own
+    tensors are never handed out."""
+    # kept on the inputs' device to compare each trial's arguments with: hashing them on the
+    # host meant copying every input there, which cost more than the kernels being checked
+    before = _clone(list(inputs))
     expected = reference_fn(*_clone(list(inputs), widen=True))
     result = Comparison(True, 0.0, 0.0, "no trials run")
     for trial in range(trials):
         args = _clone(list(inputs))
         got = fn(*args)
-        after = _checksum(args)
-        if after != before:
-            changed = [i for i, (x, y) in enumerate(zip(after, before)) if x != y]
+        changed = [i for i, (x, y) in enumerate(zip(args, before)) if not _bit_identical(x, y)]
+        if changed:
             return _fail(f"kernel modified an input (argument(s) {changed}) in trial {trial}")
         result = compare(got, expected)
         if not result.ok:

@@ -3,8 +3,9 @@
 Recipe format 2 adds, per region, where it runs (``placement``: on the graph's device, or on
 the host with explicit copies) and, per plan, whether its choices were measured (``tuned``)
 and the decisions behind them (every candidate region, what was chosen for it and at what
-cost). Format 1 recipes are still read: their regions run on the device and carry no
-decisions.
+cost). Format 3 adds the executor decision: every candidate executor's measured time for the
+graph this plan rewrites, and the one chosen. Formats 1 and 2 are still read: their regions run
+on the device, and they carry no decisions or no executor decision.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ import msgpack
 
 from hypatia.canonical import CanonicalGraph, is_ref
 
-RECIPE_FORMAT = 2
-READABLE_FORMATS = (1, 2)
+RECIPE_FORMAT = 3
+READABLE_FORMATS = (1, 2, 3)
 PLACEMENTS = ("device", "host")
 EAGER = "aten/eager"  # the implementation id of a region left to ATen, op by op
 
@@ -122,6 +123,47 @@ class Decision:
 
 
 @dataclass(frozen=True)
+class ExecutorTime:
+    """One candidate executor's measured time for a whole step of the rewritten graph (forward,
+    and backward in training); ``error`` where it could not be built or run."""
+
+    name: str
+    median_us: float
+    spread_us: float = 0.0
+    samples: int = 0
+    error: str = ""
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "median_us": self.median_us, "spread_us": self.spread_us, "samples": self.samples,
+                "error": self.error}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ExecutorTime":
+        return cls(name=_typed(d["name"], str), median_us=float(_typed(d["median_us"], (int, float))),
+                   spread_us=float(_typed(d.get("spread_us", 0.0), (int, float))),
+                   samples=_typed(d.get("samples", 0), int), error=_typed(d.get("error", ""), str))
+
+
+@dataclass(frozen=True)
+class ExecutorDecision:
+    """Which executor runs the rewritten graph, measured as the model ran every candidate."""
+
+    chosen: str
+    training: bool
+    times: tuple[ExecutorTime, ...] = ()
+
+    def to_dict(self) -> dict:
+        return {"chosen": self.chosen, "training": self.training, "times": [t.to_dict() for t in self.times]}
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "ExecutorDecision":
+        if not isinstance(d, dict):
+            raise TypeError(f"an executor decision is a map, not {type(d).__name__}")
+        return cls(chosen=_typed(d["chosen"], str), training=_typed(d["training"], bool),
+                   times=tuple(ExecutorTime.from_dict(t) for t in d.get("times", ())))
+
+
+@dataclass(frozen=True)
 class Plan:
     graph_key: str
     regions: tuple[Region, ...] = ()
@@ -131,13 +173,20 @@ class Plan:
     validated: tuple[int, ...] = ()  # outputs of regions already checked in strict mode
     tuned: bool = False  # every choice rests on measurements (where a candidate could be measured)
     decisions: tuple[Decision, ...] = ()
+    executor: ExecutorDecision | None = None  # measured for this revision's rewritten graph
 
     def without(self, failed: set[int], passed: set[int]) -> "Plan":
         """The next revision: regions whose output is in ``failed`` dropped (they run unfused),
-        those in ``passed`` remembered as validated."""
+        those in ``passed`` remembered as validated. Dropping a region changes the rewritten
+        graph, so its executor decision goes too."""
         regions = tuple(r for r in self.regions if r.output not in failed)
         validated = tuple(sorted((set(self.validated) | passed) & {r.output for r in regions}))
-        return replace(self, regions=regions, revision=self.revision + 1, validated=validated)
+        executor = self.executor if len(regions) == len(self.regions) else None
+        return replace(self, regions=regions, revision=self.revision + 1, validated=validated, executor=executor)
+
+    def with_executor(self, decision: ExecutorDecision) -> "Plan":
+        """The next revision, carrying ``decision``."""
+        return replace(self, revision=self.revision + 1, executor=decision)
 
     def superseding(self, previous: "Plan | None") -> "Plan":
         """This plan as the next revision after ``previous``, keeping the validation of the
@@ -146,7 +195,9 @@ class Plan:
             return self
         before = {(r.output, r.implementation) for r in previous.regions if r.output in previous.validated}
         validated = tuple(sorted(r.output for r in self.regions if (r.output, r.implementation) in before))
-        return replace(self, revision=previous.revision + 1, validated=validated)
+        same = [r.to_dict() for r in self.regions] == [r.to_dict() for r in previous.regions]  # the same rewrite
+        return replace(self, revision=previous.revision + 1, validated=validated,
+                       executor=previous.executor if same else None)
 
     def to_recipe(self) -> dict:
         return {
@@ -158,6 +209,7 @@ class Plan:
             "regions": [r.to_dict() for r in self.regions],
             "validated": list(self.validated),
             "decisions": [d.to_dict() for d in self.decisions],
+            "executor": self.executor.to_dict() if self.executor is not None else None,
         }
 
     @classmethod
@@ -185,8 +237,9 @@ class Plan:
                 validated=tuple(_typed(i, int) for i in recipe.get("validated", ())),
                 tuned=_typed(recipe.get("tuned", False), bool),
                 decisions=tuple(Decision.from_dict(d) for d in recipe.get("decisions", ())),
+                executor=ExecutorDecision.from_dict(recipe["executor"]) if recipe.get("executor") is not None else None,
             )
-        except (KeyError, TypeError) as exc:
+        except (KeyError, TypeError, ValueError) as exc:
             raise PlanFormatError(f"recipe is malformed: {exc}") from None
 
 

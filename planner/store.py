@@ -235,6 +235,47 @@ class Store:
                 (text, recipe_checksum(keys, text), plan.revision, now, *keys),
             )
 
+    def put_region_verdicts(self, env_key: str, verdicts: list[dict]) -> None:
+        """Verdicts per region structure (``region_key``, ``implementation_id``, ``rule``, ``ok``,
+        errors, ``detail``) in ``env_key``. A failure replaces a pass, never the other way round:
+        once a shape has failed anywhere, no later check lets it run again."""
+        if not verdicts:
+            return
+        now = _now()
+        db = self._db()
+        pk = ("env_key", "region_key", "implementation_id")
+        with db.atomic():
+            for v in verdicts:
+                row = {
+                    "env_key": env_key,
+                    "region_key": v["region_key"],
+                    "implementation_id": v["implementation_id"],
+                    "rule": v.get("rule", ""),
+                    "ok": int(bool(v["ok"])),
+                    "max_abs_err": float(v.get("max_abs_err") or 0.0),
+                    "max_rel_err": float(v.get("max_rel_err") or 0.0),
+                    "detail": str(v.get("detail", ""))[:500],
+                    "created_at": now,
+                }
+                if row["ok"]:
+                    self._insert(db, "region_verdicts", row, ignore=True)
+                else:
+                    self._upsert(db, "region_verdicts", row, pk)
+
+    def region_verdicts(self, env_key: str, region_keys: list[str]) -> dict[tuple[str, str], bool]:
+        """(region key, implementation) -> passed, for what has been validated in ``env_key``."""
+        found: dict[tuple[str, str], bool] = {}
+        db = self._db()
+        for start in range(0, len(region_keys), 500):
+            chunk = region_keys[start:start + 500]
+            rows = db.execute(
+                "SELECT region_key, implementation_id, ok FROM region_verdicts "
+                f"WHERE env_key = ? AND region_key IN ({','.join('?' * len(chunk))})",
+                (env_key, *chunk),
+            ).fetchall()
+            found.update({(rkey, impl): bool(ok) for rkey, impl, ok in rows})
+        return found
+
     def replace_plan(self, keys: tuple[str, str, str], plan: Plan) -> None:
         """Store ``plan`` (a tuned revision) over the existing row of ``keys``."""
         text = recipe_text(plan.to_recipe())
@@ -353,8 +394,8 @@ class Store:
         counts = self.counts()
         db = self._db()
         with db.atomic():
-            for table in ("verdicts", "benchmark_traces", "plans", "implementations", "canonical_graphs", "workloads",
-                          "environments", "quarantine"):
+            for table in ("verdicts", "region_verdicts", "benchmark_traces", "plans", "implementations",
+                          "canonical_graphs", "workloads", "environments", "quarantine"):
                 db.execute(f'DELETE FROM "{table}"')
         db.compact()
         return counts

@@ -16,7 +16,7 @@ import torch
 
 from hypatia.canonical import CanonicalGraph
 from hypatia.kernels import load_kernel
-from hypatia.planner import costs, measure, paths, regions
+from hypatia.planner import costs, measure, paths, regions, verdicts
 from hypatia.planner.counters import counters
 from hypatia.planner.environment import describe
 from hypatia.planner.extract import Candidate
@@ -121,12 +121,14 @@ def tune(graph: CanonicalGraph, keys: tuple[str, str, str], env: dict, store: St
         for r in new:
             stored[(rkey, r["implementation_id"])] = r | {"ok": bool(r["ok"])}
     store.put_traces(rows, list(impls.values()))
+    store.put_region_verdicts(keys[2], verdicts.from_traces(rows))  # the accuracy checks validate the shapes
     report.measured += len(rows)
     counters["traces_written"] += len(rows)
     counters["traces_reused"] += report.reused
     if device_type == "cuda":
         torch.cuda.empty_cache()
-    plan = finish(state, policy, paths.measurements(stored), store.failed_regions(keys))
+    excluded = verdicts.excluded(store, keys[2], graph, list(state.candidates), store.failed_regions(keys))
+    plan = verdicts.mark_validated(store, keys[2], graph, finish(state, policy, paths.measurements(stored), excluded))
     log.info("tuned %s: %d traces measured, %d reused, %d region(s) chosen, %.2f s",
              keys[0][:16], report.measured, report.reused, len(plan.regions), time.perf_counter() - started)
     return plan

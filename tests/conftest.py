@@ -101,10 +101,13 @@ def home(monkeypatch) -> Home:
     stopped afterwards. Tests that start a client in this process get their own session."""
     path = Path(tempfile.mkdtemp(prefix="hy-", dir="/tmp"))
     env = {k: v for k, v in os.environ.items() if not k.startswith("HYPATIA_")}
-    env |= {"HYPATIA_HOME": str(path), "PYTHONUNBUFFERED": "1"}
+    # Graphs run under the aten executor unless a test asks for another: Inductor's C++ compile
+    # takes seconds per graph on a CI machine; the executor tests use it and measure the choice.
+    env |= {"HYPATIA_HOME": str(path), "PYTHONUNBUFFERED": "1", "HYPATIA_EXECUTOR": "aten"}
     for key in [k for k in os.environ if k.startswith("HYPATIA_")]:
         monkeypatch.delenv(key)
     monkeypatch.setenv("HYPATIA_HOME", str(path))
+    monkeypatch.setenv("HYPATIA_EXECUTOR", "aten")
     from hypatia.client.backend import reset_session
 
     reset_session()

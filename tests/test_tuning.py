@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from dataclasses import replace
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -21,7 +22,7 @@ from hypatia.planner import paths, plan_graph
 from hypatia.planner.counters import counters
 from hypatia.planner.environment import describe
 from hypatia.planner.passes import UnknownPolicy, candidates, finish
-from hypatia.planner.plan import EAGER, Decision, Plan, PlanFormatError, Region, recipe_text
+from hypatia.planner.plan import EAGER, Decision, ExecutorDecision, ExecutorTime, Plan, PlanFormatError, Region, recipe_text
 from hypatia.planner.store import Store
 
 
@@ -176,12 +177,19 @@ def test_recipe_json_round_trip():
         policy="FASTEST", revision=3, validated=(5,), tuned=True,
         decisions=(Decision("linear_relu", 5, "linear_activation/cpu_torch/relu", 1e-6, 2e-6, True, EAGER, 2e-6),
                    Decision("layer_norm", 9, EAGER, 3e-6, 3e-6, True, "normalization/cpu_torch/layer_norm", 4e-6)),
+        executor=ExecutorDecision("inductor+cudagraphs", True, (ExecutorTime("inductor+cudagraphs", 812.5, 3.25, 10),
+                                                                ExecutorTime("eager", 1650.0, 9.0, 10),
+                                                                ExecutorTime("aten", 0.0, error="RuntimeError: no"))),
     )
     text = recipe_text(plan.to_recipe())
     back = Plan.from_recipe(json.loads(text))
     assert back == plan
     assert recipe_text(back.to_recipe()) == text
-    assert json.loads(text)["format"] == 2
+    assert json.loads(text)["format"] == 3
+    # a new revision of the regions (a tuned plan) is another rewritten graph: measured anew
+    assert plan.superseding(plan).executor == plan.executor
+    assert replace(plan, regions=plan.regions[:1]).superseding(plan).executor is None
+    assert plan.without({7}, set()).executor is None and plan.without(set(), {5}).executor == plan.executor
 
 
 def test_format_1_recipes_are_still_read_and_bad_ones_refused():
@@ -189,8 +197,9 @@ def test_format_1_recipes_are_still_read_and_bad_ones_refused():
            "regions": [{"rule": "r", "kernel": "k", "inputs": [0], "consts": [], "output": 1, "nodes": [1]}]}
     plan = Plan.from_recipe(old)
     assert plan.regions[0].placement == "device" and not plan.tuned and plan.decisions == ()
-    for bad in ({**old, "format": 3}, {**old, "regions": [{**old["regions"][0], "placement": "moon"}]},
-                {**old, "format": 2, "tuned": "yes"}):
+    for bad in ({**old, "format": 4}, {**old, "regions": [{**old["regions"][0], "placement": "moon"}]},
+                {**old, "format": 2, "tuned": "yes"}, {**old, "format": 3, "executor": {"chosen": 1}},
+                {**old, "format": 3, "executor": "inductor"}):
         with pytest.raises(PlanFormatError):
             Plan.from_recipe(bad)
 
@@ -430,50 +439,6 @@ def test_ctl_flush_asks_at_a_terminal(home):
     yes = subprocess.run([sys.executable, "-c", script], input="y\n", env=home.env, capture_output=True, text=True, timeout=60)
     assert yes.returncode == 0 and "flushed" in yes.stdout
     assert home.stats()["plans"] == 0
-
-
-# -- the whole graph: plan or pass-through, measured in the process ---------------------------
-def test_measured_choice_keeps_the_faster_alternative():
-    from hypatia.client import choice
-
-    calls = {"slow": 0, "fast": 0}
-
-    def slow(x):
-        calls["slow"] += 1
-        time.sleep(0.003)
-        return x + 1
-
-    def fast(x):
-        calls["fast"] += 1
-        return x + 1
-
-    reported = []
-    chooser = choice.MeasuredChoice({"slow": slow, "fast": fast}, "cpu", lambda name, medians: reported.append((name, medians)))
-    rounds = choice.WARMUP_ROUNDS + choice.TIMED_ROUNDS
-    for i in range(2 * rounds + 10):
-        assert chooser(torch.tensor(i)) == i + 1
-    assert [r[0] for r in reported] == ["fast"]
-    assert reported[0][1]["slow"] > reported[0][1]["fast"]
-    assert calls == {"slow": rounds, "fast": rounds + 10}
-
-
-def test_measured_policies_choose_between_plan_and_pass_through_and_stay_correct(home, dynamo_reset, monkeypatch):
-    from hypatia.client import choice
-    from hypatia.client.backend import session
-
-    monkeypatch.setenv("HYPATIA_AUTOSTART", "0")
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
-    reference = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
-    reference.load_state_dict(model.state_dict())
-    compiled = torch.compile(model, backend="hypatia")
-    for _ in range(2 * (choice.WARMUP_ROUNDS + choice.TIMED_ROUNDS) + 3):
-        assert_training_step_matches(compiled, model, reference, torch.randn(16, 32))
-    counters = session().counters
-    assert counters["regions_fused"] >= 1
-    assert counters["graphs_chose_plan"] + counters["graphs_chose_eager"] == 1
-    (measured,) = session().choices
-    assert measured["plan"] > 0 and measured["eager"] > 0 and measured["chosen"] in ("plan", "eager")
 
 
 def test_heuristic_policy_runs_the_plan_without_measuring(home, dynamo_reset, monkeypatch):

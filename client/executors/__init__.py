@@ -1,0 +1,60 @@
+"""The executors a graph can run under, and the candidates the choice measures.
+
+Each executor is one module with one job, and all take the same :class:`Graphs`:
+
+- ``eager``: Dynamo's graph as it is;
+- ``aten``: the rewritten graph of ATen and ``hypatia::`` operators, run operator by operator
+  (autograd differentiates it through the operators' formulas);
+- ``inductor``: Inductor generates code for the rewritten graph (Triton on CUDA, C++ on CPU);
+- ``cudagraphs``: any of the three captured and replayed as CUDA graphs, where that is safe.
+
+A candidate is an executor, with ``+cudagraphs`` when it is captured: ``"inductor+cudagraphs"``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.fx
+
+from hypatia.client.executors import aten, cudagraphs, eager, inductor
+from hypatia.executors import CUDAGRAPHS, DEFAULT, EXECUTORS, UnknownCandidate, parse
+
+__all__ = ["CUDAGRAPHS", "DEFAULT", "EXECUTORS", "Graphs", "UnknownCandidate", "build", "candidates", "parse"]
+
+
+@dataclass
+class Graphs:
+    """What every executor takes: Dynamo's graph, its example inputs, and (when a plan
+    rewrote it) a factory for fresh copies of the rewritten graph."""
+
+    dynamo: torch.fx.GraphModule
+    example_inputs: list
+    device: str
+    training: bool
+    rewritten: Callable[[], torch.fx.GraphModule] | None = None
+    skipped: list[str] = field(default_factory=list)  # why torch's own CUDA graph checks refused
+
+
+def candidates(graphs: Graphs, refusal: str | None) -> list[str]:
+    """Every candidate for ``graphs``, the default first. ``aten`` is left out when nothing was
+    rewritten (it would be eager again); CUDA graphs when ``refusal`` says why not."""
+    names = [DEFAULT] + [e for e in EXECUTORS if e != DEFAULT and (e != "aten" or graphs.rewritten is not None)]
+    if refusal is None:
+        names = [n + suffix for n in names for suffix in ("", CUDAGRAPHS)]
+    return names
+
+
+def build(candidate: str, graphs: Graphs, args: list | None = None) -> Callable[..., Any]:
+    """The callable that runs ``candidate``; ``args`` are this call's inputs when it is built
+    after Dynamo's compile (the example inputs otherwise)."""
+    executor, captured = parse(candidate)
+    inputs = list(args) if args is not None else graphs.example_inputs
+    if executor == "inductor":
+        return inductor.build(graphs, inputs, cudagraphs=captured)
+    source = aten.graph(graphs) if executor == "aten" else eager.graph(graphs)
+    if captured:
+        return cudagraphs.capture(source, inputs, graphs.skipped.append)
+    return source.forward

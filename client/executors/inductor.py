@@ -1,0 +1,72 @@
+"""The ``inductor`` executor: Inductor generates code for the rewritten graph (Triton on CUDA,
+C++ on CPU), through the same entry point ``backend="inductor"`` uses, so its FX graph and
+AOTAutograd caches key the rewritten graph itself. ``hypatia::`` operators stay calls in the
+generated code; ATen's fused operators (SDPA) get Inductor's own lowering.
+
+Hypatia's kernels and rules are part of what the compiled code means, so a post-grad pass
+(Inductor's custom graph pass hook) carries their digest as its ``uuid()``: a change to either
+misses Inductor's caches instead of reusing code built against the old ones. The pass itself
+counts the ``hypatia::`` operators that reach Inductor's lowering.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch._inductor.custom_graph_pass import CustomGraphPass
+
+from hypatia import __version__
+from hypatia.client.graphs import copy_of
+from hypatia.client.torch_internals import inductor_compile
+
+counters: Counter = Counter()
+
+
+@functools.cache
+def library_digest() -> str:
+    """A digest of this installation's kernels and rules: Hypatia's part of Inductor's key."""
+    import hypatia.kernels
+    import hypatia.planner.rules
+
+    h = hashlib.sha256(__version__.encode())
+    for package in (hypatia.kernels, hypatia.planner.rules):
+        for path in sorted(Path(package.__file__).parent.glob("*.py")):
+            h.update(path.name.encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+class HypatiaPass(CustomGraphPass):
+    """Inductor's post-grad hook: counts the ``hypatia::`` operators it sees; its ``uuid`` keys
+    Inductor's caches on Hypatia's kernels and rules."""
+
+    def __init__(self, digest: str | None = None):
+        self.digest = digest or library_digest()
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        found = sum(1 for n in graph.nodes if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
+                    and n.target.namespace == "hypatia")
+        counters["graphs_lowered"] += 1
+        counters["hypatia_ops_lowered"] += found
+
+    def uuid(self) -> str:
+        return f"hypatia-{self.digest}"
+
+
+def config_patches(cudagraphs: bool) -> dict[str, Any]:
+    """Inductor's settings for this executor: its default mode, or ``reduce-overhead``'s."""
+    patches: dict[str, Any] = {"post_grad_custom_post_pass": HypatiaPass()}
+    if cudagraphs:
+        patches |= torch._inductor.list_mode_options("reduce-overhead")
+    return patches
+
+
+def build(graphs, inputs: list, cudagraphs: bool) -> Callable[..., Any]:
+    """Inductor's compiled code for the rewritten graph (Dynamo's, when nothing was rewritten)."""
+    gm = graphs.rewritten() if graphs.rewritten is not None else copy_of(graphs.dynamo, graphs.dynamo)
+    return inductor_compile(gm, inputs, config_patches(cudagraphs))

@@ -1,0 +1,197 @@
+"""Every private torch interface Hypatia uses, in this one module.
+
+Public extension points do most of the work (``torch.library`` custom ops, Inductor's custom
+graph pass hook, ``torch._inductor.list_mode_options``, ``make_fx``), but four things have no
+public form:
+
+- ``compile_fx``: Inductor's entry point for an FX graph (what ``backend="inductor"`` calls),
+  given the rewritten graph instead of Dynamo's;
+- the Dynamo metadata of a graph's inputs (their sources and which are parameters), which
+  AOTAutograd reads to know which inputs keep their address across calls, so that CUDA graphs
+  do not copy the parameters on every replay; a rewritten graph carries Dynamo's over;
+- cudagraph trees (``cudagraphify_impl``) for graphs that Inductor does not compile;
+- the Python dispatcher, under which AOTAutograd traces (and so must the model graph).
+
+Each is used only through a function here. :data:`TESTED` is the range of torch versions these
+were written and tested against; ``tests/test_torch_internals.py`` checks every symbol, so a torch
+upgrade that moves one fails there, loudly, and nowhere else.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import warnings
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx
+
+log = logging.getLogger("hypatia.client")
+
+TESTED = ((2, 11), (2, 13))  # torch (major, minor), first and last
+
+
+class UntestedTorchWarning(RuntimeWarning):
+    """This torch is outside the range Hypatia's private-interface module was tested with."""
+
+
+def torch_version() -> tuple[int, int]:
+    major, minor = torch.__version__.split("+")[0].split(".")[:2]
+    return int(major), int(minor)
+
+
+@functools.cache
+def check_torch() -> bool:
+    """Whether this torch is in :data:`TESTED`; warns once when it is not (the interfaces are
+    still tried, and any failure makes a graph run eagerly)."""
+    version = torch_version()
+    if TESTED[0] <= version <= TESTED[1]:
+        return True
+    warnings.warn(
+        f"torch {torch.__version__} is outside the versions Hypatia was tested with "
+        f"({'.'.join(map(str, TESTED[0]))} to {'.'.join(map(str, TESTED[1]))}); its Inductor and CUDA graph "
+        "executors use private torch interfaces (hypatia.client.torch_internals) that may have moved",
+        UntestedTorchWarning,
+        stacklevel=2,
+    )
+    return False
+
+
+# -- Inductor ---------------------------------------------------------------------------------
+
+
+def inductor_compile(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], config_patches: dict[str, Any]) -> Callable:
+    """Inductor on ``gm`` exactly as ``torch.compile(backend="inductor")`` runs it on a Dynamo
+    graph (AOTAutograd with Inductor's decompositions, partitioner and caches), under
+    ``config_patches``. ``gm`` is consumed."""
+    from torch._inductor.compile_fx import compile_fx
+
+    check_torch()
+    return compile_fx(gm, list(example_inputs), config_patches=config_patches)
+
+
+def inductor_counters() -> dict[str, int]:
+    """Inductor's own cache counters (FX graph cache and AOTAutograd cache hits and misses)."""
+    from torch._dynamo.utils import counters
+
+    return {k: int(v) for k, v in counters["inductor"].items() if "cache" in k}
+
+
+# -- tracing as AOTAutograd traces --------------------------------------------------------------
+
+
+def python_dispatcher():
+    """The Python dispatcher, under which AOTAutograd traces: its decompositions (batch norm to
+    ``_native_batch_norm_legit*``, ...) give the model graph the operators Hypatia's rules and
+    Inductor expect."""
+    from torch._dispatch.python import enable_python_dispatcher
+
+    return enable_python_dispatcher()
+
+
+# -- Dynamo's input metadata ------------------------------------------------------------------
+
+_PLACEHOLDER_META = ("tensor_dict", "grapharg", "example_value")
+_GRAPH_META = ("dynamo_flat_name_to_original_fqn", "dynamo_compile_id", "backend_id")
+
+
+def carry_dynamo_metadata(dst: torch.fx.GraphModule, src: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Give ``dst`` (a graph traced from Dynamo's ``src``, with the same inputs in the same
+    order) the metadata Dynamo put on ``src``'s inputs, so that AOTAutograd treats it as the
+    same Dynamo graph: parameters are static inputs, and CUDA graphs keep them in place."""
+    src_inputs = [n for n in src.graph.nodes if n.op == "placeholder"]
+    dst_inputs = [n for n in dst.graph.nodes if n.op == "placeholder"]
+    if len(src_inputs) != len(dst_inputs):
+        raise ValueError(f"graphs have {len(src_inputs)} and {len(dst_inputs)} inputs; they are not the same function")
+    for s, d in zip(src_inputs, dst_inputs):
+        if hasattr(s, "_dynamo_source"):
+            d._dynamo_source = s._dynamo_source
+        for key in _PLACEHOLDER_META:
+            if key in s.meta and key not in d.meta:
+                d.meta[key] = s.meta[key]
+    if hasattr(src, "_param_name_to_source"):
+        dst._param_name_to_source = src._param_name_to_source
+        # Tensors the trace baked in (``torch.tensor([...])`` in model code) are constants, not
+        # parameters Dynamo has a source for: plain attributes, as AOTAutograd expects.
+        for name in [n for n in dst._buffers if n not in src._param_name_to_source]:
+            value = dst._buffers.pop(name)
+            setattr(dst, name, value)
+    for key in _GRAPH_META:
+        if key in src.meta:
+            dst.meta[key] = src.meta[key]
+    return dst
+
+
+def static_input_indices(gm: torch.fx.GraphModule) -> list[int]:
+    """The inputs of a Dynamo graph that Dynamo marked static (parameters and buffers)."""
+    return [i for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")
+            if n.meta.get("tensor_dict", {}).get("_dynamo_static_input_type")]
+
+
+# -- cudagraph trees for graphs Inductor does not compile --------------------------------------
+
+
+def cudagraph_trees(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], on_skip: Callable[[str], None]) -> Callable:
+    """``gm`` through AOTAutograd, its forward and backward graphs each recorded once and
+    replayed as CUDA graphs by cudagraph trees (what ``mode="reduce-overhead"`` uses), with
+    Dynamo's static inputs (the parameters) kept in place. A graph torch's own checks refuse
+    runs without CUDA graphs, and ``on_skip`` is told why."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._dynamo.backends.cudagraphs import check_for_skip, find_input_mutations, get_device_index, get_stack_traces
+    from torch._dynamo.backends.debugging import boxed_nop
+    from torch._inductor.cudagraph_trees import cudagraphify_impl, get_manager
+    from torch._inductor.cudagraph_utils import get_placeholder_info
+    from torch._inductor.utils import count_tangents, num_fw_fixed_arguments
+
+    check_torch()
+    forward_device: list[int | None] = [None]
+    captured = [True]
+
+    def record(aot_gm: torch.fx.GraphModule, aot_inputs: list, fixed: int, static: Sequence[int], backward: bool,
+               inference: bool) -> Callable:
+        interp = boxed_nop(aot_gm, aot_inputs)
+        device = get_device_index(aot_gm)
+        if not backward:
+            forward_device[0] = device
+        out = cudagraphify_impl(
+            interp, aot_inputs, sorted(set(static)), device_index=device, is_backward=backward, is_inference=inference,
+            stack_traces=get_stack_traces(aot_gm), placeholders=get_placeholder_info(aot_gm.graph),
+            mutated_input_idxs=find_input_mutations(aot_gm.graph),
+        )
+        out._boxed_call = True
+        return out
+
+    def forward(aot_gm: torch.fx.GraphModule, aot_inputs: list, is_inference: bool = False) -> Callable:
+        fixed = num_fw_fixed_arguments(len(example_inputs), len(aot_inputs))
+        context = torch._guards.TracingContext.try_get()
+        marked = list(context.fw_metadata.static_input_indices) if context and context.fw_metadata else []
+        skip = check_for_skip(aot_gm, fixed)
+        if skip:
+            on_skip(skip)
+            captured[0] = False
+            return boxed_nop(aot_gm, aot_inputs)
+        return record(aot_gm, aot_inputs, fixed, [*range(fixed), *marked], False, is_inference)
+
+    def backward(aot_gm: torch.fx.GraphModule, aot_inputs: list) -> Callable:
+        if not captured[0]:  # the forward runs without CUDA graphs, so does its backward
+            return aot_gm
+        fixed = count_tangents(aot_gm)
+        skip = check_for_skip(aot_gm, fixed)
+        if not skip:
+            return record(aot_gm, aot_inputs, fixed, range(fixed), True, False)
+        on_skip(skip)
+        # a captured forward with an uncapturable backward: the tree must know the backward runs
+        manager = get_manager(forward_device[0] or 0, create_if_none_exists=False)
+
+        def run(inputs: list) -> Any:
+            if manager is not None:
+                manager.set_to_running_backward()
+            return aot_gm(inputs)
+
+        run._boxed_call = True
+        return run
+
+    compiler = aot_autograd(fw_compiler=forward, bw_compiler=backward,
+                            inference_compiler=functools.partial(forward, is_inference=True))
+    return compiler(gm, list(example_inputs))
