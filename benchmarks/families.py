@@ -20,8 +20,10 @@ from torch import nn
 
 from benchmarks.runtime import DTYPES, add_speedups, cast_inputs, error_text, float64_reference, measure_backend, timing_args
 
-# The families are judged as the static plan fuses them (tuning is the runtime section's job).
+# The families are judged as the static plan fuses them, under the default executor (tuning and
+# the executor choice are the runtime section's job).
 FAMILY_BACKENDS = ("eager", "inductor", "hypatia")
+FAMILY_SETTINGS = {"hypatia": "hypatia_static"}  # the runtime section's backend each row measures
 
 
 class LayerNormManual(nn.Module):
@@ -171,8 +173,8 @@ def run_case(m: Micro, device: str, dtype_name: str, quick: bool) -> list[dict[s
         try:
             if backend == "hypatia":
                 before = _hypatia_counts()
-            row.update(measure_backend(base, backend, DTYPES[dtype_name], inputs, reference, "inference", device,
-                                       timing_args(device, quick)))
+            row.update(measure_backend(base, FAMILY_SETTINGS.get(backend, backend), DTYPES[dtype_name], inputs,
+                                       reference, "inference", device, timing_args(device, quick)))
         except Exception as exc:  # one failing backend must not hide the others' numbers
             row["error"] = error_text(exc)
         if before is not None:
@@ -190,10 +192,10 @@ def run_case(m: Micro, device: str, dtype_name: str, quick: bool) -> list[dict[s
     return rows
 
 
-def run(device: str, quick: bool, budget_s: float) -> dict:
+def run(device: str, quick: bool, budget_s: float, dtypes: list[str] | None = None) -> dict:
     """Every (micro-model, dtype) on ``device``; cases past ``budget_s`` are recorded as skipped."""
     start = time.monotonic()
-    dtypes = ["float32"] if quick else list(DTYPES)
+    dtypes = [d for d in DTYPES if d in (dtypes or (["float32"] if quick else list(DTYPES)))]
     rows: list[dict] = []
     for dtype_name in dtypes:
         for m in MICROS:

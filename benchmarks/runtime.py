@@ -1,44 +1,46 @@
-"""Step time of each workload under eager PyTorch, Inductor and Hypatia, side by side in one
-process, with each compiled output's relative error against an eager float64 reference.
+"""Step time of each workload under eager PyTorch, ``torch.compile`` and Hypatia, side by side in
+one process, with each compiled output's relative error against an eager float64 reference.
 
-Hypatia runs twice: ``hypatia`` with the HEURISTIC policy (the static cost model's plan, what a
-first compile gets) and ``hypatia_tuned`` with EXPLORE (every candidate measured before the
-plan is served, what every later compile gets once background tuning is done). The tuned rows
-carry the decisions where the tuner chose differently from the heuristic."""
+The backends (:data:`BACKENDS`): ``eager``; ``dynamo``, ``torch.compile(backend="eager")``,
+Dynamo's capture and guards around the same ops, the floor every backend pays; ``inductor``,
+``torch.compile``'s default; ``inductor_ro``, its ``mode="reduce-overhead"`` (CUDA graphs);
+``hypatia_first``, what a first process runs before anything is measured (the plan the daemon
+answers at once, under Inductor), timed once the daemon's background tuning is done so the
+tuner does not share the machine with the timing; and ``hypatia``, Hypatia as a user gets it:
+the default policy and executor choice in a later process, once the daemon holds the tuned plan
+and the executor decision for every graph (:mod:`benchmarks.hypatia_runs` says how).
+"""
 
 from __future__ import annotations
 
 import copy
+import gc
 import importlib.util
 import json
-import os
 import time
 from typing import Any
 
 import torch
 
+from benchmarks import hypatia_runs
 from benchmarks.timing import measure
 from benchmarks.workloads import QUICK_WORKLOADS, WORKLOADS, Workload, loss_of, primary_output
 
-# "dynamo" is torch.compile(backend="eager"): Dynamo's capture and guards around the same ops,
-# the floor every torch.compile backend pays on top of eager.
-BACKENDS = ("eager", "dynamo", "inductor", "hypatia", "hypatia_tuned")
-POLICY = {"hypatia": "HEURISTIC", "hypatia_tuned": "EXPLORE"}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+BACKENDS = ("eager", "dynamo", "inductor", "inductor_ro", "hypatia_first", "hypatia")
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}  # the order of a run: bf16 first
 MODES = ("inference", "training")
 
 
 def _compiled(model: torch.nn.Module, backend: str):
     if backend == "eager":
         return model
-    if backend == "inductor":
-        return torch.compile(model)
     if backend == "dynamo":
         return torch.compile(model, backend="eager")
-    from hypatia.client.backend import reset_session
-
-    os.environ["HYPATIA_POLICY"] = POLICY[backend]
-    reset_session()  # the next compile reads the policy
+    if backend == "inductor":
+        return torch.compile(model)
+    if backend == "inductor_ro":
+        return torch.compile(model, mode="reduce-overhead")
+    hypatia_runs.new_session(backend)
     return torch.compile(model, backend="hypatia")
 
 
@@ -91,16 +93,25 @@ def float64_reference(base: torch.nn.Module, inputs64: tuple) -> torch.Tensor:
 def timing_args(device: str, quick: bool) -> dict[str, Any]:
     if quick:
         return dict(min_repeats=5, max_repeats=30, min_time_s=0.2)
-    if device == "cuda":  # CUDA events are steady; the time goes to compiling instead
-        return dict(warmup=5, min_repeats=20, max_repeats=100, min_time_s=0.3)
+    if device == "cuda":  # CUDA events are steady; the GPU's time goes to compiling instead
+        return dict(warmup=3, min_repeats=10, max_repeats=50, min_time_s=0.2)
     return dict(min_repeats=10, max_repeats=100, min_time_s=1.0)
+
+
+def _release(device: str) -> None:
+    """Free what the previous backend's compiled code and CUDA graphs held."""
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
 
 
 def measure_backend(base: torch.nn.Module, backend: str, dtype: torch.dtype, inputs: tuple, reference: torch.Tensor,
                     mode: str, device: str, timing: dict[str, Any]) -> dict[str, Any]:
     """Compile a copy of ``base`` with ``backend`` and time it: first call, relative error against
-    ``reference``, the step-time figures and (CUDA) peak memory. Raises what the backend raises."""
+    ``reference``, the step-time figures and (CUDA) peak memory; Hypatia's rows also say what
+    their session ran. Raises what the backend raises."""
     torch._dynamo.reset()
+    _release(device)
     model = copy.deepcopy(base).to(dtype)
     step = _step_fn(_compiled(model, backend), model, inputs, mode)
     row: dict[str, Any] = {}
@@ -112,21 +123,40 @@ def measure_backend(base: torch.nn.Module, backend: str, dtype: torch.dtype, inp
     if device == "cuda":
         torch.cuda.synchronize()
     row["first_call_s"] = round(time.perf_counter() - t0, 3)
-    if backend == "hypatia_tuned":  # let the graph's plan-or-eager measurement settle first
-        from hypatia.client.choice import TIMED_ROUNDS, WARMUP_ROUNDS
-
-        for _ in range(2 * (WARMUP_ROUNDS + TIMED_ROUNDS)):
-            step()
+    # now, before another call can replay a CUDA graph over this output
     row["rel_error"] = _rel_error(primary_output(out), reference)
+    del out
+    if backend == "hypatia_first":
+        try:
+            row["tuning_wait_s"] = hypatia_runs.wait_for_daemon()
+        except hypatia_runs.DaemonNotIdle as exc:
+            row["note"] = f"timed with the daemon busy: {exc}"
+    if backend in hypatia_runs.SETTINGS:
+        # timed in the steady state: after any executor measurement of this session
+        row["steps_before_timing"] = hypatia_runs.run_until_chosen(step, device)
     row.update(measure(step, device, **timing).to_dict())
     if device == "cuda":
         row["peak_mem_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    if backend == "hypatia_tuned":
-        from hypatia.client.backend import session
-
+    if backend in hypatia_runs.SETTINGS:
+        row.update(hypatia_runs.session_report())
+    if backend == "hypatia":
         row["decisions_changed"] = changed_decisions()
-        row["graph_choices"] = list(session().choices)
     return row
+
+
+def measure_hypatia(base: torch.nn.Module, dtype: torch.dtype, inputs: tuple, reference: torch.Tensor, mode: str,
+                    device: str, timing: dict[str, Any]) -> dict[str, Any]:
+    """The ``hypatia`` row: warm-up sessions until the daemon holds a tuned plan and an executor
+    decision for every graph, then a fresh session measured like every other backend."""
+
+    def make_step():
+        model = copy.deepcopy(base).to(dtype)
+        return _step_fn(_compiled(model, "hypatia"), model, inputs, mode)
+
+    torch._dynamo.reset()
+    _release(device)
+    warm = hypatia_runs.warm_up(make_step, device)
+    return warm | measure_backend(base, "hypatia", dtype, inputs, reference, mode, device, timing)
 
 
 def error_text(exc: BaseException) -> str:
@@ -151,44 +181,65 @@ def run_case(w: Workload, device: str, dtype_name: str, mode: str, quick: bool) 
     inputs64 = w.make_inputs(batch, torch.device(device), torch.float64 if not w.integer_inputs else torch.float32)
     reference = float64_reference(base, inputs64)
     inputs = cast_inputs(inputs64, DTYPES[dtype_name])
+    timing = timing_args(device, quick)
     rows = []
     for backend in BACKENDS:
         row: dict[str, Any] = {"workload": w.name, "dtype": dtype_name, "mode": mode, "backend": backend, "batch": batch}
+        started = time.monotonic()
         try:
-            row.update(measure_backend(base, backend, DTYPES[dtype_name], inputs, reference, mode, device, timing_args(device, quick)))
+            if backend == "hypatia":
+                row.update(measure_hypatia(base, DTYPES[dtype_name], inputs, reference, mode, device, timing))
+            else:
+                row.update(measure_backend(base, backend, DTYPES[dtype_name], inputs, reference, mode, device, timing))
         except Exception as exc:  # one failing backend must not hide the others' numbers
             row["error"] = error_text(exc)
+        row["wall_s"] = round(time.monotonic() - started, 3)
         rows.append(row)
+    torch._dynamo.reset()
+    _release(device)
     return add_speedups(rows)
 
 
-def run(device: str, quick: bool, budget_s: float, only: list[str] | None = None, progress=None) -> dict:
-    """Every (workload, dtype, mode) on ``device``; cases past ``budget_s`` are recorded as skipped.
+def run(device: str, quick: bool, budget_s: float, only: list[str] | None = None, progress=None,
+        dtypes: list[str] | None = None) -> dict:
+    """Every (dtype, workload, mode) on ``device``, bfloat16 first; a case that would end past
+    ``budget_s`` (judged by the longest case of its workload so far) is recorded as skipped.
     ``progress`` (a path) gets each case's rows as a JSON line as soon as they are measured."""
     start = time.monotonic()
     names = list(QUICK_WORKLOADS) if quick else [w.name for w in WORKLOADS]
     if only:
         names = [n for n in names if n in only]
-    dtypes = ["float32"] if quick else list(DTYPES)
+    dtypes = [d for d in DTYPES if d in (dtypes or (["float32"] if quick else list(DTYPES)))]
     rows: list[dict] = []
     notes: list[str] = []
+    runnable = []
     for w in WORKLOADS:
         if w.name not in names:
             continue
         if w.gpu_only and device != "cuda":
             notes.append(f"{w.name}: GPU only")
-            continue
-        if w.requires and importlib.util.find_spec(w.requires) is None:
+        elif w.requires and importlib.util.find_spec(w.requires) is None:
             notes.append(f"{w.name}: skipped, needs `{w.requires}` (pip install -e '.[bench]')")
-            continue
-        for dtype_name in dtypes:
+        else:
+            runnable.append(w)
+    longest: dict[str, float] = {}  # workload -> its longest case so far
+    for dtype_name in dtypes:
+        for w in runnable:
             for mode in MODES:
-                if time.monotonic() - start > budget_s:
+                elapsed = time.monotonic() - start
+                if elapsed + longest.get(w.name, 0.0) > budget_s:
                     rows.append({"workload": w.name, "dtype": dtype_name, "mode": mode, "skipped": "time budget"})
                     continue
                 case = run_case(w, device, dtype_name, mode, quick)
+                longest[w.name] = max(longest.get(w.name, 0.0), time.monotonic() - start - elapsed)
                 rows.extend(case)
                 if progress is not None:
                     with open(progress, "a") as f:
                         f.write(json.dumps(case, default=str) + "\n")
+    notes.append("hypatia_first: the plan a first process gets, under Inductor (HYPATIA_EXECUTOR=inductor), timed after "
+                 "the daemon finished tuning it in the background (tuning_wait_s)")
+    notes.append("hypatia: default policy and executor choice in a later process (a fresh client session and a fresh "
+                 "Dynamo against the same daemon), after warm-up sessions of the same model left the daemon holding "
+                 "a tuned plan and an executor decision for every graph (warmup_sessions, warmup_s); "
+                 "served_from_daemon says its session built only the executors the daemon chose")
     return {"rows": rows, "notes": notes}

@@ -17,12 +17,14 @@ a counted fallback: a model never fails because of Hypatia.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
 import time
 import warnings
 from collections import Counter, deque
+from dataclasses import replace
 from typing import Any, Callable
 
 import torch
@@ -36,6 +38,7 @@ from hypatia.client.choice import ExecutorChoice, Measured
 from hypatia.client.remote import RemoteRunner
 from hypatia.client.rpc import DaemonClient, DaemonGone, DaemonUnavailable, VersionSkew
 from hypatia.config import Config, load
+from hypatia.kernels import transparent
 from hypatia.planner import Plan, plan_graph
 from hypatia.planner import environment
 from hypatia.planner.plan import PlanFormatError, region_key
@@ -200,11 +203,10 @@ class Session:
                 log.warning("HYPATIA_DEBUG_FX %s graph %s before:\n%s", phase, keys[0], model.gm.graph)
                 log.warning("HYPATIA_DEBUG_FX plan: %s", plan.to_recipe())
             if plan.regions:
-                rewritten = model_graphs.rewrite(model, fx_nodes, plan, gm)
                 self.counters["regions_fused"] += len(plan.regions)
+                graphs.rewritten, graphs.for_inductor = self._rewrites(model, fx_nodes, plan, gm)
                 if self.config.debug_fx:
-                    log.warning("HYPATIA_DEBUG_FX %s graph after:\n%s", phase, rewritten.graph)
-                graphs.rewritten = lambda: model_graphs.copy_of(rewritten, gm)
+                    log.warning("HYPATIA_DEBUG_FX %s graph after:\n%s", phase, graphs.rewritten().graph)
         local = self._executor(graphs, model, plan, keys)
         if self.remote is None or model is None or keys is None:
             return local
@@ -214,6 +216,23 @@ class Session:
         boxed_local = lambda args: local(*args)  # noqa: E731 - remote mode's calls are boxed
         remote = self.remote.wrap(graph, keys, registration, phase, example_inputs, output_type, boxed_local)
         return local if remote is boxed_local else (lambda *args: remote(list(args)))
+
+    @staticmethod
+    def _rewrites(model: model_graphs.ModelGraph, fx_nodes: list, plan: Plan, gm: torch.fx.GraphModule):
+        """Factories of fresh copies of the rewritten graph: every region, for the aten
+        executor; only the regions that are ATen operators, for Inductor, which fuses what the
+        ``hypatia::`` operators would hide from it (None: Dynamo's graph). Each rewrite is made
+        once, when first asked for."""
+
+        def factory(regions_plan: Plan) -> Callable[[], torch.fx.GraphModule]:
+            made = functools.cache(lambda: model_graphs.rewrite(model, fx_nodes, regions_plan, gm))
+            return lambda: model_graphs.copy_of(made(), gm)
+
+        full = factory(plan)
+        visible = tuple(r for r in plan.regions if transparent(r.kernel, r.placement))
+        if len(visible) == len(plan.regions):
+            return full, full
+        return full, factory(replace(plan, regions=visible)) if visible else None
 
     def _validate(self, graph: CanonicalGraph, fx_nodes: list, plan: Plan, keys: tuple[str, str, str],
                   from_daemon: bool) -> Plan:

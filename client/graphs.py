@@ -11,6 +11,7 @@ metadata carried over: Inductor, CUDA graphs and export take it like any other g
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -94,7 +95,33 @@ def rewrite(model: ModelGraph, fx_nodes: list[torch.fx.Node], plan: Plan, dynamo
     """A new graph of operators computing what the model graph computes, with every region of
     ``plan`` replaced by its kernel's operators, carrying Dynamo's input metadata."""
     planned = apply_plan(model.gm, fx_nodes, plan)
-    return carry_dynamo_metadata(_operators(planned, model.fake_inputs, model.fake_mode), dynamo_gm)
+    for node in [n for n in planned.graph.nodes if "hypatia_kernel" in n.meta]:
+        _inline(planned, node, model.fake_mode)
+    planned.graph.lint()
+    planned.recompile()
+    return carry_dynamo_metadata(planned, dynamo_gm)
+
+
+def _inline(gm: torch.fx.GraphModule, node: torch.fx.Node, fake_mode: Any) -> None:
+    """Replace ``node``, a call of a kernel-library function, by the operators the function
+    runs: only the region is traced, on its inputs' fake values, not the whole graph again."""
+    inputs = [a for a in node.args if isinstance(a, torch.fx.Node)]
+
+    def call(*tensors: torch.Tensor) -> Any:
+        it = iter(tensors)
+        return node.target(*[next(it) if isinstance(a, torch.fx.Node) else a for a in node.args])
+
+    region = _operators(call, [a.meta["val"] for a in inputs], fake_mode)
+    values: dict[torch.fx.Node, Any] = dict(zip((n for n in region.graph.nodes if n.op == "placeholder"), inputs))
+    for const in (n for n in region.graph.nodes if n.op == "get_attr"):  # tensors the kernel baked in
+        name = next(f"_hypatia_constant{i}" for i in itertools.count() if not hasattr(gm, f"_hypatia_constant{i}"))
+        setattr(gm, name, getattr(region, const.target))
+        with gm.graph.inserting_before(node):
+            values[const] = gm.graph.get_attr(name)
+    with gm.graph.inserting_before(node):
+        out = gm.graph.graph_copy(region.graph, values)
+    node.replace_all_uses_with(out)
+    gm.graph.erase_node(node)
 
 
 def copy_of(gm: torch.fx.GraphModule, dynamo_gm: torch.fx.GraphModule) -> torch.fx.GraphModule:

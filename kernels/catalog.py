@@ -14,9 +14,9 @@ CPU, GPU, CUPY = Backend.CPU_TORCH, Backend.GPU_TORCH, Backend.GPU_CUPY
 _K = "hypatia.kernels"
 
 
-def _table(op: str, module: str, rows: tuple) -> tuple[KernelSpec, ...]:
+def _table(op: str, module: str, rows: tuple, places: str = "hypatia") -> tuple[KernelSpec, ...]:
     return tuple(
-        register(KernelSpec(op, backend, signature, f"{_K}.{module}:{fn}", text, launches))
+        register(KernelSpec(op, backend, signature, f"{_K}.{module}:{fn}", text, launches, places))
         for backend, signature, fn, text, launches in rows
     )
 
@@ -49,7 +49,7 @@ ATTENTION = _table("attention", "attention", (
     (GPU, "sdpa_mask", "attention_masked", "aten::scaled_dot_product_attention with a mask (memory-efficient)", 1),
     (CPU, "sdpa_where", "attention_where", "aten::scaled_dot_product_attention, where() as an additive mask", 2),
     (GPU, "sdpa_where", "attention_where", "aten::scaled_dot_product_attention, where() as an additive mask", 2),
-))
+), places="aten")
 
 # Normalizations and softmax written out by hand -> ATen's fused kernels.
 NORMALIZATION = _table("normalization", "normalization", tuple(
@@ -64,7 +64,7 @@ NORMALIZATION = _table("normalization", "normalization", tuple(
         ("gelu", "gelu", "aten::gelu (erf) in one kernel"),
         ("gelu_tanh", "gelu_tanh", "aten::gelu (tanh) in one kernel"),
     )
-))
+), places="aten")
 
 # conv -> batch norm (inference) [-> ReLU]: BN folded into the conv's weights (cached).
 CONV_BN = _table("conv_bn", "conv_bn", tuple(

@@ -36,6 +36,9 @@ class KernelSpec:
     target: str
     description: str
     launches: int = 1  # device kernel launches per call, for the cost model
+    # What it places in a graph: "aten" (ATen's own fused operators, which Inductor lowers as it
+    # lowers any graph) or "hypatia" (hypatia:: custom operators, opaque to Inductor)
+    places: str = "hypatia"
 
     @property
     def id(self) -> str:
@@ -83,6 +86,12 @@ def load_kernel(kernel_id: str, placement: str = "device") -> Callable:
 
         return on_host(kernel)
     raise UnknownKernel(f"placement {placement!r} is not known to this installation")
+
+
+def transparent(kernel_id: str, placement: str = "device") -> bool:
+    """Whether a region run by this kernel is ATen operators a code generator sees through (no
+    ``hypatia::`` operator, no copies to the host)."""
+    return placement == "device" and by_id(kernel_id).places == "aten"
 
 
 def all_kernels() -> list[KernelSpec]:

@@ -28,13 +28,15 @@ __all__ = ["CUDAGRAPHS", "DEFAULT", "EXECUTORS", "Graphs", "UnknownCandidate", "
 @dataclass
 class Graphs:
     """What every executor takes: Dynamo's graph, its example inputs, and (when a plan
-    rewrote it) a factory for fresh copies of the rewritten graph."""
+    rewrote it) factories of fresh copies of the rewritten graph: with every region, and with
+    the regions Inductor sees through (None where that leaves Dynamo's graph)."""
 
     dynamo: torch.fx.GraphModule
     example_inputs: list
     device: str
     training: bool
     rewritten: Callable[[], torch.fx.GraphModule] | None = None
+    for_inductor: Callable[[], torch.fx.GraphModule] | None = None
     skipped: list[str] = field(default_factory=list)  # why torch's own CUDA graph checks refused
 
 

@@ -1,7 +1,9 @@
 """The ``inductor`` executor: Inductor generates code for the rewritten graph (Triton on CUDA,
 C++ on CPU), through the same entry point ``backend="inductor"`` uses, so its FX graph and
-AOTAutograd caches key the rewritten graph itself. ``hypatia::`` operators stay calls in the
-generated code; ATen's fused operators (SDPA) get Inductor's own lowering.
+AOTAutograd caches key the rewritten graph itself. Its rewrite keeps the regions that became
+ATen's fused operators (SDPA, layer norm, softmax), which Inductor lowers as its own; a region
+that became a ``hypatia::`` operator is left as it was, since Inductor fuses those operators
+itself and an opaque call would stop it (and, in training, recompute in its backward).
 
 Hypatia's kernels and rules are part of what the compiled code means, so a post-grad pass
 (Inductor's custom graph pass hook) carries their digest as its ``uuid()``: a change to either
@@ -67,6 +69,7 @@ def config_patches(cudagraphs: bool) -> dict[str, Any]:
 
 
 def build(graphs, inputs: list, cudagraphs: bool) -> Callable[..., Any]:
-    """Inductor's compiled code for the rewritten graph (Dynamo's, when nothing was rewritten)."""
-    gm = graphs.rewritten() if graphs.rewritten is not None else copy_of(graphs.dynamo, graphs.dynamo)
+    """Inductor's compiled code for the rewritten graph (Dynamo's, when no rewrite is left for
+    Inductor)."""
+    gm = graphs.for_inductor() if graphs.for_inductor is not None else copy_of(graphs.dynamo, graphs.dynamo)
     return inductor_compile(gm, inputs, config_patches(cudagraphs))

@@ -1,0 +1,74 @@
+"""The private torch interfaces Hypatia uses are all where ``hypatia.client.torch_internals``
+expects them: a torch upgrade that moves one fails here, by name, and nowhere else first."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import warnings
+
+import pytest
+import torch
+
+from hypatia.client import torch_internals
+
+# (module, attribute, parameters the call passes by name)
+PRIVATE = [
+    ("torch._inductor.compile_fx", "compile_fx", ("config_patches",)),
+    ("torch._inductor", "list_mode_options", ()),
+    ("torch._inductor.custom_graph_pass", "CustomGraphPass", ()),
+    ("torch._dispatch.python", "enable_python_dispatcher", ()),
+    ("torch._dynamo.backends.common", "aot_autograd", ()),
+    ("torch._dynamo.backends.cudagraphs", "check_for_skip", ()),
+    ("torch._dynamo.backends.cudagraphs", "find_input_mutations", ()),
+    ("torch._dynamo.backends.cudagraphs", "get_device_index", ()),
+    ("torch._dynamo.backends.cudagraphs", "get_stack_traces", ()),
+    ("torch._dynamo.backends.debugging", "boxed_nop", ()),
+    ("torch._inductor.cudagraph_trees", "cudagraphify_impl", ()),
+    ("torch._inductor.cudagraph_trees", "get_manager", ("create_if_none_exists",)),
+    ("torch._inductor.cudagraph_utils", "get_placeholder_info", ()),
+    ("torch._inductor.utils", "count_tangents", ()),
+    ("torch._inductor.utils", "num_fw_fixed_arguments", ()),
+    ("torch._dynamo.utils", "counters", ()),
+    ("torch._guards", "detect_fake_mode", ()),
+    ("torch._guards", "TracingContext", ()),
+]
+
+
+@pytest.mark.parametrize("module,name,keywords", PRIVATE, ids=[f"{m}.{n}" for m, n, _ in PRIVATE])
+def test_every_private_interface_is_where_hypatia_expects_it(module, name, keywords):
+    value = getattr(importlib.import_module(module), name)
+    if keywords:
+        parameters = inspect.signature(value).parameters
+        assert all(k in parameters for k in keywords), (module, name, list(parameters))
+
+
+def test_this_torch_is_in_the_tested_range_and_another_is_warned_about(monkeypatch):
+    assert torch_internals.TESTED[0] <= torch_internals.torch_version() <= torch_internals.TESTED[1]
+    torch_internals.check_torch.cache_clear()
+    monkeypatch.setattr(torch, "__version__", "9.0.0")
+    with pytest.warns(torch_internals.UntestedTorchWarning, match="torch 9.0.0 is outside"):
+        assert torch_internals.check_torch() is False
+    torch_internals.check_torch.cache_clear()
+    monkeypatch.undo()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch_internals.check_torch() is True
+
+
+def test_dynamo_graphs_carry_the_metadata_aot_autograd_reads():
+    """What :func:`carry_dynamo_metadata` copies is what Dynamo sets today."""
+    seen = {}
+
+    def backend(gm, example_inputs):
+        seen["gm"] = gm
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(torch.nn.Linear(4, 4), backend=backend)(torch.randn(2, 4))
+    torch._dynamo.reset()
+    gm = seen["gm"]
+    assert hasattr(gm, "_param_name_to_source") and "dynamo_compile_id" in gm.meta
+    inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    assert all(hasattr(n, "_dynamo_source") and "tensor_dict" in n.meta for n in inputs)
+    assert torch_internals.static_input_indices(gm) == [0, 1]  # weight and bias, not the input
