@@ -4,6 +4,8 @@ Runs the sections in one process (fresh subprocesses where a section needs them)
 markdown report, and writes ``results.json``, ``results.md`` and ``speedup.png`` to ``--out``.
 ``--quick`` is a small CPU smoke run; ``--save-results`` also files the JSON under
 ``benchmarks/results/``. A private daemon (its own HYPATIA_HOME) serves the run.
+``--merge FILE ...`` measures nothing: it combines the results of several runs (a GPU run split
+into commands by ``--sections`` and ``--workloads``) into one report.
 """
 
 from __future__ import annotations
@@ -23,20 +25,35 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 ORDER = ("daemon", "clients", "runtime", "families", "first_call", "multiprocess")
 # Share of the time budget each section may use (the rest carries over to the next ones).
-SHARES = {"daemon": 0.05, "clients": 0.1, "runtime": 0.5, "families": 0.15, "first_call": 0.15, "multiprocess": 0.15}
+SHARES = {"daemon": 0.03, "clients": 0.05, "runtime": 0.45, "families": 0.1, "first_call": 0.3, "multiprocess": 0.07}
+DTYPE_NAMES = ("bfloat16", "float32")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="a small CPU subset that runs in about a minute")
+    p.add_argument("--quick", action="store_true", help="a small CPU subset that runs in about three minutes")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="default: cuda if available")
     p.add_argument("--sections", default=",".join(ORDER), help=f"comma-separated subset of {', '.join(ORDER)}")
-    p.add_argument("--workloads", default="", help="comma-separated workload names for the runtime section")
-    p.add_argument("--budget-s", type=float, default=None, help="soft time budget for the whole run")
+    p.add_argument("--workloads", default="",
+                   help="comma-separated workload names for the runtime and first_call sections, in the order to run them")
+    p.add_argument("--dtypes", default="", help=f"comma-separated subset of {', '.join(DTYPE_NAMES)} for the runtime and "
+                   "families sections (default: both; float32 with --quick)")
+    p.add_argument("--modes", default="", help="comma-separated subset of inference, training for the runtime section "
+                   "(default: both)")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="soft time budget for the whole run (default: 240 quick, 390 on a GPU, 3600 on a CPU)")
     p.add_argument("--out", type=Path, default=None, help="output directory (default benchmarks/out/<time>)")
     p.add_argument("--progress", type=Path, default=None, help="append each runtime case's rows to this JSON-lines file as measured")
     p.add_argument("--save-results", action="store_true", help="also copy results.json to benchmarks/results/")
-    return p.parse_args(argv)
+    p.add_argument("--merge", type=Path, nargs="+", metavar="FILE", default=None,
+                   help="measure nothing: combine these results.json files (runs of one machine) into one report")
+    args = p.parse_args(argv)
+    for option, given, known in (("--dtypes", args.dtypes, DTYPE_NAMES), ("--sections", args.sections, ORDER),
+                                 ("--modes", args.modes, ("inference", "training"))):
+        unknown = [v for v in given.split(",") if v and v not in known]
+        if unknown:
+            p.error(f"{option}: {', '.join(unknown)} not in {', '.join(known)}")
+    return args
 
 
 def _git_commit() -> str | None:
@@ -51,26 +68,72 @@ def _daemon(env_home: str, verb: str) -> None:
     subprocess.run([sys.executable, "-m", "hypatia.daemon", verb], env=env, check=verb == "start", capture_output=True, timeout=120)
 
 
+def write_report(results: dict, out: Path, save: bool) -> None:
+    """Write the report files to ``out``, print the markdown, and with ``save`` file the JSON
+    under ``benchmarks/results/`` (named by machine and date)."""
+    from benchmarks import report
+
+    paths = report.write(results, out)
+    print(paths["markdown"].read_text())
+    for kind, path in paths.items():
+        print(f"[benchmarks] {kind}: {path}", file=sys.stderr)
+    if save:
+        slug = re.sub(r"[^a-z0-9]+", "-", results["meta"]["device_name"].lower()).strip("-")
+        try:
+            day = dt.datetime.strptime(results["meta"]["date"], "%Y-%m-%d %H:%M UTC").strftime("%Y%m%d")
+        except (KeyError, TypeError, ValueError):
+            day = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%d")
+        target = ROOT / "benchmarks" / "results" / f"{slug}-{day}.json"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(paths["json"], target)
+        print(f"[benchmarks] saved {target}", file=sys.stderr)
+
+
+def merge_main(args: argparse.Namespace) -> int:
+    from benchmarks.merge import MergeError, merge
+
+    try:
+        results = merge(args.merge)
+    except MergeError as exc:
+        print(f"python -m benchmarks --merge: {exc}", file=sys.stderr)
+        return 2
+    out = args.out or ROOT / "benchmarks" / "out" / dt.datetime.now().strftime("%Y%m%d-%H%M%S-merged")
+    write_report(results, out, args.save_results)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    home = tempfile.mkdtemp(prefix="hyb-", dir="/tmp")
-    os.environ["HYPATIA_HOME"] = home  # before the first compile: the session reads it then
-    # "hypatia" rows are the static plan a first compile gets; the runtime section adds tuned rows
-    os.environ.setdefault("HYPATIA_POLICY", "HEURISTIC")
-
+    if args.merge:
+        return merge_main(args)
     import torch
 
     import hypatia
-    from benchmarks import report
+    from benchmarks.workloads import WORKLOADS
     from hypatia.planner.environment import cpu_model
     from hypatia.config import load
 
+    only = [w for w in args.workloads.split(",") if w] or None
+    unknown = sorted(set(only or ()) - {w.name for w in WORKLOADS})
+    if unknown:
+        print(f"python -m benchmarks: unknown workload(s) {', '.join(unknown)}; known: "
+              f"{', '.join(w.name for w in WORKLOADS)}", file=sys.stderr)
+        return 2
+    home = tempfile.mkdtemp(prefix="hyb-", dir="/tmp")
+    os.environ["HYPATIA_HOME"] = home  # before the first compile: the session reads it then
+    # the daemon figures' compiles get the static plan; the runtime and families sections set
+    # their own settings per backend (benchmarks.hypatia_runs.SETTINGS)
+    os.environ.setdefault("HYPATIA_POLICY", "HEURISTIC")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     if args.quick and device != "cpu":
         device = "cpu"
     sections = [s for s in ORDER if s in args.sections.split(",")]
-    # quick: 120 s for the sections that take their budget, plus about 10 s for the clients section
-    budget = args.budget_s or (130.0 if args.quick else 540.0 if device == "cuda" else 3600.0)
+    dtypes = [d for d in args.dtypes.split(",") if d] or None
+    modes = [m for m in args.modes.split(",") if m] or None
+    if args.progress is not None:
+        args.progress.parent.mkdir(parents=True, exist_ok=True)
+    # quick: about 3 minutes on two busy cores; cuda: one command of a split run (see the README)
+    budget = args.budget_s or (240.0 if args.quick else 390.0 if device == "cuda" else 3600.0)
     now = dt.datetime.now(dt.timezone.utc)
     results: dict = {
         "meta": {
@@ -86,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             "git_commit": _git_commit(),
             "quick": args.quick,
             "budget_s": budget,
+            "argv": sys.argv[1:] if argv is None else list(argv),
         },
         "sections": {},
     }
@@ -110,16 +174,16 @@ def main(argv: list[str] | None = None) -> int:
                 elif name == "runtime":
                     from benchmarks import runtime
 
-                    only = [w for w in args.workloads.split(",") if w] or None
-                    data = runtime.run(device, args.quick, section_budget, only, progress=args.progress)
+                    data = runtime.run(device, args.quick, section_budget, only, progress=args.progress, dtypes=dtypes,
+                                       modes=modes)
                 elif name == "families":
                     from benchmarks import families
 
-                    data = families.run(device, args.quick, section_budget)
+                    data = families.run(device, args.quick, section_budget, dtypes=dtypes)
                 elif name == "first_call":
                     from benchmarks import first_call
 
-                    data = first_call.run(device, args.quick, section_budget)
+                    data = first_call.run(device, args.quick, section_budget, only)
                 else:
                     from benchmarks import multiprocess
 
@@ -132,17 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         _daemon(home, "stop")
         shutil.rmtree(home, ignore_errors=True)
     results["meta"]["elapsed_s"] = round(time.monotonic() - started, 1)
-    out = args.out or ROOT / "benchmarks" / "out" / now.strftime("%Y%m%d-%H%M%S")
-    paths = report.write(results, out)
-    print(paths["markdown"].read_text())
-    for kind, path in paths.items():
-        print(f"[benchmarks] {kind}: {path}", file=sys.stderr)
-    if args.save_results:
-        slug = re.sub(r"[^a-z0-9]+", "-", results["meta"]["device_name"].lower()).strip("-")
-        target = ROOT / "benchmarks" / "results" / f"{slug}-{now.strftime('%Y%m%d')}.json"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(paths["json"], target)
-        print(f"[benchmarks] saved {target}", file=sys.stderr)
+    write_report(results, args.out or ROOT / "benchmarks" / "out" / now.strftime("%Y%m%d-%H%M%S"), args.save_results)
     return 0
 
 

@@ -144,20 +144,14 @@ def rules_fired_total() -> Counter:
     return total
 
 
-def _hypatia_counts() -> tuple[Counter, Counter]:
-    """(rules fired, this process's backend session counters), to subtract across one compile."""
-    from hypatia.client.backend import session
-
-    return rules_fired_total(), Counter(session().counters)
-
-
 def _delta(after: Counter, before: Counter) -> dict[str, int]:
     return {k: after[k] - before[k] for k in sorted(after) if after[k] != before[k]}
 
 
 def run_case(m: Micro, device: str, dtype_name: str, quick: bool) -> list[dict[str, Any]]:
     """Eager, Inductor and Hypatia for one (micro-model, dtype); the Hypatia row also says which
-    rules fired and what its session counted (regions fused, failed validation, plan source)."""
+    rules fired and what its session (a fresh one per compile) counted (regions fused, failed
+    validation, plan source)."""
     torch.manual_seed(0)
     base = m.build().to(device).eval()
     with torch.no_grad():
@@ -172,16 +166,14 @@ def run_case(m: Micro, device: str, dtype_name: str, quick: bool) -> list[dict[s
         before = None
         try:
             if backend == "hypatia":
-                before = _hypatia_counts()
+                before = rules_fired_total()
             row.update(measure_backend(base, FAMILY_SETTINGS.get(backend, backend), DTYPES[dtype_name], inputs,
                                        reference, "inference", device, timing_args(device, quick)))
         except Exception as exc:  # one failing backend must not hide the others' numbers
             row["error"] = error_text(exc)
         if before is not None:
             try:
-                rules, session_counters = _hypatia_counts()
-                row["rules_fired"] = _delta(rules, before[0])
-                row["hypatia_counters"] = _delta(session_counters, before[1])
+                row["rules_fired"] = _delta(rules_fired_total(), before)
             except Exception as exc:  # counters are a report, never a reason to lose the timing
                 row["error"] = row.get("error") or f"reading counters: {error_text(exc)}"
         rows.append(row)

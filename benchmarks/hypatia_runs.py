@@ -96,24 +96,8 @@ def run_until_chosen(step: Callable[[], object], device: str) -> int:
     return steps
 
 
-def record_plan_keys() -> list[tuple[str, str, str]]:
-    """The (graph, workload, environment) keys this session asks plans for from now on, as a
-    list that fills as it compiles (a graph that could not be traced asks for none)."""
-    from hypatia.client.backend import session
-
-    s, seen = session(), []
-    plan = s.plan
-
-    def recording(graph, keys, workload, env):
-        seen.append(tuple(keys))
-        return plan(graph, keys, workload, env)
-
-    s.plan = recording  # the session's plans carry no workload key: note each one as it is asked for
-    return seen
-
-
 def plans_held(keys: list[tuple[str, str, str]]) -> dict[str, dict[str, Any]]:
-    """What the daemon answers a later session for each of ``keys``: whether the plan is tuned,
+    """What the daemon holds for a later session for each of ``keys``: whether the plan is tuned,
     and the executor decision kept with it (None where there is none)."""
     from hypatia.client.rpc import DaemonClient
     from hypatia.config import load
@@ -121,8 +105,10 @@ def plans_held(keys: list[tuple[str, str, str]]) -> dict[str, dict[str, Any]]:
     client, held = DaemonClient(load(), timeout_ms=30_000, retries=0), {}
     try:
         for graph_key, workload_key, env_key in keys:
+            # EXPLORE is answered the stored plan only where it is tuned, and unlike FASTEST never
+            # queues a tuning: asking must not start work that would run during the timing
             recipe = client.call("get_plan", {"graph_key": graph_key, "workload_key": workload_key, "env_key": env_key,
-                                              "policy": SETTINGS["hypatia"]["HYPATIA_POLICY"]})["plan"] or {}
+                                              "policy": "EXPLORE"})["plan"] or {}
             decision = recipe.get("executor")
             held[f"{graph_key[:19]}/{workload_key[:15]}"] = {
                 "tuned": bool(recipe.get("tuned")), "executor": decision["chosen"] if decision else None}
@@ -147,8 +133,8 @@ def warm_up(make_step: Callable[[], Callable[[], object]], device: str) -> dict[
     while sessions < MAX_WARMUP_SESSIONS and not ready(held):
         sessions += 1
         step = make_step()  # a new session: see new_session
-        keys = record_plan_keys()
         step()
+        keys = list(session().plan_keys)  # a graph that could not be traced asks for no plan
         run_until_chosen(step, device)
         choices += [{"session": sessions} | c for c in session().choices]
         try:

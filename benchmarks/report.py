@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
+
+from benchmarks.speedups import FIRST_CALL_MODELS, RUNTIME_BACKENDS, geomean, geomeans, runtime_cases, targets
 
 
 def _fmt(v: Any, digits: int = 3) -> str:
@@ -22,11 +23,6 @@ def _table(headers: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
-def geomean(values: list[float]) -> float | None:
-    values = [v for v in values if v and v > 0]
-    return math.exp(sum(map(math.log, values)) / len(values)) if values else None
-
-
 def _backend_cell(backend: str, r: dict) -> str:
     if "error" in r:
         return "error: " + r["error"][:60]
@@ -35,61 +31,92 @@ def _backend_cell(backend: str, r: dict) -> str:
     return f"{_fmt(r.get('median_ms'))} ({_fmt(r.get('speedup'))}x)"
 
 
-def runtime_cases(rows: list[dict]) -> dict[tuple, dict[str, dict]]:
-    cases: dict[tuple, dict[str, dict]] = {}
-    for r in rows:
-        cases.setdefault((r["workload"], r["dtype"], r["mode"]), {})[r.get("backend", "-")] = r
-    return cases
+def _executors(r: dict) -> str:
+    return ", ".join(name + (f" x{n}" if n > 1 else "") for name, n in r.get("executors", {}).items()) or "-"
+
+
+def _measured(r: dict) -> str:
+    """The warm-up sessions' executor measurements, as 'name us' per candidate (last session)."""
+    choices = r.get("warmup_choices") or []
+    if not choices:
+        return "-"
+    last = max(c["session"] for c in choices)
+    parts = []
+    for c in (c for c in choices if c["session"] == last):
+        times = [f"{name} {_fmt(m['median_us'])}" if not m.get("error") else f"{name} error"
+                 for name, m in c.items() if isinstance(m, dict)]
+        parts.append("; ".join(times))
+    return " / ".join(parts)
 
 
 def runtime_section(section: dict) -> tuple[str, dict]:
     cases = runtime_cases(section["rows"])
-    table, choices = [], []
-    backends = ("eager", "dynamo", "inductor", "hypatia", "hypatia_tuned")
-    speedups: dict[str, list[float]] = {b: [] for b in backends[1:]}
-    below: dict[str, list[str]] = {"hypatia": [], "hypatia_tuned": []}
+    table, errors, details, choices = [], [], [], []
     for (wl, dt, mode), by in cases.items():
         if "-" in by and "skipped" in by["-"]:
-            table.append([wl, dt, mode, by["-"]["skipped"], "", "", "", "", "", "", "", ""])
+            table.append([wl, dt, mode, by["-"]["skipped"]] + [""] * (len(RUNTIME_BACKENDS) - 1))
             continue
-        cells = [wl, dt, mode]
-        for backend in backends:
-            r = by.get(backend, {})
-            cells.append(_backend_cell(backend, r))
-            if backend != "eager" and r.get("speedup"):  # rows with an error carry no speedup
-                speedups[backend].append(r["speedup"])
-                # the tuned plan must be at most eager x 1.02
-                if backend in below and r["speedup"] < 1 / 1.02:
-                    below[backend].append(f"{wl}/{dt}/{mode} {r['speedup']:.3f}x")
-        cells += [_fmt(by.get(b, {}).get("rel_error")) for b in backends[2:]]
-        table.append(cells)
-        heuristic, tuned = by.get("hypatia", {}), by.get("hypatia_tuned", {})
-        for d in tuned.get("decisions_changed", []):
+        table.append([wl, dt, mode] + [_backend_cell(b, by.get(b, {})) for b in RUNTIME_BACKENDS])
+        errors.append([wl, dt, mode] + [_fmt(by.get(b, {}).get("rel_error")) for b in RUNTIME_BACKENDS[2:]])
+        hyp = by.get("hypatia", {})
+        if "median_ms" in hyp:
+            details.append([wl, dt, mode, _executors(hyp), "yes" if hyp.get("served_from_daemon") else "NO",
+                            f"{hyp.get('plans_tuned')} / {hyp.get('graphs')}",
+                            hyp.get("hypatia_counters", {}).get("fallbacks", 0), hyp.get("warmup_sessions"),
+                            hyp.get("warmup_s"), _executors(by.get("hypatia_first", {})), _measured(hyp)])
+        for d in hyp.get("decisions_changed", []):
             choices.append([wl, dt, mode, d["phase"], d["rule"], d["heuristic"], _fmt(d["heuristic_cost_us"]),
                             d["chosen"], _fmt(d["cost_us"]),
                             _fmt(d["heuristic_cost_us"] - d["cost_us"]) if d["heuristic_cost_us"] else "-"])
-        if tuned.get("median_ms") and heuristic.get("median_ms"):
-            choices.append([wl, dt, mode, "whole step", "", "heuristic plan", _fmt(heuristic["median_ms"] * 1e3),
-                            "tuned plan", _fmt(tuned["median_ms"] * 1e3), _fmt((heuristic["median_ms"] - tuned["median_ms"]) * 1e3)])
-    summary = {
-        "geomean_speedup": {b: geomean(v) for b, v in speedups.items()},
-        "hypatia_below_1/1.02_of_eager": below["hypatia"],
-        "tuned_below_1/1.02_of_eager": below["hypatia_tuned"],
-    }
-    text = _table(
-        ["workload", "dtype", "mode", "eager ms (spread)", "dynamo ms (speedup)", "inductor ms (speedup)",
-         "hypatia ms (speedup)", "tuned ms (speedup)", "inductor rel err", "hypatia rel err", "tuned rel err"],
-        table,
-    )
-    text += "\n\nGeometric-mean speedup over eager: " + ", ".join(
-        f"{b} {_fmt(g)}x" for b, g in summary["geomean_speedup"].items()
-    )
-    text += "\nHeuristic plan slower than eager x 1.02: " + (", ".join(below["hypatia"]) or "none")
-    text += "\nTuned plan slower than eager x 1.02: " + (", ".join(below["hypatia_tuned"]) or "none")
+    means, counts = geomeans(cases)
+    summary = {"geomean_speedup": means, "geomean_rows": counts}
+    text = _table(["workload", "dtype", "mode"] + [f"{b} ms " + ("(spread)" if b == "eager" else "(speedup)")
+                                                   for b in RUNTIME_BACKENDS], table)
+    geo_rows = []
+    for group, by in means.items():
+        n = max(counts[group].values(), default=0)
+        geo_rows.append([group, n] + [f"{_fmt(by[b])}x" + (f" ({counts[group][b]} rows)" if counts[group][b] != n else "")
+                                      if by[b] else "-" for b in RUNTIME_BACKENDS[1:]])
+    text += "\n\nGeometric-mean speedup over eager (each backend over the rows it has a time for):\n" + _table(
+        ["rows", "n"] + list(RUNTIME_BACKENDS[1:]), geo_rows)
+    text += "\n\nRelative error against the float64 eager reference:\n" + _table(
+        ["workload", "dtype", "mode"] + list(RUNTIME_BACKENDS[2:]), errors)
+    if details:
+        text += ("\n\nHypatia as a user gets it (a later session once the daemon holds the tuned plan and the "
+                 "executor decision; measured: the last warm-up session's executor times, us):\n") + _table(
+            ["workload", "dtype", "mode", "executors", "served from daemon", "plans tuned / graphs", "fallbacks",
+             "warm-up sessions", "warm-up s", "hypatia_first runs", "measured"], details)
     if choices:
         text += "\n\nWhere the tuner chose differently from the heuristic (us; gain = heuristic - tuned):\n" + _table(
             ["workload", "dtype", "mode", "phase", "rule", "heuristic", "us", "tuned", "us", "gain us"], choices)
     return text, summary
+
+
+def targets_text(t: dict[str, Any]) -> str:
+    lines = []
+    rows = t.get("hypatia_at_least_max_eager_inductor")
+    if rows:
+        missed = ", ".join(f"{m['case']} ({m['ratio']}x)" if m["ratio"] else f"{m['case']} ({m['why']})"
+                           for m in rows["not_met"])
+        skipped = f" ({rows['skipped_cases']} cases skipped)" if rows.get("skipped_cases") else ""
+        lines.append(f"- hypatia >= max(eager, inductor) on every workload row: {rows['met']} of {rows['rows']} rows"
+                     + skipped + (f"; not on {missed} (ratio: the faster of eager and inductor over hypatia)"
+                                  if missed else ""))
+    ro = t.get("hypatia_geomean_vs_inductor_ro")
+    if ro:
+        lines.append(f"- geomean(hypatia) >= {ro['target']} x geomean(inductor_ro) over the {ro['rows']} rows both ran: "
+                     f"{_fmt(ro['hypatia'])}x against {_fmt(ro['inductor_ro'])}x, ratio {_fmt(ro['ratio'])}: "
+                     + ("met" if ro["met"] else "NOT met"))
+    first = t.get("first_call_hypatia_cold_vs_inductor_cold")
+    if first is not None:
+        if first:
+            lines.append("- first call, Hypatia's default first compile (hypatia_cold) <= Inductor cold: " + ", ".join(
+                f"{case} {_fmt(v['hypatia_cold_s'])} s vs {_fmt(v['inductor_cold_s'])} s "
+                f"({'met' if v['met'] else 'NOT met'}{', ratio ' + _fmt(v['ratio']) if v['ratio'] else ''})"
+                for case, v in first.items()))
+        else:
+            lines.append("- first call on " + " and ".join(FIRST_CALL_MODELS) + ": not measured in this run")
+    return "\n".join(lines) or "- nothing measured that the targets need"
 
 
 def families_section(section: dict) -> tuple[str, dict]:
@@ -134,25 +161,44 @@ def families_section(section: dict) -> tuple[str, dict]:
     return text, summary
 
 
+def _first_call_note(r: dict) -> str:
+    note = r.get("skipped") or r.get("error", "")[:80]
+    if note:
+        return note
+    parts = []
+    if r.get("hypatia_counters"):
+        c = r["hypatia_counters"]
+        parts.append(f"daemon hits {c.get('daemon_hits', 0)}, misses {c.get('daemon_misses', 0)}, "
+                     f"local {c.get('local_plans', 0)}, plans tuned {r.get('plans_tuned', '-')}")
+    if r.get("cache_counters") and r.get("config") not in ("inductor_cold", "inductor_ro_cold", "hypatia_cold"):
+        c = r["cache_counters"]
+        parts.append(f"Inductor cache hits {c.get('fxgraph_cache_hit', 0) + c.get('autograd_cache_hit', 0)}")
+    if r.get("vs_cold") is not None:
+        parts.append(f"{r['vs_cold']}x of cold")
+    return "; ".join(parts)
+
+
 def first_call_section(section: dict) -> tuple[str, dict]:
     rows = []
-    ttfc: dict[tuple[str, str], float] = {}
+    ttfc: dict[tuple[str, str, str], float] = {}
     for r in section["rows"]:
-        note = r.get("skipped") or r.get("error", "")[:80]
-        if r.get("hypatia_counters"):
-            c = r["hypatia_counters"]
-            note = note or f"daemon hits {c.get('daemon_hits', 0)}, misses {c.get('daemon_misses', 0)}, local {c.get('local_plans', 0)}"
-        rows.append([r.get("config"), r.get("mode"), r.get("time_to_first_call_s"), r.get("total_process_s"), note])
+        rows.append([r.get("workload"), r.get("dtype"), r.get("config"), r.get("mode"), r.get("time_to_first_call_s"),
+                     r.get("total_process_s"), _first_call_note(r)])
         if r.get("time_to_first_call_s") is not None:
-            ttfc[(r.get("config"), r.get("mode"))] = r["time_to_first_call_s"]
-    summary = {}
-    warm, ind = ttfc.get(("hypatia_warm_daemon", "inference")), ttfc.get(("inductor_warm", "inference"))
-    if warm and ind:
-        summary["hypatia_warm_over_inductor_warm_inference"] = round(warm / ind, 3)
-    text = _table(["config", "mode", "time to first call s", "process total s", "notes"], rows)
-    if summary:
-        text += f"\n\nHypatia warm daemon / Inductor warm cache (inference): {summary['hypatia_warm_over_inductor_warm_inference']}"
-    return text, summary
+            ttfc[(r.get("workload"), r.get("config"), r.get("mode"))] = r["time_to_first_call_s"]
+    ratios: dict[str, dict[str, float]] = {}
+    for (wl, config, mode), t in ttfc.items():
+        for mine, theirs in (("hypatia_cold", "inductor_cold"), ("hypatia_warm", "inductor_warm")):
+            other = ttfc.get((wl, theirs, mode))
+            if config == mine and other:
+                ratios.setdefault(f"{wl}/{mode}", {})[f"{mine}_over_{theirs}"] = round(t / other, 3)
+    text = _table(["workload", "dtype", "config", "mode", "time to first call s", "process total s", "notes"], rows)
+    if ratios:
+        text += "\n\nHypatia's first call over Inductor's (below 1: Hypatia first):\n" + _table(
+            ["workload/mode", "hypatia cold / inductor cold", "hypatia warm / inductor warm"],
+            [[case, _fmt(v.get("hypatia_cold_over_inductor_cold")), _fmt(v.get("hypatia_warm_over_inductor_warm"))]
+             for case, v in ratios.items()])
+    return text, {"first_call_ratios": ratios}
 
 
 def daemon_section(section: dict) -> tuple[str, dict]:
@@ -219,7 +265,12 @@ def markdown(results: dict) -> str:
     out = [f"# Hypatia benchmarks — {meta['device_name']} — {meta['date']}", "",
            f"torch {meta['torch']}, hypatia {meta['hypatia']}, {meta['cpu']} ({meta['cpu_count']} cores)"
            + (", quick run" if meta.get("quick") else ""), ""]
-    results.setdefault("summary", {})
+    if meta.get("merged_from"):
+        out += ["Merged from " + "; ".join(f"{m['file']} ({', '.join(m['sections'])}, {m['date']})"
+                                            for m in meta["merged_from"]), ""]
+    results["summary"] = {"targets": targets(results)}
+    if any(k in results["sections"] for k in ("runtime", "first_call")):
+        out += ["## Targets (issue 12; computed, not asserted)", "", targets_text(results["summary"]["targets"]), ""]
     for key, (title, fn) in SECTIONS.items():
         if key not in results["sections"]:
             continue
@@ -246,11 +297,12 @@ def chart(results: dict, path: Path) -> bool:
     if not cases:
         return False
     labels = [f"{w}\n{d}/{m[:5]}" for (w, d, m), _ in cases]
-    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(cases) + 2), 4.5))
-    width = 0.38
-    for i, backend in enumerate(("inductor", "hypatia")):
+    fig, ax = plt.subplots(figsize=(max(6, 1.0 * len(cases) + 2), 4.5))
+    shown = RUNTIME_BACKENDS[2:]
+    width = 0.8 / len(shown)
+    for i, backend in enumerate(shown):
         vals = [v.get(backend, {}).get("speedup") or 0 for _, v in cases]
-        ax.bar([x + (i - 0.5) * width for x in range(len(cases))], vals, width, label=backend)
+        ax.bar([x + (i - (len(shown) - 1) / 2) * width for x in range(len(cases))], vals, width, label=backend)
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(cases)), labels, fontsize=7, rotation=60, ha="right")
     ax.set_ylabel("speedup over eager (x)")

@@ -200,22 +200,36 @@ def run_case(w: Workload, device: str, dtype_name: str, mode: str, quick: bool) 
     return add_speedups(rows)
 
 
+def _hypatia_notes(case: list[dict[str, Any]]) -> list[str]:
+    """What went other than planned in a case's ``hypatia`` row, for the section's notes."""
+    out = []
+    for r in case:
+        if r["backend"] != "hypatia":
+            continue
+        name = f"{r['workload']}/{r['dtype']}/{r['mode']} hypatia"
+        out += [f"{name}: {n}" for n in r.get("warmup_notes", [])]
+        if "median_ms" in r and not r.get("served_from_daemon"):
+            out.append(f"{name}: not every graph was served its executor by the daemon: {r.get('hypatia_counters')}")
+    return out
+
+
 def run(device: str, quick: bool, budget_s: float, only: list[str] | None = None, progress=None,
-        dtypes: list[str] | None = None) -> dict:
-    """Every (dtype, workload, mode) on ``device``, bfloat16 first; a case that would end past
-    ``budget_s`` (judged by the longest case of its workload so far) is recorded as skipped.
-    ``progress`` (a path) gets each case's rows as a JSON line as soon as they are measured."""
+        dtypes: list[str] | None = None, modes: list[str] | None = None) -> dict:
+    """Every (dtype, workload, mode) on ``device``: bfloat16 first, the workloads in the order of
+    ``only`` where it names them. A case is skipped (and recorded so) when it would end past
+    ``budget_s``, judged by the longest case of its workload so far or, for a workload's first
+    case, the longest case of any. ``progress`` (a path) gets each case's rows as a JSON line as
+    soon as they are measured."""
     start = time.monotonic()
-    names = list(QUICK_WORKLOADS) if quick else [w.name for w in WORKLOADS]
+    by_name = {w.name: w for w in WORKLOADS}
+    names = list(QUICK_WORKLOADS) if quick else list(by_name)
     if only:
-        names = [n for n in names if n in only]
+        names = [n for n in only if n in names]
     dtypes = [d for d in DTYPES if d in (dtypes or (["float32"] if quick else list(DTYPES)))]
     rows: list[dict] = []
     notes: list[str] = []
     runnable = []
-    for w in WORKLOADS:
-        if w.name not in names:
-            continue
+    for w in (by_name[n] for n in names):
         if w.gpu_only and device != "cuda":
             notes.append(f"{w.name}: GPU only")
         elif w.requires and importlib.util.find_spec(w.requires) is None:
@@ -225,14 +239,15 @@ def run(device: str, quick: bool, budget_s: float, only: list[str] | None = None
     longest: dict[str, float] = {}  # workload -> its longest case so far
     for dtype_name in dtypes:
         for w in runnable:
-            for mode in MODES:
+            for mode in (m for m in MODES if modes is None or m in modes):
                 elapsed = time.monotonic() - start
-                if elapsed + longest.get(w.name, 0.0) > budget_s:
+                if elapsed + longest.get(w.name, max(longest.values(), default=0.0)) > budget_s:
                     rows.append({"workload": w.name, "dtype": dtype_name, "mode": mode, "skipped": "time budget"})
                     continue
                 case = run_case(w, device, dtype_name, mode, quick)
                 longest[w.name] = max(longest.get(w.name, 0.0), time.monotonic() - start - elapsed)
                 rows.extend(case)
+                notes.extend(_hypatia_notes(case))
                 if progress is not None:
                     with open(progress, "a") as f:
                         f.write(json.dumps(case, default=str) + "\n")

@@ -87,6 +87,7 @@ class Session:
         self.counters: Counter = Counter()
         self.remote = RemoteRunner(self.config, self.client, self.counters) if self.config.mode == "remote" else None
         self.plans: deque[tuple[str, Plan]] = deque(maxlen=256)  # (phase, plan) of recent compiles
+        self.plan_keys: deque[tuple[str, str, str]] = deque(maxlen=256)  # their (graph, workload, env) keys
         self.choices: deque[dict] = deque(maxlen=256)  # measured executor choices (us)
         self._warned: set[str] = set()
         self._skip_daemon_until = 0.0
@@ -199,6 +200,7 @@ class Session:
             plan, from_daemon = self.plan(graph, keys, workload, env)
             plan = self._validate(graph, fx_nodes, plan, keys, from_daemon)
             self.plans.append((phase, plan))
+            self.plan_keys.append(keys)
             if self.config.debug_fx:
                 log.warning("HYPATIA_DEBUG_FX %s graph %s before:\n%s", phase, keys[0], model.gm.graph)
                 log.warning("HYPATIA_DEBUG_FX plan: %s", plan.to_recipe())
@@ -308,7 +310,7 @@ class Session:
         """``name``, or the nearest candidate this graph can run: without CUDA graphs where they
         are refused, eager where nothing was rewritten for aten to run."""
         executor, captured = executors.parse(name)
-        if captured and refusal is not None:
+        if captured and not executors.cudagraphs.allows(refusal, executor):
             self._note_once(f"refused:{refusal}", f"CUDA graphs are not used for a graph: {refusal}")
             captured = False
         if executor == "aten" and graphs.rewritten is None:

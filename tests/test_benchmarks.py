@@ -1,6 +1,7 @@
 """The benchmark runner works end to end (`--quick`); no timing is asserted, only that every
 section produced real rows, compiled outputs are accurate, the fusion families fired their
-rules, and the report files exist."""
+rules, Hypatia's measured session was served its executors by the daemon, and the report files
+exist. `--merge` combines the results of a split run."""
 
 from __future__ import annotations
 
@@ -34,13 +35,30 @@ def test_quick_run_produces_report_json_and_chart(tmp_path):
         assert section["rows"], f"section {name} has no rows: {section.get('notes')}"
 
     runtime = [r for r in sections["runtime"]["rows"] if "backend" in r]
-    assert {r["backend"] for r in runtime} == {"eager", "dynamo", "inductor", "hypatia", "hypatia_tuned"}
+    backends = ("eager", "dynamo", "inductor", "inductor_ro", "hypatia_first", "hypatia")
+    assert sorted((r["mode"], r["backend"]) for r in runtime) == sorted(
+        (mode, b) for mode in ("inference", "training") for b in backends), sections["runtime"]["rows"]
     for r in runtime:
         assert "error" not in r, r
         assert r["median_ms"] > 0 and r["repeats"] >= 5
         assert r["rel_error"] < 1e-4, r  # float32 against the float64 reference
     assert all(r["speedup"] == 1.0 for r in runtime if r["backend"] == "eager")
-    assert all(isinstance(r["decisions_changed"], list) for r in runtime if r["backend"] == "hypatia_tuned")
+    for r in (r for r in runtime if r["backend"] == "hypatia_first"):
+        assert r["executors"] == {"inductor": r["graphs"]} and r["graphs"] >= 1, r
+    for r in (r for r in runtime if r["backend"] == "hypatia"):
+        # a later session: every graph built only the executor the daemon kept with its tuned plan
+        counters = r["hypatia_counters"]
+        assert r["graphs"] == counters.get("graphs_inference", 0) + counters.get("graphs_training", 0) >= 1, r
+        assert counters.get("executor_from_daemon") == r["graphs"] and "executor_measurements" not in counters, r
+        assert r["served_from_daemon"] and r["plans_tuned"] == r["graphs"], r
+        assert sum(r["executors"].values()) == r["graphs"] and set(r["executors"]) <= {"inductor", "aten", "eager"}, r
+        assert 1 <= r["warmup_sessions"] <= 3 and r["warmup_s"] > 0 and r["warmup_choices"], r
+        assert all(h["tuned"] and h["executor"] for h in r["daemon_plans"].values()), r
+        assert isinstance(r["decisions_changed"], list)
+    targets = results["summary"]["targets"]
+    assert targets["hypatia_at_least_max_eager_inductor"]["rows"] == 2, targets
+    assert targets["hypatia_geomean_vs_inductor_ro"]["ratio"] > 0, targets
+    assert set(results["summary"]["geomean_speedup"]) == {"all", "bfloat16", "float32", "inference", "training"}
 
     families = {(r["family"], r.get("backend")): r for r in sections["families"]["rows"] if r["dtype"] == "float32"}
     for family in FAMILIES:
@@ -59,8 +77,11 @@ def test_quick_run_produces_report_json_and_chart(tmp_path):
     canonicalize = [r for r in sections["daemon"]["rows"] if r["figure"] == "canonicalize"]
     assert canonicalize and all(0 < r["rewrite_ms"] <= r["plan_ms"] for r in canonicalize), canonicalize
 
-    warm = [r for r in sections["first_call"]["rows"] if r.get("config") == "hypatia_warm_daemon"]
-    assert warm and all(r["hypatia_counters"]["daemon_hits"] > 0 for r in warm), warm
+    first_call = {(r["config"], r["mode"]): r for r in sections["first_call"]["rows"]}
+    for mode in ("inference", "training"):
+        cold, warm = first_call[("hypatia_cold", mode)], first_call[("hypatia_warm", mode)]
+        assert cold["time_to_first_call_s"] > 0 and cold["plans_from_daemon"], cold
+        assert warm["time_to_first_call_s"] > 0 and warm["hypatia_counters"]["daemon_hits"] > 0, warm
 
     clients = sections["clients"]["rows"]
     assert {r["kind"] for r in clients} == {"get_plan_hit", "make_plan_miss"}, clients
@@ -73,7 +94,8 @@ def test_quick_run_produces_report_json_and_chart(tmp_path):
     assert (out / "speedup.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = (out / "results.md").read_text()
     assert "## Runtime" in text and "Geometric-mean speedup" in text and "## Time to first call" in text
-    assert "## Fusion families" in text and "Tuned plan slower than eager x 1.02" in text
+    assert "## Targets" in text and "hypatia >= max(eager, inductor)" in text and "geomean(hypatia) >= 1.1" in text
+    assert "## Fusion families" in text and "Hypatia as a user gets it" in text
     assert "## Many clients, one daemon" in text and "## Many processes, one cold daemon" in text
     assert "## Runtime" in proc.stdout
 
@@ -123,3 +145,67 @@ def test_clients_section_counts_every_request():
     miss = miss_row["daemon"]
     assert (miss["hits"], miss["misses"], miss["plans_made"], miss["graphs"], miss["coalesced"]) == (0, 4, 4, 4, 0), miss
     assert miss["clients_seen"] == 2 and miss_row["planning_ms_p50"] > 0, miss_row
+
+
+def _results(device: str, sections: dict, **meta) -> dict:
+    return {"meta": {"date": "2026-11-28 12:00 UTC", "device": "cuda", "device_name": device, "torch": "2.13",
+                     "cuda": "12.8", "hypatia": "0.1.0", "python": "3.12", "cpu": "cpu", "cpu_count": 16,
+                     "git_commit": "abc1234", "quick": False, "budget_s": 420.0, "elapsed_s": 400.0} | meta,
+            "sections": sections}
+
+
+def _case(workload: str, dtype: str, mode: str, ms: dict[str, float]) -> list[dict]:
+    return [{"workload": workload, "dtype": dtype, "mode": mode, "backend": b, "median_ms": t, "repeats": 10,
+             "speedup": round(ms["eager"] / t, 4), "rel_error": 1e-3} for b, t in ms.items()]
+
+
+def test_merge_combines_split_runs_into_one_report(tmp_path):
+    """Two commands' results (runtime split by workload, first call in the second) merge into one
+    report: every measured row once, a case skipped in one run replaced by the other's rows, and
+    the targets computed over all of them."""
+    ms = {"eager": 10.0, "dynamo": 10.5, "inductor": 5.0, "inductor_ro": 4.0, "hypatia_first": 5.0, "hypatia": 3.0}
+    first = _results("NVIDIA H200", {
+        "runtime": {"rows": _case("mlp_large", "bfloat16", "inference", ms)
+                    + [{"workload": "gpt2_small", "dtype": "bfloat16", "mode": "inference", "skipped": "time budget"}],
+                    "notes": ["runtime note"], "elapsed_s": 300.0},
+        "daemon": {"rows": [{"figure": "plan_hit_round_trip", "requests": 10, "p50_us": 50.0, "p99_us": 90.0}],
+                   "notes": [], "elapsed_s": 5.0},
+    })
+    second = _results("NVIDIA H200", {
+        "runtime": {"rows": _case("gpt2_small", "bfloat16", "inference", ms | {"hypatia": 6.0}),
+                    "notes": ["runtime note"], "elapsed_s": 350.0},
+        "first_call": {"rows": [
+            {"workload": "gpt2_small", "dtype": "bfloat16", "config": c, "mode": "inference", "time_to_first_call_s": t}
+            for c, t in (("inductor_cold", 20.0), ("hypatia_cold", 25.0))], "notes": [], "elapsed_s": 60.0},
+    }, git_commit="def5678")
+    paths = []
+    for name, results in (("a.json", first), ("b.json", second)):
+        paths.append(tmp_path / name)
+        paths[-1].write_text(json.dumps(results))
+    out = tmp_path / "merged"
+    proc = subprocess.run([sys.executable, "-m", "benchmarks", "--merge", *map(str, paths), "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    merged = json.loads((out / "results.json").read_text())
+    assert [m["file"] for m in merged["meta"]["merged_from"]] == [str(p) for p in paths]
+    assert merged["meta"]["elapsed_s"] == 800.0 and "different commits" in merged["meta"]["note"]
+    assert set(merged["sections"]) == {"runtime", "daemon", "first_call"}
+    runtime = merged["sections"]["runtime"]
+    assert sorted((r["workload"], r.get("backend")) for r in runtime["rows"]) == sorted(
+        (w, b) for w in ("mlp_large", "gpt2_small") for b in ms), runtime["rows"]  # the skipped case is gone
+    assert runtime["notes"] == ["runtime note"] and runtime["elapsed_s"] == 650.0
+    targets = merged["summary"]["targets"]
+    assert targets["hypatia_at_least_max_eager_inductor"] == {
+        "rows": 2, "met": 1, "not_met": [{"case": "gpt2_small/bfloat16/inference", "ratio": 0.833}], "skipped_cases": 0}
+    assert targets["hypatia_geomean_vs_inductor_ro"]["rows"] == 2
+    assert targets["first_call_hypatia_cold_vs_inductor_cold"]["gpt2_small/inference"] == {
+        "hypatia_cold_s": 25.0, "inductor_cold_s": 20.0, "ratio": 1.25, "met": False}
+    text = (out / "results.md").read_text()
+    assert "Merged from" in text and "gpt2_small/bfloat16/inference (0.833x)" in text
+    assert (out / "speedup.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    other = tmp_path / "cpu.json"
+    other.write_text(json.dumps(_results("AMD EPYC", {})))
+    refused = subprocess.run([sys.executable, "-m", "benchmarks", "--merge", str(paths[0]), str(other), "--out",
+                              str(tmp_path / "refused")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "different machines" in refused.stderr, refused.stderr

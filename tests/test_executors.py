@@ -16,7 +16,9 @@ import torch
 
 from conftest import daemon_stats
 from hypatia.client import choice, graphs as model_graphs
+from hypatia.client import executors
 from hypatia.client.executors import cudagraphs, inductor
+from hypatia.executors import ALL_CANDIDATES
 from hypatia.client.torch_internals import inductor_counters, static_input_indices
 
 
@@ -129,6 +131,12 @@ def test_cuda_graphs_are_refused_where_capture_is_not_safe():
     torch.compile(torch.nn.BatchNorm1d(4).eval(), backend=running_stats)(x)
     assert not cudagraphs._mutates_inputs(seen["model"])
     torch._dynamo.reset()
+    # which candidates each reason leaves: off a GPU none is captured; a graph writing its
+    # inputs is still captured by Inductor's reduce-overhead mode, which replays the writes
+    graphs = executors.Graphs(gm, [x], "cuda", True, rewritten=lambda: gm)
+    assert executors.candidates(graphs, None) == list(ALL_CANDIDATES)
+    assert executors.candidates(graphs, "not_cuda") == ["inductor", "aten", "eager"]
+    assert executors.candidates(graphs, "input_mutation") == ["inductor", "inductor+cudagraphs", "aten", "eager"]
 
 
 # -- the measured choice ------------------------------------------------------------------------

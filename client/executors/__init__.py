@@ -42,11 +42,9 @@ class Graphs:
 
 def candidates(graphs: Graphs, refusal: str | None) -> list[str]:
     """Every candidate for ``graphs``, the default first. ``aten`` is left out when nothing was
-    rewritten (it would be eager again); CUDA graphs when ``refusal`` says why not."""
+    rewritten (it would be eager again); CUDA graphs where ``refusal`` rules them out."""
     names = [DEFAULT] + [e for e in EXECUTORS if e != DEFAULT and (e != "aten" or graphs.rewritten is not None)]
-    if refusal is None:
-        names = [n + suffix for n in names for suffix in ("", CUDAGRAPHS)]
-    return names
+    return [n + suffix for n in names for suffix in ("", CUDAGRAPHS) if not suffix or cudagraphs.allows(refusal, n)]
 
 
 def build(candidate: str, graphs: Graphs, args: list | None = None) -> Callable[..., Any]:

@@ -5,7 +5,11 @@ optimizer step between calls is seen by the next replay. Inductor's code is capt
 own ``reduce-overhead`` mode; eager and aten graphs through the same cudagraph trees.
 
 A graph that cannot be captured safely is not captured, and :func:`refusal` says why: not on a
-CUDA device, dynamic shapes, CPU tensors inside, or inputs it writes to.
+CUDA device, dynamic shapes, CPU tensors inside, or inputs it writes to. Off a CUDA device nothing
+is captured; the other reasons stop the eager and aten captures only, since Inductor's
+``reduce-overhead`` mode checks its own code and handles them (it records a graph per shape,
+replays writes into buffers that stay in place, and runs what it cannot capture without CUDA
+graphs, counting it in torch's own ``cudagraph_skips``).
 """
 
 from __future__ import annotations
@@ -37,6 +41,11 @@ def refusal(dynamo_gm: torch.fx.GraphModule, model_gm: torch.fx.GraphModule | No
     if model_gm is not None and _mutates_inputs(model_gm):
         return "input_mutation"
     return None
+
+
+def allows(refused: str | None, executor: str) -> bool:
+    """Whether ``executor`` may run captured, given the graph's :func:`refusal`."""
+    return refused is None or (executor == "inductor" and refused != "not_cuda")
 
 
 def _mutates_inputs(gm: torch.fx.GraphModule) -> bool:
