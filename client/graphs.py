@@ -96,13 +96,13 @@ def rewrite(model: ModelGraph, fx_nodes: list[torch.fx.Node], plan: Plan, dynamo
     ``plan`` replaced by its kernel's operators, carrying Dynamo's input metadata."""
     planned = apply_plan(model.gm, fx_nodes, plan)
     for node in [n for n in planned.graph.nodes if "hypatia_kernel" in n.meta]:
-        _inline(planned, node, model.fake_mode)
+        _inline(planned, node, model.fake_mode, model.training)
     planned.graph.lint()
     planned.recompile()
     return carry_dynamo_metadata(planned, dynamo_gm)
 
 
-def _inline(gm: torch.fx.GraphModule, node: torch.fx.Node, fake_mode: Any) -> None:
+def _inline(gm: torch.fx.GraphModule, node: torch.fx.Node, fake_mode: Any, training: bool) -> None:
     """Replace ``node``, a call of a kernel-library function, by the operators the function
     runs: only the region is traced, on its inputs' fake values, not the whole graph again."""
     inputs = [a for a in node.args if isinstance(a, torch.fx.Node)]
@@ -111,7 +111,11 @@ def _inline(gm: torch.fx.GraphModule, node: torch.fx.Node, fake_mode: Any) -> No
         it = iter(tensors)
         return node.target(*[next(it) if isinstance(a, torch.fx.Node) else a for a in node.args])
 
-    region = _operators(call, [a.meta["val"] for a in inputs], fake_mode)
+    # In training the region is traced as autograd will run it: ATen's composite operators pick
+    # their variant by it (SDPA keeps the log-sum-exp its backward needs only then).
+    with fake_mode:
+        fakes = [a.meta["val"].detach().requires_grad_(training and a.meta["val"].is_floating_point()) for a in inputs]
+    region = _operators(call, fakes, fake_mode)
     values: dict[torch.fx.Node, Any] = dict(zip((n for n in region.graph.nodes if n.op == "placeholder"), inputs))
     for const in (n for n in region.graph.nodes if n.op == "get_attr"):  # tensors the kernel baked in
         name = next(f"_hypatia_constant{i}" for i in itertools.count() if not hasattr(gm, f"_hypatia_constant{i}"))
