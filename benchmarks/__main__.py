@@ -38,8 +38,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="comma-separated workload names for the runtime and first_call sections, in the order to run them")
     p.add_argument("--dtypes", default="", help=f"comma-separated subset of {', '.join(DTYPE_NAMES)} for the runtime and "
                    "families sections (default: both; float32 with --quick)")
-    p.add_argument("--modes", default="", help="comma-separated subset of inference, training for the runtime section "
-                   "(default: both)")
+    p.add_argument("--modes", default="", help="comma-separated subset of inference, training for the runtime and "
+                   "first_call sections (default: both)")
     p.add_argument("--budget-s", type=float, default=None,
                    help="soft time budget for the whole run (default: 240 quick, 390 on a GPU, 3600 on a CPU)")
     p.add_argument("--out", type=Path, default=None, help="output directory (default benchmarks/out/<time>)")
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
                 elif name == "first_call":
                     from benchmarks import first_call
 
-                    data = first_call.run(device, args.quick, section_budget, only)
+                    data = first_call.run(device, args.quick, section_budget, only, modes=modes)
                 else:
                     from benchmarks import multiprocess
 

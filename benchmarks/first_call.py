@@ -320,9 +320,10 @@ def workloads_for(device: str, quick: bool, only: list[str] | None = None) -> di
     return {n: chosen[n] for n in ([n for n in only if n in chosen] if only else chosen)}
 
 
-def run(device: str, quick: bool, budget_s: float, only: list[str] | None = None) -> dict:
+def run(device: str, quick: bool, budget_s: float, only: list[str] | None = None,
+        modes: list[str] | None = None) -> dict:
     """Measure time to first call for every workload, configuration and mode; rows past
-    ``budget_s`` are skipped. ``only`` narrows the workloads."""
+    ``budget_s`` are skipped. ``only`` narrows the workloads, ``modes`` the modes."""
     from benchmarks.workloads import by_name
 
     started = time.monotonic()
@@ -338,7 +339,7 @@ def run(device: str, quick: bool, budget_s: float, only: list[str] | None = None
     try:
         for configs in RUN_PASSES:
             for workload, (_, measured) in workloads.items():
-                for mode in MODES:
+                for mode in (m for m in MODES if modes is None or m in modes):
                     for config in configs:
                         if config in measured:
                             rows[workload, config, mode] = bench.measure(config, (workload, mode), started, budget_s)
