@@ -264,17 +264,20 @@ class Store:
 
     def region_verdicts(self, env_key: str, region_keys: list[str]) -> dict[tuple[str, str], bool]:
         """(region key, implementation) -> passed, for what has been validated in ``env_key``."""
-        found: dict[tuple[str, str], bool] = {}
+        rows = self._by_region("SELECT region_key, implementation_id, ok FROM region_verdicts", env_key, region_keys)
+        return {(rkey, impl): bool(ok) for rkey, impl, ok in rows}
+
+    def _by_region(self, select: str, env_key: str, region_keys: list[str], order: str = "") -> list[tuple]:
+        """The rows of ``select`` for ``env_key`` whose region key is one of ``region_keys``
+        (asked 500 keys at a time: both databases bound the number of parameters)."""
         db = self._db()
+        rows: list[tuple] = []
         for start in range(0, len(region_keys), 500):
             chunk = region_keys[start:start + 500]
-            rows = db.execute(
-                "SELECT region_key, implementation_id, ok FROM region_verdicts "
-                f"WHERE env_key = ? AND region_key IN ({','.join('?' * len(chunk))})",
-                (env_key, *chunk),
+            rows += db.execute(
+                f"{select} WHERE env_key = ? AND region_key IN ({','.join('?' * len(chunk))}){order}", (env_key, *chunk),
             ).fetchall()
-            found.update({(rkey, impl): bool(ok) for rkey, impl, ok in rows})
-        return found
+        return rows
 
     def replace_plan(self, keys: tuple[str, str, str], plan: Plan) -> None:
         """Store ``plan`` (a tuned revision) over the existing row of ``keys``."""
@@ -328,17 +331,11 @@ class Store:
     def traces(self, env_key: str, region_keys: list[str]) -> dict[tuple[str, str], dict]:
         """The newest trace per (region key, implementation) measured in this environment."""
         found: dict[tuple[str, str], dict] = {}
-        db = self._db()
-        for start in range(0, len(region_keys), 500):
-            chunk = region_keys[start:start + 500]
-            rows = db.execute(
-                "SELECT region_key, implementation_id, median_us, spread_us, repeats, max_rel_error, ok, id "
-                f"FROM benchmark_traces WHERE env_key = ? AND region_key IN ({','.join('?' * len(chunk))}) ORDER BY id",
-                (env_key, *chunk),
-            ).fetchall()
-            for rkey, impl, median, spread, repeats, err, ok, _ in rows:
-                found[(rkey, impl)] = {"median_us": median, "spread_us": spread, "repeats": repeats,
-                                       "max_rel_error": err, "ok": bool(ok)}
+        rows = self._by_region("SELECT region_key, implementation_id, median_us, spread_us, repeats, max_rel_error, ok, id "
+                               "FROM benchmark_traces", env_key, region_keys, " ORDER BY id")
+        for rkey, impl, median, spread, repeats, err, ok, _ in rows:  # in id order: the newest wins
+            found[(rkey, impl)] = {"median_us": median, "spread_us": spread, "repeats": repeats,
+                                   "max_rel_error": err, "ok": bool(ok)}
         return found
 
     def put_traces(self, rows: list[dict], implementations: list[dict]) -> None:
