@@ -1,6 +1,7 @@
 """``python -m hypatia.client.demo``: compile a small model with backend="hypatia", check it
-against eager PyTorch, and say where its plan came from. Run it twice: the second process
-gets every plan from the daemon's cache."""
+against eager PyTorch, and say where its plan and its executor came from. Run it twice: the
+first process measures the executors as the model runs and tells the daemon which was fastest;
+the second gets the plan and that choice from the daemon's cache."""
 
 from __future__ import annotations
 
@@ -26,6 +27,10 @@ class Block(torch.nn.Module):
         return self.norm(x + torch.relu(self.down(self.act(self.up(x)))))
 
 
+# calls after the first: enough for a first process to measure every executor candidate on a CPU
+CALLS = 45
+
+
 def main() -> None:
     torch.manual_seed(0)
     model = torch.nn.Sequential(Block(), Block()).eval()
@@ -37,6 +42,8 @@ def main() -> None:
     first_call = time.perf_counter() - start
     with torch.no_grad():
         torch.testing.assert_close(out, model(x), rtol=1e-4, atol=1e-4)
+        for _ in range(CALLS):  # a first process measures its executors on these calls
+            torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-4)
     counters = session().counters
     source = (
         "daemon cache hit" if counters["daemon_hits"] else
@@ -47,6 +54,12 @@ def main() -> None:
         f"(hits {counters['daemon_hits']}, misses {counters['daemon_misses']}, local {counters['local_plans']}); "
         f"fused regions {counters['regions_fused']}; fallbacks {counters['fallbacks']}"
     )
+    chosen = [name.removeprefix("executor.") for name in counters if name.startswith("executor.")]
+    if counters["executor_from_daemon"]:
+        print(f"[pid {os.getpid()}] executor {', '.join(chosen)}: the daemon's choice, measured by an earlier process")
+    for choice in session().choices:
+        times = ", ".join(f"{n} {m['median_us'] / 1e3:.2f} ms" for n, m in choice.items() if n != "chosen" and not m["error"])
+        print(f"[pid {os.getpid()}] executors measured as the model ran: {times}; keeping {choice['chosen']}")
 
 
 if __name__ == "__main__":
