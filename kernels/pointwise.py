@@ -167,14 +167,15 @@ def _parse(program: Any) -> Program:
     return Program(n_inputs, tuple(parsed), out, dtype, tuple(shape), tuple(kinds), needs_f64, tuple(last_use), tuple(input_last_use))
 
 
-_BY_ID: dict[int, tuple[Any, Program]] = {}  # holds the program object, so its id is not reused
+_BY_ID: dict[int, tuple[Any, Program, str | None]] = {}  # holds the program object, so its id is not reused
 _BY_TEXT: dict[str, Program] = {}
 
 
-def _checked(program: Any) -> Program:
+def _entry(program: Any) -> tuple[Program, str | None]:
+    """(the parsed program, its canonical JSON text), cached per program object."""
     hit = _BY_ID.get(id(program))
     if hit is not None and hit[0] is program:
-        return hit[1]
+        return hit[1], hit[2]
     try:
         text = json.dumps(program, sort_keys=True, separators=(",", ":"))
     except (TypeError, ValueError):
@@ -184,24 +185,19 @@ def _checked(program: Any) -> Program:
         parsed = _parse(program)
         if text is not None:
             _BY_TEXT[text] = parsed
-    _BY_ID[id(program)] = (program, parsed)
-    return parsed
+    _BY_ID[id(program)] = (program, parsed, text)
+    return parsed, text
+
+
+def _checked(program: Any) -> Program:
+    return _entry(program)[0]
 
 
 def program_text(program: Any) -> str:
     """The canonical JSON text of ``program`` (validated), as ``hypatia::pointwise`` takes it."""
-    hit = _TEXT_OF.get(id(program))
-    if hit is not None and hit[0] is program:
-        return hit[1]
-    _checked(program)
-    text = json.dumps(program, sort_keys=True, separators=(",", ":"))
-    if len(_TEXT_OF) > 4096:
-        _TEXT_OF.clear()
-    _TEXT_OF[id(program)] = (program, text)
-    return text
+    return _entry(program)[1]
 
 
-_TEXT_OF: dict[int, tuple[Any, str]] = {}
 _PROGRAMS: dict[str, Any] = {}
 
 
