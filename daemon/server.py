@@ -20,7 +20,7 @@ from typing import Any
 
 import zmq
 
-from hypatia import __version__
+from hypatia import __version__, limits
 from hypatia.config import Config, ConfigError, ensure_private_dir
 from hypatia.daemon.faults import Faults
 from hypatia.daemon.lock import PidLock
@@ -92,7 +92,7 @@ class Server:
     def _serve(self) -> int:
         store = Store(self.config.store_location)
         self.service = PlanService(self.config, store)
-        self.runs = RunService(store, self.service.stored)
+        self.runs = RunService(store, self.service.stored, self.config.remote_max_output_bytes)
         self.runs.tick(time.monotonic())  # segments of clients that died while no daemon ran
         ctx = zmq.Context()
         self.zap = ZapHandler(ctx, os.getuid(), self.config.keys_dir)
@@ -443,9 +443,7 @@ class Server:
     # -- hypatia-ctl tune -------------------------------------------------------------------
     def _tune_batch(self, body: dict, rid: int) -> dict:
         """Queue every untuned plan (whose graph key starts with ``graph_key``, if given)."""
-        prefix = body.get("graph_key", "")
-        if not isinstance(prefix, str):
-            raise BadRequest("graph_key must be a string (a key or its prefix)", rid)
+        prefix = limits.text(body, "graph_key", limits.MAX_KEY_CHARS, rid, default="")  # a key or its prefix
         keys = [(r["graph_key"], r["workload_key"], r["env_key"]) for r in self.service.store.plan_rows(untuned_only=True)
                 if r["graph_key"].startswith(prefix)]
         for k in keys:
@@ -457,7 +455,8 @@ class Server:
         return {"batch": batch, "queued": len(keys)}
 
     def _batch_status(self, body: dict, rid: int) -> dict:
-        batch = self._batches.get(body.get("batch"))
+        number = limits.integer(body, "batch", 0, 2**63 - 1, rid, required=True)
+        batch = self._batches.get(number)
         if batch is None:
-            raise BadRequest(f"no tuning batch {body.get('batch')!r} (the daemon restarted, or it is too old)", rid)
+            raise BadRequest(f"no tuning batch {number} (the daemon restarted, or it is too old)", rid)
         return {k: (len(v) if isinstance(v, set) else v) for k, v in batch.items()}

@@ -20,7 +20,7 @@ import time
 from collections import Counter, OrderedDict
 from typing import Any
 
-from hypatia import __version__
+from hypatia import __version__, limits
 from hypatia.canonical import CanonicalGraph, GraphFormatError, environment_key, workload_key
 from hypatia.config import POLICIES, Config
 from hypatia.executors import UnknownCandidate, parse as parse_candidate
@@ -40,8 +40,9 @@ MAX_CLIENTS_LISTED = 4096
 
 def request_policy(body: dict, request_id: int) -> str:
     policy = body.get("policy", "FASTEST")
-    if policy not in POLICIES:
-        raise BadRequest(f"policy {policy!r} is not one of {', '.join(POLICIES)}", request_id)
+    if not isinstance(policy, str) or policy not in POLICIES:
+        shown = repr(policy[:40]) if isinstance(policy, str) else f"of type {type(policy).__name__}"
+        raise BadRequest(f"policy {shown} is not one of {', '.join(POLICIES)}", request_id)
     return policy
 
 
@@ -56,9 +57,9 @@ def serves(recipe: dict, policy: str) -> bool:
 
 def plan_keys(body: dict, request_id: int) -> PlanKeys:
     return (
-        require(body, "graph_key", str, request_id),
-        require(body, "workload_key", str, request_id),
-        require(body, "env_key", str, request_id),
+        limits.text(body, "graph_key", limits.MAX_KEY_CHARS, request_id, required=True),
+        limits.text(body, "workload_key", limits.MAX_KEY_CHARS, request_id, required=True),
+        limits.text(body, "env_key", limits.MAX_KEY_CHARS, request_id, required=True),
     )
 
 
@@ -84,16 +85,15 @@ class PlanService:
                 "upgrade the older side and restart the daemon",
                 request_id,
             )
-        who = f"{body.get('host', '?')}:{body.get('pid', '?')}"
+        # every field is kept for as long as the client is listed: each is bounded (hypatia/limits.py)
+        host = limits.text(body, "host", limits.MAX_HOST_CHARS, request_id)
+        pid = limits.integer(body, "pid", 0, limits.MAX_PID, request_id)
+        version = limits.text(body, "version", limits.MAX_VERSION_CHARS, request_id)
+        program = limits.text(body, "program", limits.MAX_PROGRAM_CHARS, request_id, default="")
+        who = f"{host or '?'}:{'?' if pid is None else pid}"
         if who not in self.clients:
             self.counters["clients_seen"] += 1
-        self.clients[who] = {
-            "pid": body.get("pid"),
-            "host": body.get("host"),
-            "version": body.get("version"),
-            "program": str(body.get("program", ""))[:200],
-            "last_seen": time.time(),
-        }
+        self.clients[who] = {"pid": pid, "host": host, "version": version, "program": program, "last_seen": time.time()}
         self.clients.move_to_end(who)
         while len(self.clients) > MAX_CLIENTS_LISTED:
             self.clients.popitem(last=False)
@@ -154,10 +154,10 @@ class PlanService:
             raise BadRequest(f"graph: {exc}", request_id) from None
         if graph.key != keys[0]:
             raise BadRequest("graph_key does not match the graph sent (client and daemon hash differently)", request_id)
-        workload = require(body, "workload", list, request_id)
+        workload = limits.packed(body, "workload", list, limits.MAX_WORKLOAD_BYTES, request_id)
         if workload_key(workload)[0] != keys[1]:
             raise BadRequest("workload_key does not match the workload sent", request_id)
-        env = require(body, "environment", dict, request_id)
+        env = limits.packed(body, "environment", dict, limits.MAX_ENVIRONMENT_BYTES, request_id)
         if environment_key(env)[0] != keys[2]:
             raise BadRequest("env_key does not match the environment sent", request_id)
         return keys, {"graph": graph, "wire": body["graph"], "workload": workload, "environment": env}
@@ -241,13 +241,12 @@ class PlanService:
 
     # -- reports and stats ----------------------------------------------------------------
     def report(self, body: dict, request_id: int) -> dict:
-        fallbacks = body.get("fallbacks", 0)
-        if not isinstance(fallbacks, int) or fallbacks < 0 or fallbacks > 1_000_000:
-            raise BadRequest("fallbacks must be a small non-negative integer", request_id)
+        fallbacks = limits.integer(body, "fallbacks", 0, limits.MAX_FALLBACKS, request_id, default=0)
+        reason = limits.text(body, "reason", limits.MAX_REASON_CHARS, request_id, cut=True, default="")
+        pid = limits.integer(body, "pid", 0, limits.MAX_PID, request_id)
         self.counters["fallbacks"] += fallbacks
-        reason = str(body.get("reason", ""))[:500]
         if fallbacks:
-            log.warning("client %s reported %d fallback(s) to eager: %s", body.get("pid"), fallbacks, reason)
+            log.warning("client %s reported %d fallback(s) to eager: %s", pid, fallbacks, reason)
         if "verdicts" in body:
             return {"plan": self._record_verdicts(plan_keys(body, request_id), body["verdicts"], request_id)}
         if "executor" in body:
@@ -261,9 +260,13 @@ class PlanService:
         if not isinstance(raw, dict):
             raise BadRequest("executor must be a map", request_id)
         revision = require(raw, "revision", int, request_id)
-        times = raw.get("times")
-        if not isinstance(times, list) or not 0 < len(times) <= 16:
-            raise BadRequest("executor.times must list the measured candidates (at most 16)", request_id)
+        times, most = raw.get("times"), limits.MAX_EXECUTOR_TIMES
+        if not isinstance(times, list) or not 0 < len(times) <= most:
+            raise BadRequest(f"executor.times must list the measured candidates (at most {most})", request_id)
+        # a candidate's error is free text, stored with the plan: cut, not refused
+        cut = limits.MAX_DETAIL_CHARS
+        times = [t | {"error": t["error"][:cut]} if isinstance(t, dict) and isinstance(t.get("error"), str) else t
+                 for t in times]
         try:
             decision = ExecutorDecision.from_dict({"chosen": raw.get("chosen"), "training": raw.get("training"),
                                                    "times": times})
@@ -289,24 +292,16 @@ class PlanService:
     def _record_verdicts(self, keys: PlanKeys, raw: Any, request_id: int) -> dict | None:
         """Strict validation results from a client: stored, counted, and failing regions
         dropped from the plan so no later process runs them. Returns the revised recipe."""
-        if not isinstance(raw, list) or len(raw) > 10_000:
-            raise BadRequest("verdicts must be a list", request_id)
+        if not isinstance(raw, list) or len(raw) > limits.MAX_VERDICTS:
+            raise BadRequest(f"verdicts must be a list of at most {limits.MAX_VERDICTS}", request_id)
         verdicts = []
-        for v in raw:
+        for k, v in enumerate(raw):
             if not isinstance(v, dict):
                 raise BadRequest("each verdict must be a map", request_id)
-            verdicts.append({
-                "region": require(v, "region", int, request_id),
-                "rule": str(require(v, "rule", str, request_id))[:100],
-                "kernel": str(require(v, "kernel", str, request_id))[:200],
-                "ok": bool(require(v, "ok", bool, request_id)),
-                "max_abs_err": float(v.get("max_abs_err") or 0.0),
-                "max_rel_err": float(v.get("max_rel_err") or 0.0),
-                "detail": str(v.get("detail", ""))[:500],
-            })
-            rkey, impl = v.get("region_key"), v.get("implementation")
-            if isinstance(rkey, str) and rkey.startswith("r1-") and len(rkey) <= 80 and isinstance(impl, str):
-                verdicts[-1] |= {"region_key": rkey, "implementation_id": impl[:200]}
+            try:
+                verdicts.append(_verdict(v, request_id))
+            except BadRequest as exc:
+                raise BadRequest(f"verdict {k}: {exc}", request_id) from None
         self.store.put_region_verdicts(keys[2], [v for v in verdicts if "region_key" in v])
         current = self.store.get_plan(keys)
         if current is None:
@@ -325,6 +320,11 @@ class PlanService:
         self._remember(keys, recipe)
         return recipe
 
+    def _clients_stats(self) -> dict[str, int]:
+        chars = sum(len(who) + len(c["host"] or "") + len(c["version"] or "") + len(c["program"])
+                    for who, c in self.clients.items())
+        return {"kept": len(self.clients), "chars": chars}
+
     def stats(self, inflight: int, tuning: int = 0) -> dict[str, Any]:
         hits, misses = self.counters["plan_hits"], self.counters["plan_misses"]
         counts = self.store.counts()
@@ -341,6 +341,7 @@ class PlanService:
                 "schema_version": SCHEMA_VERSION,
             },
             "clients_seen": self.counters["clients_seen"],
+            "clients": self._clients_stats(),  # those listed now, and the characters they keep
             "requests": dict(self.requests),
             "plan_cache": {
                 "hits": hits,
@@ -380,3 +381,21 @@ class PlanService:
             "inflight": inflight,
             "tuning_inflight": tuning,
         }
+
+
+def _verdict(v: dict, request_id: int) -> dict:
+    """One verdict of a report as stored: names refused past their limits, the detail cut."""
+    verdict = {
+        "region": limits.integer(v, "region", 0, limits.MAX_REGION, request_id, required=True),
+        "rule": limits.text(v, "rule", limits.MAX_NAME_CHARS, request_id, required=True),
+        "kernel": limits.text(v, "kernel", limits.MAX_NAME_CHARS, request_id, required=True),
+        "ok": require(v, "ok", bool, request_id),
+        "max_abs_err": limits.number(v, "max_abs_err", request_id),
+        "max_rel_err": limits.number(v, "max_rel_err", request_id),
+        "detail": limits.text(v, "detail", limits.MAX_DETAIL_CHARS, request_id, cut=True, default=""),
+    }
+    rkey = limits.text(v, "region_key", limits.MAX_KEY_CHARS, request_id)
+    impl = limits.text(v, "implementation", limits.MAX_NAME_CHARS, request_id)
+    if rkey is not None and rkey.startswith("r1-") and impl is not None:
+        verdict |= {"region_key": rkey, "implementation_id": impl}
+    return verdict
