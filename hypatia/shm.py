@@ -2,9 +2,11 @@
 
 A tensor travels as a segment under ``/dev/shm`` and a small descriptor in the msgpack message:
 ``{"name", "dtype", "shape", "stride", "offset", "nbytes"}``. The segment holds the tensor's
-storage span (every element its strides reach, gaps included), so a transposed or expanded
-tensor arrives with the strides it left with. A tensor without elements has no segment
-(``name`` is None).
+storage span (every element its strides reach, gaps included), so a transposed or sliced
+tensor arrives with the strides it left with. Overlapping strides (an expanded dimension's 0)
+are refused: a 4-byte segment would otherwise stand for a tensor of any size, and whoever
+computes on it would allocate accordingly; such a tensor travels contiguous. A tensor without
+elements has no segment (``name`` is None).
 
 Ownership. A segment is named ``hypatia-<uid>-<pid>-<tag>``, where ``pid`` is the *client*
 process it belongs to, whoever created it: the client's request segments and the daemon's reply
@@ -94,6 +96,14 @@ def span(shape: Iterable[int], stride: Iterable[int]) -> int:
     return 1 + sum((s - 1) * st for s, st in zip(shape, stride))
 
 
+def numel(shape: Iterable[int]) -> int:
+    """Elements of a tensor of ``shape``."""
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
 def _int_list(value: Any, what: str) -> list[int]:
     if not isinstance(value, list) or len(value) > MAX_DIMS:
         raise BadDescriptor(f"{what} must be a list of at most {MAX_DIMS} integers")
@@ -150,6 +160,11 @@ class Descriptor:
         needed = desc.needed
         if needed > nbytes:
             raise BadDescriptor(f"layout reads {needed} bytes but the segment is said to hold {nbytes}")
+        elements, spanned = numel(shape), span(shape, stride)
+        if elements > spanned:  # strides that overlap (such as 0) would make many elements of each stored one
+            raise BadDescriptor(f"shape {shape[:4]}{'...' if len(shape) > 4 else ''} has {elements} elements but its "
+                                f"strides {stride[:4]}{'...' if len(stride) > 4 else ''} reach only {spanned} stored "
+                                "ones: overlapping strides (such as 0) are refused; send the tensor contiguous")
         if name is None:
             if needed or nbytes:
                 raise BadDescriptor("only a tensor without elements may come without a segment")
@@ -203,6 +218,9 @@ def open_checked(desc: Descriptor) -> int:
                                 f"mode {stat.S_IMODE(info.st_mode):o})")
         if info.st_size != desc.nbytes:
             raise BadDescriptor(f"segment {desc.name} holds {info.st_size} bytes, not the {desc.nbytes} described")
+        if info.st_blocks * 512 < info.st_size:  # truncated to its size, never written: reading it would allocate
+            raise BadDescriptor(f"segment {desc.name} is sparse: {info.st_size} bytes long, {info.st_blocks * 512} "
+                                "of them written")
     except BaseException:
         os.close(fd)
         raise
@@ -312,9 +330,12 @@ def put(tensor: "torch.Tensor", name: str) -> Descriptor:
     elements = span(shape, stride)
     if elements == 0:
         return Descriptor(None, dtype, shape, stride, 0, 0)
-    # The storage span as a flat run of bytes, so that gaps and overlaps (expanded dims) travel as they are.
+    # The storage span as a flat run of bytes, so that gaps (a slice, a transpose) travel as they are.
     flat = tensor.detach().resolve_conj().resolve_neg()
-    if flat.stride() != stride:  # resolving copied: lay it out as the original was
+    if tensor.numel() > elements:  # overlapping strides (expanded dims) are refused by Descriptor.parse
+        flat = flat.contiguous()
+        stride, elements = flat.stride(), flat.numel()
+    elif flat.stride() != stride:  # resolving copied: lay it out as the original was
         flat = torch.empty_strided(shape, stride, dtype=flat.dtype).copy_(flat)
     raw = flat.as_strided((elements,), (1,), flat.storage_offset()).view(torch.uint8)
     create(name, memoryview(raw.numpy()))

@@ -52,7 +52,7 @@ def _layouts(dtype: torch.dtype) -> dict[str, torch.Tensor]:
         "transposed": base.t(),
         "strided": base[:, ::3],
         "offset": base[2:5, 1:],
-        "expanded": base[:1].expand(4, 8),
+        "expanded": base[:1].expand(4, 8),  # travels contiguous: overlapping strides are refused
         "zero-size": base[:0],
         "zero-dim": base[1, 1].clone(),
         "4d channels-last": torch.zeros(2, 3, 4, 5).to(dtype).contiguous(memory_format=torch.channels_last),
@@ -65,7 +65,8 @@ def test_round_trip_keeps_values_shape_strides_and_dtype(names, dtype):
         desc = shm.put(t, names())
         wire = desc.to_wire()
         back = shm.read(shm.Descriptor.parse(wire))
-        assert back.dtype == t.dtype and back.shape == t.shape and back.stride() == t.stride(), layout
+        stride = t.contiguous().stride() if layout == "expanded" else t.stride()
+        assert back.dtype == t.dtype and back.shape == t.shape and back.stride() == stride, layout
         assert torch.equal(back, t), layout
         if desc.name is not None:
             assert shm.unlink(desc.name)
@@ -140,6 +141,8 @@ def _wire(segment, **changes):
     ({"nbytes": 2**62}, "nbytes"),
     ({"shape": [4, 4], "stride": [4, 1]}, "layout reads 64 bytes"),
     ({"name": None}, "without elements"),
+    ({"shape": [2**28], "stride": [0], "nbytes": 4}, "268435456 elements but its strides .* reach only 1"),
+    ({"shape": [4, 4], "stride": [1, 1], "nbytes": 28}, "overlapping strides"),
 ], ids=lambda v: str(v)[:40])
 def test_hostile_descriptor_is_refused_before_any_segment_is_touched(changes, message):
     with pytest.raises(shm.BadDescriptor, match=message):
@@ -229,3 +232,22 @@ def test_sweep_asks_about_each_pid_once(names):
     asked: list[int] = []
     shm.sweep(alive=lambda pid: asked.append(pid) or (pid != 2**22 + 17 and shm.pid_alive(pid)))
     assert asked.count(2**22 + 17) == 1
+
+
+def test_an_expanded_tensor_travels_contiguous_in_a_segment_of_its_elements(names):
+    t = torch.arange(8, dtype=torch.float32)[None].expand(1000, 8)  # 32 bytes of storage, 8000 elements
+    desc = shm.put(t, names())
+    assert desc.stride == (8, 1) and desc.nbytes == 8000 * 4
+    assert torch.equal(shm.read(shm.Descriptor.parse(desc.to_wire())), t)
+
+
+def test_a_sparse_segment_is_refused_before_it_is_read(names):
+    """A segment truncated to a size but never written costs its maker nothing; reading it would
+    cost the reader all of it."""
+    name = names()
+    fd = os.open(os.path.join(shm.SHM_DIR, name), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    os.ftruncate(fd, 1 << 20)
+    os.close(fd)
+    desc = shm.Descriptor.parse(_wire(name, shape=[1 << 18], nbytes=1 << 20))
+    with pytest.raises(shm.BadDescriptor, match="is sparse"):
+        shm.read(desc)
