@@ -23,10 +23,10 @@ from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from hypatia import shm
+from hypatia import limits, shm
 from hypatia.canonical import CanonicalGraph, GraphFormatError
 from hypatia.planner.plan import Plan, PlanFormatError, recipe_text
-from hypatia.protocol import BadRequest, ErrorCode, ProtocolError, UnknownGraph, require
+from hypatia.protocol import BadRequest, ErrorCode, ProtocolError, TooLarge, UnknownGraph, require
 
 log = logging.getLogger("hypatia.daemon")
 
@@ -38,6 +38,10 @@ REQUEST_TAG = re.compile(r"[0-9a-z]{8,32}")
 
 class CannotRun(BadRequest):
     """The stored graph cannot run in the daemon (see planner.rebuild); the client runs it."""
+
+
+class RunTooLarge(TooLarge):
+    """The run would allocate more than ``HYPATIA_REMOTE_MAX_OUTPUT_MB``; the client runs it."""
 
 
 @dataclass(frozen=True)
@@ -90,9 +94,10 @@ class RunService:
     """Run requests and the shared-memory bookkeeping of one daemon; ``counters`` are updated
     on the server thread only (:meth:`finished`, :meth:`tick`)."""
 
-    def __init__(self, store: Any, stored: Callable[[PlanKeys], dict | None]):
+    def __init__(self, store: Any, stored: Callable[[PlanKeys], dict | None], max_output_bytes: int = 1 << 30):
         self.store = store
         self.stored = stored  # the PlanService's lookup of the plan kept for keys
+        self.max_output_bytes = max_output_bytes  # HYPATIA_REMOTE_MAX_OUTPUT_MB
         self.counters: Counter = Counter()
         self._executables: OrderedDict[tuple[PlanKeys, str], Executable] = OrderedDict()
         self._build_lock = threading.Lock()
@@ -101,8 +106,8 @@ class RunService:
     # -- server thread ---------------------------------------------------------------------
     def parse(self, body: dict, request_id: int) -> RunJob:
         """Check a run body and its segments; :class:`BadRequest` or :class:`UnknownGraph`."""
-        keys = (require(body, "graph_key", str, request_id), require(body, "workload_key", str, request_id),
-                require(body, "env_key", str, request_id))
+        keys = tuple(limits.text(body, field, limits.MAX_KEY_CHARS, request_id, required=True)
+                     for field in ("graph_key", "workload_key", "env_key"))
         pid = require(body, "pid", int, request_id)
         tag = require(body, "tag", str, request_id)
         if not 0 < pid < 2**31:
@@ -163,6 +168,8 @@ class RunService:
         outcome, whose ``outputs`` the server sends to the client."""
         import torch  # the first run pays for it, not the daemon's start
 
+        from hypatia.planner.footprint import written_bytes
+
         outcome: dict[str, Any] = {"segments_read": 0, "bytes_read": 0, "segments_written": 0, "bytes_written": 0}
         written: list[str] = []
         try:
@@ -178,8 +185,10 @@ class RunService:
                 result, plan_failed = executable(*inputs)
             outcome["plan_failed"] = int(plan_failed)
             del inputs
+            results = result if isinstance(result, (tuple, list)) else (result,)
+            self._bound("the outputs", sum(written_bytes(v) for v in results if isinstance(v, torch.Tensor)))
             outputs = []
-            for k, value in enumerate(result if isinstance(result, (tuple, list)) else (result,)):
+            for k, value in enumerate(results):
                 if isinstance(value, torch.Tensor):
                     desc = shm.put(value, shm.segment_name(job.pid, f"{job.tag}o{k}"))
                     if desc.name is not None:
@@ -224,7 +233,7 @@ class RunService:
 
     def _build(self, keys: PlanKeys, recipe: dict) -> Executable:
         from hypatia.kernels import UnknownKernel
-        from hypatia.planner import executable, rebuild  # import torch: see run()
+        from hypatia.planner import executable, footprint, rebuild  # import torch: see run()
 
         job = self.store.get_job(keys)
         if job is None:
@@ -239,6 +248,12 @@ class RunService:
             gm, nodes = rebuild.graph_module(graph)
         except rebuild.NotRebuildable as exc:
             raise CannotRun(f"graph {keys[0][:24]} cannot run in the daemon: {exc}") from None
+        try:  # what it allocates, on fake tensors: a graph past the limit is refused before it runs
+            size = footprint.footprint(gm, rebuild.input_specs(graph))
+        except footprint.NotSizeable as exc:
+            raise CannotRun(f"graph {keys[0][:24]} cannot run in the daemon: {exc}") from None
+        self._bound("the outputs", size.outputs, graph=keys[0])
+        self._bound(f"the tensors alive at {size.peak_at}", size.peak, graph=keys[0])
         planned = None
         try:
             plan = Plan.from_recipe(recipe)
@@ -247,3 +262,14 @@ class RunService:
         except (PlanFormatError, executable.PlanMismatch, UnknownKernel) as exc:
             log.warning("plan for %s does not apply in the daemon (%s); running the graph unplanned", keys[0][:16], exc)
         return Executable(gm.forward, planned, rebuild.input_specs(graph))
+
+    def _bound(self, what: str, nbytes: int, graph: str | None = None) -> None:
+        """:class:`RunTooLarge` when ``nbytes`` of ``what`` pass HYPATIA_REMOTE_MAX_OUTPUT_MB."""
+        if nbytes > self.max_output_bytes:
+            whose = f" of graph {graph[:24]}" if graph else ""
+            raise RunTooLarge(f"{what}{whose} would take {_mib(nbytes)} in the daemon, above its "
+                              f"HYPATIA_REMOTE_MAX_OUTPUT_MB={self.max_output_bytes >> 20}; the client runs it itself")
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / (1 << 20):.1f} MiB" if nbytes < 1 << 40 else f"{nbytes / (1 << 40):.1f} TiB"

@@ -81,6 +81,13 @@ class Config:
     keys_dir: Path | None = None
     mode: str = "local"
     run_timeout_ms: int = 60000
+    # The most a remote-mode run may make the daemon allocate: its outputs together, and the new
+    # tensors it holds at once on the way to them (inputs not counted).
+    remote_max_output_mb: int = 1024
+
+    @property
+    def remote_max_output_bytes(self) -> int:
+        return self.remote_max_output_mb << 20
 
     @property
     def socket_path(self) -> Path:
@@ -178,6 +185,7 @@ def load(env: Mapping[str, str] | None = None) -> Config:
         keys_dir=keys_dir,
         mode=env.get("HYPATIA_MODE", "local").strip().lower() or "local",
         run_timeout_ms=_int(env, "HYPATIA_RUN_TIMEOUT_MS", 60000, minimum=1),
+        remote_max_output_mb=_int(env, "HYPATIA_REMOTE_MAX_OUTPUT_MB", 1024, minimum=1),
     )
     if config.store_url and not config.store_url.startswith(("postgresql://", "postgres://")):
         raise ConfigError(

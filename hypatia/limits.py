@@ -34,12 +34,9 @@ MAX_DETAIL_CHARS = 500  # a verdict's detail, an executor candidate's error (sto
 MAX_EXECUTOR_TIMES = 16  # measured candidates per executor report
 MAX_REGION = 2**31 - 1  # a region is named by its output's node index
 
-# make_plan: stored with the plan (the graph itself: HYPATIA_MAX_GRAPH_NODES)
+# make_plan: stored with the plan (the graph is bounded where graphs are parsed)
 MAX_WORKLOAD_BYTES = 4 << 20  # msgpack size of the input metas
 MAX_ENVIRONMENT_BYTES = 64 << 10  # msgpack size of the environment description
-
-# Everything that names a limit above, for the documentation test and for readers.
-LIMITS = {name: value for name, value in globals().items() if name.startswith("MAX_")}
 
 
 def text(body: dict, field: str, limit: int, request_id: int | None, *, required: bool = False,

@@ -1,7 +1,8 @@
 """Run requests built by hand against a real hypatiad: a good one, the reply segments of a
-client that died (swept), and hostile descriptors (another uid, path traversal, sizes beyond the
-segment, unknown dtypes, negative strides and shapes, segments of another process or request),
-each answered BAD_REQUEST while the daemon keeps serving."""
+client that died (swept), hostile descriptors (another uid, path traversal, sizes beyond the
+segment, unknown dtypes, negative strides and shapes, overlapping strides, segments of another
+process or request), each answered BAD_REQUEST while the daemon keeps serving, and graphs whose
+outputs or intermediates pass HYPATIA_REMOTE_MAX_OUTPUT_MB (1 here), answered TOO_LARGE."""
 
 from __future__ import annotations
 
@@ -45,13 +46,25 @@ class Registered:
         self.client.call("make_plan", body, timeout_ms=60000)
         self.made: list[str] = []
 
+    def register(self, fn, *inputs) -> tuple[str, str, str]:
+        """make_plan another graph (traced on fake tensors: its shapes may be huge); its keys."""
+        graph, _ = cap.capture(aten_graph(fn, *inputs))
+        metas = cap.input_metas(list(inputs))
+        ekey, env = environment.describe("cpu", 0)
+        keys = (graph.key, workload_key(metas)[0], ekey)
+        self.client.call("make_plan", {"graph_key": keys[0], "workload_key": keys[1], "env_key": keys[2],
+                                       "policy": "HEURISTIC", "graph": graph.to_wire(), "workload": metas,
+                                       "environment": env}, timeout_ms=60000)
+        return keys
+
     def inputs(self, pid: int, tag: str) -> list[dict]:
         descs = [shm.put(t, shm.segment_name(pid, f"{tag}i{k}")) for k, t in enumerate((self.x, self.w))]
         self.made += [d.name for d in descs]
         return [d.to_wire() for d in descs]
 
-    def run(self, pid: int, tag: str, inputs: list) -> dict:
-        body = {"graph_key": self.keys[0], "workload_key": self.keys[1], "env_key": self.keys[2],
+    def run(self, pid: int, tag: str, inputs: list, keys: tuple[str, str, str] | None = None) -> dict:
+        keys = keys or self.keys
+        body = {"graph_key": keys[0], "workload_key": keys[1], "env_key": keys[2],
                 "pid": pid, "tag": tag, "inputs": inputs}
         return self.client.call("run", body, timeout_ms=60000, retries=0)
 
@@ -70,6 +83,7 @@ def shared() -> Registered:
     """One daemon for this module, with one graph registered (make_plan) to send runs for."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("HYPATIA_")}
     env["HYPATIA_HOME"] = tempfile.mkdtemp(prefix="hy-", dir="/tmp")
+    env |= {"HYPATIA_REMOTE_MAX_OUTPUT_MB": "1", "HYPATIA_BACKGROUND_TUNING": "0"}
     config = load(env)
     subprocess.run([sys.executable, "-m", "hypatia.daemon", "start"], env=env, check=True, capture_output=True, timeout=120)
     try:
@@ -171,3 +185,85 @@ def test_hostile_descriptor_is_bad_request_and_the_daemon_stays_up(shared, case)
     assert after["pid"] == before["pid"]
     assert after["errors"]["BAD_REQUEST"] == before["errors"].get("BAD_REQUEST", 0) + 1
     assert after["remote"]["runs"] == before["remote"]["runs"] + 1
+
+
+def _still_serving(shared: Registered, pid: int) -> None:
+    reply = shared.run(pid, "afterward", shared.inputs(pid, "afterward"))
+    shm.unlink(reply["outputs"][0]["name"])
+    shared.close_inputs()
+
+
+def test_a_zero_stride_descriptor_over_a_4_byte_segment_is_refused(shared):
+    """The segment holds one float; the descriptor makes it 2**28 of them (1 GiB for the daemon to
+    compute on and write). Refused before the daemon reads a byte."""
+    pid, tag = os.getpid(), "stride0x1"
+    keys = shared.register(lambda x: (torch.relu(x),), torch.empty(1 << 28))  # traced on fake tensors
+    name = shm.segment_name(pid, f"{tag}i0")
+    shared.made.append(name)
+    assert shm.put(torch.ones(1), name).nbytes == 4
+    before = daemon_stats(shared.client.config)
+    with pytest.raises(RemoteError) as info:
+        shared.run(pid, tag, [{"name": name, "dtype": "float32", "shape": [1 << 28], "stride": [0], "offset": 0,
+                               "nbytes": 4}], keys)
+    assert info.value.code is ErrorCode.BAD_REQUEST
+    assert ("inputs: shape [268435456] has 268435456 elements but its strides [0] reach only 1 stored ones: "
+            "overlapping strides (such as 0) are refused") in info.value.remote_message
+    shared.close_inputs()
+    _still_serving(shared, pid)
+    after = daemon_stats(shared.client.config)
+    assert after["shm"]["bytes"] == before["shm"]["bytes"] + (32 + 24 + 12) * 4  # the good run's only
+
+
+def test_an_expanded_input_travels_contiguous_and_runs(shared):
+    pid, tag = os.getpid(), "expanded1"
+    x = shared.x[:1].expand(4, 8)  # stride (0, 1): sent as 4 rows
+    descs = [shm.put(t, shm.segment_name(pid, f"{tag}i{k}")) for k, t in enumerate((x, shared.w))]
+    shared.made += [d.name for d in descs]
+    assert descs[0].stride == (8, 1)
+    (out,) = shared.run(pid, tag, [d.to_wire() for d in descs])["outputs"]
+    result = shm.read(shm.Descriptor.parse(out, pid, f"{tag}o"))
+    shm.unlink(out["name"])
+    shared.close_inputs()
+    torch.testing.assert_close(result, torch.relu(x @ shared.w))
+
+
+TOO_LARGE = {  # (graph, its input, what the refusal names); the daemon's limit is 1 MiB
+    "4 GiB from 16 bytes": (lambda x: (x.expand(1 << 28, 4).clone(),), torch.ones(1, 4), "the outputs"),
+    "just past the limit": (lambda x: (x.expand(520, 512).clone(),), torch.ones(1, 512), "the outputs"),
+    "an intermediate past it": (lambda x: ((x.expand(1024, 512) + 1).sum(),), torch.ones(1, 512),
+                                "the tensors alive at node"),
+}
+
+
+@pytest.mark.parametrize("case", TOO_LARGE)
+def test_a_run_past_the_output_limit_is_refused_before_it_allocates(shared, case):
+    fn, x, what = TOO_LARGE[case]
+    pid, tag = os.getpid(), f"toolarge{list(TOO_LARGE).index(case)}"
+    keys = shared.register(fn, x)
+    before = daemon_stats(shared.client.config)
+    name = shm.segment_name(pid, f"{tag}i0")
+    shared.made.append(name)
+    with pytest.raises(RemoteError) as info:
+        shared.run(pid, tag, [shm.put(x, name).to_wire()], keys)
+    assert info.value.code is ErrorCode.TOO_LARGE, info.value
+    message = info.value.remote_message
+    assert message.startswith(what) and "above its HYPATIA_REMOTE_MAX_OUTPUT_MB=1; the client runs it" in message
+    shared.close_inputs()
+    after = daemon_stats(shared.client.config)
+    assert after["pid"] == before["pid"] and after["remote"]["errors"] == before["remote"]["errors"] + 1
+    assert after["errors"]["TOO_LARGE"] == before["errors"].get("TOO_LARGE", 0) + 1
+    assert after["shm"]["segments_written"] == before["shm"]["segments_written"]
+    _still_serving(shared, pid)
+
+
+def test_a_run_just_under_the_output_limit_is_served(shared):
+    pid, tag = os.getpid(), "undercap1"
+    x = torch.randn(1, 512)
+    keys = shared.register(lambda x: (x.expand(500, 512).clone(),), x)  # 1,024,000 bytes: under 1 MiB
+    name = shm.segment_name(pid, f"{tag}i0")
+    shared.made.append(name)
+    (out,) = shared.run(pid, tag, [shm.put(x, name).to_wire()], keys)["outputs"]
+    result = shm.read(shm.Descriptor.parse(out, pid, f"{tag}o"))
+    shm.unlink(out["name"])
+    shared.close_inputs()
+    torch.testing.assert_close(result, x.expand(500, 512))
