@@ -36,6 +36,7 @@ log = logging.getLogger("hypatia.daemon")
 PlanKeys = tuple[str, str, str]
 MAX_CACHED_PLANS = 100_000
 MAX_CLIENTS_LISTED = 4096
+MAX_CACHED_CEILINGS = 1024  # environments
 
 
 def request_policy(body: dict, request_id: int) -> str:
@@ -142,6 +143,8 @@ class PlanService:
 
     def ceilings(self, env_key: str) -> dict | None:
         if self._ceilings.get(env_key) is None:
+            if len(self._ceilings) >= MAX_CACHED_CEILINGS:  # keyed by what requests name: bounded
+                self._ceilings.clear()
             self._ceilings[env_key] = self.store.ceilings(env_key)
         return self._ceilings[env_key]
 

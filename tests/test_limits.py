@@ -211,3 +211,17 @@ def test_a_20_mib_host_over_curve_is_refused_and_not_kept(home, listener):  # no
     assert after["peers"]["curve_accepted"] >= 1
     assert after["clients"]["kept"] == before["clients"]["kept"] + 1
     assert after["clients"]["chars"] < before["clients"]["chars"] + 100
+
+
+def test_the_ceilings_cached_per_environment_named_in_requests_are_bounded(tmp_path):
+    from hypatia.daemon.service import MAX_CACHED_CEILINGS, PlanService
+    from hypatia.planner.store import Store
+
+    store = Store(tmp_path / "s.sqlite")
+    try:
+        service = PlanService(load({"HYPATIA_HOME": str(tmp_path)}), store)
+        for k in range(MAX_CACHED_CEILINGS + 50):
+            assert service.ceilings(f"e1-{k:064x}") is None  # never measured: nothing stored
+        assert len(service._ceilings) <= MAX_CACHED_CEILINGS
+    finally:
+        store.close()
