@@ -43,10 +43,11 @@ class Registered:
         body = {"graph_key": self.keys[0], "workload_key": self.keys[1], "env_key": self.keys[2], "policy": "HEURISTIC",
                 "graph": graph.to_wire(), "workload": metas, "environment": env}
         self.client.call("make_plan", body, timeout_ms=60000)
+        self.daemon = self.client.server["daemon"]  # every segment of a run names it
         self.made: list[str] = []
 
     def inputs(self, pid: int, tag: str) -> list[dict]:
-        descs = [shm.put(t, shm.segment_name(pid, f"{tag}i{k}")) for k, t in enumerate((self.x, self.w))]
+        descs = [shm.put(t, shm.segment_name(self.daemon, pid, f"{tag}i{k}")) for k, t in enumerate((self.x, self.w))]
         self.made += [d.name for d in descs]
         return [d.to_wire() for d in descs]
 
@@ -87,7 +88,7 @@ def test_a_good_run_by_hand(shared):
     pid = os.getpid()
     reply = shared.run(pid, "goodrun01", shared.inputs(pid, "goodrun01"))
     (out,) = reply["outputs"]
-    assert out["name"] == shm.segment_name(pid, "goodrun01o0")
+    assert out["name"] == shm.segment_name(shared.daemon, pid, "goodrun01o0")
     result = shm.read(shm.Descriptor.parse(out, pid, "goodrun01o"))
     shm.unlink(out["name"])
     shared.close_inputs()
@@ -115,11 +116,11 @@ def _hostile(reg: Registered, pid: int, case: str) -> tuple[dict, int, str]:
     good = reg.inputs(pid, tag)
     first = dict(good[0])
     if case == "other uid":
-        first["name"] = f"hypatia-{UID + 1}-{pid}-{tag}i0"
+        first["name"] = f"hypatia-{UID + 1}-{reg.daemon}-{pid}-{tag}i0"
     elif case == "path traversal":
         first["name"] = "../../../etc/passwd"
     elif case == "traversal inside the tag":
-        first["name"] = f"hypatia-{UID}-{pid}-{tag}i0/../../x"
+        first["name"] = f"hypatia-{UID}-{reg.daemon}-{pid}-{tag}i0/../../x"
     elif case == "larger than the segment":
         first["nbytes"] = first["nbytes"] * 4
         first["shape"] = [16, 8]
@@ -132,15 +133,17 @@ def _hostile(reg: Registered, pid: int, case: str) -> tuple[dict, int, str]:
     elif case == "negative shape":
         first["shape"] = [-4, 8]
     elif case == "another process's segment":
-        first["name"] = shm.segment_name(pid + 1, f"{tag}i0")
+        first["name"] = shm.segment_name(reg.daemon, pid + 1, f"{tag}i0")
+    elif case == "another daemon's segment":
+        first["name"] = shm.segment_name("d1other0", pid, f"{tag}i0")
     elif case == "another request's segment":
-        first["name"] = shm.segment_name(pid, "otherreq1i0")
+        first["name"] = shm.segment_name(reg.daemon, pid, "otherreq1i0")
     elif case == "missing segment":
-        first["name"] = shm.segment_name(pid, f"{tag}i9")
+        first["name"] = shm.segment_name(reg.daemon, pid, f"{tag}i9")
     elif case == "descriptor not a map":
         first = ["name", first["name"]]
     elif case == "wrong dtype for the graph":
-        reg.made.append(shm.segment_name(pid, f"{tag}i7"))
+        reg.made.append(shm.segment_name(reg.daemon, pid, f"{tag}i7"))
         first = shm.put(reg.x.double(), reg.made[-1]).to_wire()
     elif case == "too few inputs":
         return {"inputs": good[:1]}, pid, tag
@@ -152,7 +155,8 @@ def _hostile(reg: Registered, pid: int, case: str) -> tuple[dict, int, str]:
 
 
 HOSTILE = ["other uid", "path traversal", "traversal inside the tag", "larger than the segment", "layout beyond nbytes",
-           "unknown dtype", "negative stride", "negative shape", "another process's segment", "another request's segment",
+           "unknown dtype", "negative stride", "negative shape", "another process's segment", "another daemon's segment",
+           "another request's segment",
            "missing segment", "descriptor not a map", "wrong dtype for the graph", "too few inputs", "bad tag", "bad pid"]
 
 
