@@ -5,6 +5,14 @@ thread; planning and remote-mode runs go to a small worker pool and tuning to on
 whose results come back over an inproc PULL socket, so that only this thread ever touches the
 ROUTER. SIGTERM stops
 intake, drains the flights in progress (queued background tunings are dropped) and exits.
+
+A client whose make_plan waits on a planning flight is told so at once and then every
+:data:`PROGRESS_EVERY_S` (a ``pending`` reply), so that it keeps waiting while this daemon is alive
+and working, however loaded the host. The daemon holds its runtime lock and, for a SQLite store,
+the store lock for its whole life, and checks every :data:`WATCH_EVERY_S` that its socket and its
+lock file are still the ones it made: when they are removed or replaced (its runtime directory was
+deleted) no new client can reach it, so it says so in the log, drains and exits, and the daemon
+that a client starts next takes over the store once it is gone.
 """
 
 from __future__ import annotations
@@ -20,10 +28,11 @@ from typing import Any
 
 import zmq
 
-from hypatia import __version__
+from hypatia import __version__, shm
 from hypatia.config import Config, ConfigError, ensure_private_dir
+from hypatia.daemon.failures import FailureLog
 from hypatia.daemon.faults import Faults
-from hypatia.daemon.lock import PidLock
+from hypatia.daemon.lock import PidLock, SocketWatch, acquire_store_lock
 from hypatia.daemon.notify import sd_notify, watchdog_interval
 from hypatia.daemon.remote import RunService
 from hypatia.daemon.zap import COUNTERS as ZAP_COUNTERS, DOMAIN, TCP_DOMAIN, ZapHandler
@@ -31,12 +40,14 @@ from hypatia.keys import KeysError, server_keys
 from hypatia.daemon.service import PlanKeys, PlanService, plan_keys, request_policy
 from hypatia.planner.store import Store
 from hypatia.protocol import (
+    PROGRESS_EVERY_S,
     BadRequest,
     Busy,
     ErrorCode,
     ProtocolError,
     decode_request,
     encode_error,
+    encode_pending,
     encode_reply,
     pack,
     unpack,
@@ -48,6 +59,7 @@ RESULTS_ENDPOINT = "inproc://hypatiad-results"
 STATUS_EVERY_S = 5.0  # how often STATUS= is refreshed for systemctl status
 MAX_HANDSHAKEN_PEERS = 65536
 DRAIN_TIMEOUT_S = 60.0
+WATCH_EVERY_S = 1.0  # how often the daemon checks that its socket and lock file are still its own
 LOCAL, TCP = b"l", b"t"  # the first byte of a peer's identity inside the daemon: which socket it came in on
 
 
@@ -71,6 +83,9 @@ class Server:
         self._peers: dict[bytes, None] = {}
         self._runs: dict[int, tuple[bytes, int]] = {}  # remote-mode runs on the worker pool, by flight id
         self._local = threading.local()
+        self.failures = FailureLog(log)
+        self.daemon_id = shm.daemon_id(config.socket_path)
+        self.watch: SocketWatch | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
     def run(self) -> int:
@@ -79,20 +94,25 @@ class Server:
         self.config.cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         lock = PidLock(self.config.lock_path)
         lock.acquire()  # raises AlreadyRunning, leaving the first daemon untouched
+        store_lock = None
         try:
+            # StoreLocked when another daemon serves this SQLite file; waits for one on its way out
+            store_lock = acquire_store_lock(self.config, wait_s=self.config.start_timeout_s)
             if self.faults.fail_start:
                 raise StartFailed("fault injected: fail_start")
             if self.faults.slow_start:
                 time.sleep(self.faults.slow_start)
             self.faults.speak_protocol()
-            return self._serve()
+            return self._serve(lock)
         finally:
+            if store_lock is not None:
+                store_lock.release()
             lock.release()
 
-    def _serve(self) -> int:
+    def _serve(self, lock: PidLock) -> int:
         store = Store(self.config.store_location)
         self.service = PlanService(self.config, store)
-        self.runs = RunService(store, self.service.stored)
+        self.runs = RunService(store, self.service.stored, self.daemon_id, self.failures)
         self.runs.tick(time.monotonic())  # segments of clients that died while no daemon ran
         ctx = zmq.Context()
         self.zap = ZapHandler(ctx, os.getuid(), self.config.keys_dir)
@@ -119,6 +139,7 @@ class Server:
         finally:
             os.umask(old_umask)
         os.chmod(sock, 0o600)
+        self.watch = SocketWatch(sock, lock)
         pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="hypatiad-plan")
         self.pool = pool
         self.tuner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hypatiad-tune")
@@ -136,10 +157,8 @@ class Server:
             self.zap.stop()
             ctx.destroy(linger=500)  # let the last drained replies leave
             store.close()
-            try:
+            if self.watch.socket_ours():  # else the path is a new daemon's socket, or nothing
                 sock.unlink()
-            except FileNotFoundError:
-                pass
             log.info("hypatiad stopped")
         return 0
 
@@ -178,7 +197,19 @@ class Server:
                 f"{len(self._tuning)} tuning")
 
     def _heartbeat(self, now: float) -> None:
-        """Watchdog pings and status for systemd; the idle timeout."""
+        """Watchdog pings and status for systemd; progress to waiting clients; the socket watch;
+        the idle timeout."""
+        if now >= self._next_progress:
+            self._next_progress = now + PROGRESS_EVERY_S
+            self._progress()
+        if now >= self._next_watch and not self.stopping:
+            self._next_watch = now + WATCH_EVERY_S
+            lost = self.watch.lost()
+            if lost is not None:
+                log.warning("%s: no new client can reach this daemon, so it drains and exits; the daemon "
+                            "started next serves the store", lost)
+                sd_notify(f"STATUS={lost}, exiting")
+                self.stopping = True
         if self._watchdog and now >= self._next_ping:
             sd_notify("WATCHDOG=1")
             self._next_ping = now + self._watchdog
@@ -201,6 +232,7 @@ class Server:
         drain_deadline = None
         self._watchdog = watchdog_interval()
         self._next_ping = self._next_status = self._last_request = time.monotonic()
+        self._next_progress = self._next_watch = time.monotonic()
         while True:
             self._heartbeat(time.monotonic())
             if self.stopping:
@@ -234,8 +266,16 @@ class Server:
         except zmq.ZMQError as exc:  # peer gone or its queue full: it will retry
             log.debug("reply dropped: %s", exc)
 
-    def _error(self, identity: bytes, request_id: int | None, code: ErrorCode, message: str) -> None:
+    def _error(self, identity: bytes, request_id: int | None, code: ErrorCode, message: str,
+               method: str = "request", exc: BaseException | None = None, logged: bool = False) -> None:
+        """Answer a failed request: counted, and logged in one rate-limited line (the refusals of
+        another protocol version have their own line; ``logged`` when the cause was logged)."""
         self.service.errors[code.name] += 1
+        if not logged and code != ErrorCode.VERSION_MISMATCH:
+            level = (logging.ERROR if code == ErrorCode.INTERNAL else
+                     logging.INFO if code in (ErrorCode.SHUTTING_DOWN, ErrorCode.NOT_HANDSHAKEN) else logging.WARNING)
+            error, text = (code.name, message) if exc is None else (type(exc).__name__, str(exc))
+            self.failures.failed(method, error, text, level, exc)
         self._send(identity, encode_error(request_id, code, message))
 
     def _log_refusal(self, exc: ProtocolError) -> None:
@@ -261,16 +301,16 @@ class Server:
         method, rid, body = request.method, request.request_id, request.body
         self.service.requests[method] += 1
         if self.stopping:
-            self._error(identity, rid, ErrorCode.SHUTTING_DOWN, "hypatiad is shutting down; retry or plan locally")
+            self._error(identity, rid, ErrorCode.SHUTTING_DOWN, "hypatiad is shutting down; retry or plan locally", method)
             return
         if method != "hello" and identity not in self._peers:
-            self._error(identity, rid, ErrorCode.NOT_HANDSHAKEN, "send hello before any other request")
-            return
-        if not self.faults.on_request(method):
+            self._error(identity, rid, ErrorCode.NOT_HANDSHAKEN, "send hello before any other request", method)
             return
         try:
-            if method == "hello":
-                result = self.service.hello(body, rid)
+            if not self.faults.on_request(method):
+                return
+            if method == "hello":  # the daemon's id names the shared-memory segments of remote mode
+                result = self.service.hello(body, rid) | {"daemon": self.daemon_id}
                 self._peers[identity] = None
                 if len(self._peers) > MAX_HANDSHAKEN_PEERS:
                     self._peers.pop(next(iter(self._peers)))
@@ -312,17 +352,29 @@ class Server:
             else:  # decode_request only lets known methods through
                 raise ProtocolError(f"no handler for {method}", rid)
         except ProtocolError as exc:
-            self._error(identity, rid, exc.code, str(exc))
+            self._error(identity, rid, exc.code, str(exc), method)
             if exc.code == ErrorCode.VERSION_MISMATCH:
                 self._log_refusal(exc)
             return
-        except Exception as exc:
-            log.exception("handler %s failed", method)
-            self._error(identity, rid, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+        except Exception as exc:  # a handler's bug: one line in the log (its traceback at DEBUG)
+            self._error(identity, rid, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}", method, exc)
             return
         self._send(identity, encode_reply(rid, result))
 
     # -- flights (single-flight planning) -------------------------------------------------
+    def _acknowledge(self, identity: bytes, rid: int, state: str) -> None:
+        """Tell a make_plan's client at once that its plan is being made: it waits for it."""
+        self.service.counters["plan_acks"] += 1
+        self._send(identity, encode_pending(rid, {"state": state}))
+
+    def _progress(self) -> None:
+        """Tell every client waiting on a planning or a measuring flight that it goes on."""
+        for state, flights in (("planning", self._flights.values()), ("tuning", self._tuning.values())):
+            for waiters in flights:
+                for waiter in waiters:
+                    if waiter is not None:
+                        self._send(waiter[0], encode_pending(waiter[1], {"state": state}))
+
     def _start_flight(self, identity: bytes, rid: int, body: dict) -> None:
         policy = request_policy(body, rid)
         keys, job = self.service.parse_make_plan(body, rid)
@@ -333,13 +385,15 @@ class Server:
             return
         if policy == "EXPLORE":  # measured before answering: a tuning flight with a waiter
             self._tune(keys, job, (identity, rid), policy)
+            self._acknowledge(identity, rid, "tuning")
             return
         waiters = self._flights.get((keys, policy))
         if waiters is not None:
             self.service.counters["coalesced"] += 1
             waiters.append((identity, rid))
-            return
-        self._plan_flight(keys, policy, job, [(identity, rid)])
+        else:
+            self._plan_flight(keys, policy, job, [(identity, rid)])
+        self._acknowledge(identity, rid, "planning")
 
     def _plan_flight(self, keys: PlanKeys, policy: str, job: dict, waiters: list[tuple[bytes, int]]) -> None:
         self._flights[(keys, policy)] = waiters
@@ -375,7 +429,10 @@ class Server:
             result = [*tag, True, fn(*args)]
         except Exception as exc:
             skipped = bool(getattr(exc, "skip", False))  # not a failure: the work is not ours to do
-            (log.warning if skipped else log.exception)("%s %s failed: %s", tag[0], str(tag[1])[:40], exc)
+            if skipped:
+                log.warning("%s %s skipped: %s", tag[0], str(tag[1])[:40], exc)
+            else:  # its waiters' error replies are not logged again
+                self.failures.failed(f"{tag[0]} job", type(exc).__name__, f"{str(tag[1])[:40]}: {exc}", logging.ERROR, exc)
             result = [*tag, False, {"skipped": skipped, "error": f"{type(exc).__name__}: {exc}"}]
         push = getattr(self._local, "push", None)
         if push is None:
@@ -424,9 +481,10 @@ class Server:
                 continue
             for identity, rid in waiters:
                 if ok or fallback is not None:
+                    self.service.counters["plan_waits_served"] += 1  # every waiter was acknowledged
                     self._send(identity, encode_reply(rid, {"plan": payload if ok else fallback}))
                 else:
-                    self._error(identity, rid, ErrorCode.INTERNAL, f"{kind} failed: {payload['error']}")
+                    self._error(identity, rid, ErrorCode.INTERNAL, f"{kind} failed: {payload['error']}", logged=True)
 
     def _finish_run(self, flight: int, ok: bool, outcome: dict) -> None:
         """A worker finished a remote-mode run: count it and answer its client."""
@@ -437,8 +495,9 @@ class Server:
         if outcome["ok"]:
             self._send(identity, encode_reply(rid, {"outputs": outcome["outputs"]}))
         elif not outcome.get("abandoned"):  # an abandoned run has nobody waiting for it
-            self._error(identity, rid, ErrorCode(outcome.get("code", ErrorCode.INTERNAL)),
-                        outcome.get("message", "the client gave up on this run"))
+            code = ErrorCode(outcome.get("code", ErrorCode.INTERNAL))
+            self._error(identity, rid, code, outcome.get("message", "the client gave up on this run"), "run",
+                        logged=code == ErrorCode.INTERNAL)
 
     # -- hypatia-ctl tune -------------------------------------------------------------------
     def _tune_batch(self, body: dict, rid: int) -> dict:

@@ -245,6 +245,10 @@ class PlanService:
         if not isinstance(fallbacks, int) or fallbacks < 0 or fallbacks > 1_000_000:
             raise BadRequest("fallbacks must be a small non-negative integer", request_id)
         self.counters["fallbacks"] += fallbacks
+        gave_up = body.get("gave_up", 0)
+        if not isinstance(gave_up, int) or not 0 <= gave_up <= 1_000_000:
+            raise BadRequest("gave_up must be a small non-negative integer", request_id)
+        self.counters["plan_waits_abandoned"] += gave_up  # clients that stopped waiting for a plan
         reason = str(body.get("reason", ""))[:500]
         if fallbacks:
             log.warning("client %s reported %d fallback(s) to eager: %s", body.get("pid"), fallbacks, reason)
@@ -349,6 +353,11 @@ class PlanService:
                 "plans_made": self.counters["plans_made"],
                 "coalesced": self.counters["coalesced"],
                 "warm_entries": len(self._plans),
+                # misses told "being planned" at once; of those, answered with the plan; clients
+                # that stopped waiting first (HYPATIA_PLAN_WAIT_S) and planned in-process
+                "acknowledged": self.counters["plan_acks"],
+                "waits_served": self.counters["plan_waits_served"],
+                "waits_abandoned": self.counters["plan_waits_abandoned"],
             },
             "graphs": counts["canonical_graphs"],
             "workloads": counts["workloads"],

@@ -5,11 +5,13 @@ each answered BAD_REQUEST while the daemon keeps serving."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import tempfile
+from typing import Iterator
 
 import pytest
 import torch
@@ -20,7 +22,7 @@ from hypatia import shm
 from hypatia.canonical import workload_key
 from hypatia.client import capture as cap
 from hypatia.client.rpc import DaemonClient
-from hypatia.config import load, read_daemon_pid
+from hypatia.config import Config, load, read_daemon_pid
 from hypatia.planner import environment
 from hypatia.protocol import ErrorCode, RemoteError
 from remote_helpers import UID, clean_shm, wait_for  # noqa: F401  (a fixture)
@@ -66,22 +68,36 @@ class Registered:
         self.client.close()
 
 
-@pytest.fixture(scope="module")
-def shared() -> Registered:
-    """One daemon for this module, with one graph registered (make_plan) to send runs for."""
+@contextlib.contextmanager
+def _daemon_of_its_own_home() -> Iterator[Config]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HYPATIA_")}
     env["HYPATIA_HOME"] = tempfile.mkdtemp(prefix="hy-", dir="/tmp")
     config = load(env)
     subprocess.run([sys.executable, "-m", "hypatia.daemon", "start"], env=env, check=True, capture_output=True, timeout=120)
     try:
-        r = Registered(config)
-        yield r
-        r.close()
+        yield config
     finally:
         pid = read_daemon_pid(config)
         if pid is not None:
             os.kill(pid, signal.SIGTERM)
-            wait_for(lambda: read_daemon_pid(config) is None, what="the shared daemon to stop")
+            wait_for(lambda: read_daemon_pid(config) is None, what="a daemon of this module to stop")
+
+
+@pytest.fixture(scope="module")
+def neighbour() -> Iterator[Config]:
+    """Another daemon of the same user for the whole module (as `make demo`'s beside `make
+    test`'s): it sweeps every 2 s too, and must never touch the shared daemon's segments."""
+    with _daemon_of_its_own_home() as config:
+        yield config
+
+
+@pytest.fixture(scope="module")
+def shared(neighbour) -> Iterator[Registered]:
+    """One daemon for this module, with one graph registered (make_plan) to send runs for."""
+    with _daemon_of_its_own_home() as config:
+        r = Registered(config)
+        yield r
+        r.close()
 
 
 def test_a_good_run_by_hand(shared):
@@ -95,18 +111,23 @@ def test_a_good_run_by_hand(shared):
     torch.testing.assert_close(result, torch.relu(shared.x @ shared.w))
 
 
-def test_reply_segments_of_a_client_that_died_are_swept(shared):
+def test_reply_segments_of_a_client_that_died_are_swept(shared, neighbour):
+    """By the daemon they name only: the neighbour daemon sweeps its own dead client's segment,
+    and neither touches the other's."""
     swept = daemon_stats(shared.client.config)["shm"]["segments_swept"]
+    theirs = daemon_stats(neighbour)["shm"]["segments_swept"]
     helper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     try:
         reply = shared.run(helper.pid, "orphan001", shared.inputs(helper.pid, "orphan001"))
         assert shm.exists(reply["outputs"][0]["name"])
-        assert len(shm.names_of(helper.pid)) == 3  # two inputs and the reply nobody will read
+        shm.put(torch.ones(2), shm.segment_name(shm.daemon_id(neighbour.socket_path), helper.pid, "orphan002i0"))
+        assert len(shm.names_of(helper.pid)) == 4  # two inputs, the reply nobody will read, the neighbour's
     finally:
         helper.kill()
         helper.wait()
-    wait_for(lambda: not shm.names_of(helper.pid), what="the sweep")
+    wait_for(lambda: not shm.names_of(helper.pid), what="the sweeps")
     assert daemon_stats(shared.client.config)["shm"]["segments_swept"] == swept + 3
+    assert daemon_stats(neighbour)["shm"]["segments_swept"] == theirs + 1
     shared.made.clear()  # swept: nothing of them left to unlink
 
 
