@@ -3,8 +3,8 @@
 Cheap requests (hello, ping, get_plan, report, stats, tune_status, flush) are answered on this
 thread; planning and remote-mode runs go to a small worker pool and tuning to one tuner thread,
 whose results come back over an inproc PULL socket, so that only this thread ever touches the
-ROUTER. SIGTERM stops
-intake, drains the flights in progress (queued background tunings are dropped) and exits.
+ROUTER (the flights and their results: :mod:`hypatia.daemon.flights`). SIGTERM stops intake,
+drains the flights in progress (queued background tunings are dropped) and exits.
 
 A client whose make_plan waits on a planning flight is told so at once and then every
 :data:`PROGRESS_EVERY_S` (a ``pending`` reply), so that it keeps waiting while this daemon is alive
@@ -31,6 +31,7 @@ import zmq
 from hypatia import __version__, shm
 from hypatia.config import Config, ConfigError, ensure_private_dir
 from hypatia.daemon.failures import FailureLog
+from hypatia.daemon.flights import RESULTS_ENDPOINT, Flights
 from hypatia.daemon.faults import Faults
 from hypatia.daemon.lock import PidLock, SocketWatch, acquire_store_lock
 from hypatia.daemon.notify import sd_notify, watchdog_interval
@@ -47,15 +48,11 @@ from hypatia.protocol import (
     ProtocolError,
     decode_request,
     encode_error,
-    encode_pending,
     encode_reply,
-    pack,
-    unpack,
 )
 
 log = logging.getLogger("hypatia.daemon")
 
-RESULTS_ENDPOINT = "inproc://hypatiad-results"
 STATUS_EVERY_S = 5.0  # how often STATUS= is refreshed for systemctl status
 MAX_HANDSHAKEN_PEERS = 65536
 DRAIN_TIMEOUT_S = 60.0
@@ -67,7 +64,7 @@ class StartFailed(Exception):
     """The daemon could not start serving; the message says why."""
 
 
-class Server:
+class Server(Flights):
     def __init__(self, config: Config, workers: int = 2):
         self.config = config
         self.faults = Faults.parse(config.faults)
@@ -97,7 +94,8 @@ class Server:
         store_lock = None
         try:
             # StoreLocked when another daemon serves this SQLite file; waits for one on its way out
-            store_lock = acquire_store_lock(self.config, wait_s=self.config.start_timeout_s)
+            # (within `hypatiad start`'s own wait, so that it reports the refusal rather than a timeout)
+            store_lock = acquire_store_lock(self.config, wait_s=0.8 * self.config.start_timeout_s)
             if self.faults.fail_start:
                 raise StartFailed("fault injected: fail_start")
             if self.faults.slow_start:
@@ -360,163 +358,3 @@ class Server:
             self._error(identity, rid, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}", method, exc)
             return
         self._send(identity, encode_reply(rid, result))
-
-    # -- flights (single-flight planning) -------------------------------------------------
-    def _acknowledge(self, identity: bytes, rid: int, state: str) -> None:
-        """Tell a make_plan's client at once that its plan is being made: it waits for it."""
-        self.service.counters["plan_acks"] += 1
-        self._send(identity, encode_pending(rid, {"state": state}))
-
-    def _progress(self) -> None:
-        """Tell every client waiting on a planning or a measuring flight that it goes on."""
-        for state, flights in (("planning", self._flights.values()), ("tuning", self._tuning.values())):
-            for waiters in flights:
-                for waiter in waiters:
-                    if waiter is not None:
-                        self._send(waiter[0], encode_pending(waiter[1], {"state": state}))
-
-    def _start_flight(self, identity: bytes, rid: int, body: dict) -> None:
-        policy = request_policy(body, rid)
-        keys, job = self.service.parse_make_plan(body, rid)
-        recipe = self.service.lookup(keys, policy)
-        if recipe is not None:
-            self.service.counters["coalesced"] += 1
-            self._send(identity, encode_reply(rid, {"plan": recipe}))
-            return
-        if policy == "EXPLORE":  # measured before answering: a tuning flight with a waiter
-            self._tune(keys, job, (identity, rid), policy)
-            self._acknowledge(identity, rid, "tuning")
-            return
-        waiters = self._flights.get((keys, policy))
-        if waiters is not None:
-            self.service.counters["coalesced"] += 1
-            waiters.append((identity, rid))
-        else:
-            self._plan_flight(keys, policy, job, [(identity, rid)])
-        self._acknowledge(identity, rid, "planning")
-
-    def _plan_flight(self, keys: PlanKeys, policy: str, job: dict, waiters: list[tuple[bytes, int]]) -> None:
-        self._flights[(keys, policy)] = waiters
-        flight = next(self._flight_ids)
-        self._flight_jobs[flight] = (keys, policy, job)
-        self.pool.submit(self._run, ["plan", flight], self._planning_job, keys, job, policy)
-
-    def _tune(self, keys: PlanKeys, job: dict | None, waiter: tuple[bytes, int] | None = None, policy: str = "FASTEST") -> bool:
-        """Queue a tuning of ``keys`` unless one is queued or running (single flight); returns
-        whether a new one was queued."""
-        waiters = self._tuning.get(keys)
-        if waiters is not None:
-            self.service.counters["tune_coalesced"] += 1
-            if waiter is not None:
-                waiters.append(waiter)
-            return False
-        self._tuning[keys] = [waiter] if waiter is not None else []
-        self._tuning_jobs[keys] = job
-        self.tuner.submit(self._run, ["tune", keys], self._tuning_job, keys, job, "EXPLORE" if policy == "EXPLORE" else "FASTEST")
-        return True
-
-    def _planning_job(self, keys: PlanKeys, job: dict, policy: str) -> dict:
-        self.faults.planning()
-        return self.service.make_plan(keys, job, policy)
-
-    def _tuning_job(self, keys: PlanKeys, job: dict | None, policy: str) -> dict:
-        self.faults.tuning()
-        return self.service.tune(keys, job, policy)
-
-    def _run(self, tag: list, fn, *args) -> None:
-        """Worker or tuner thread: run ``fn`` and hand the outcome to the server thread."""
-        try:
-            result = [*tag, True, fn(*args)]
-        except Exception as exc:
-            skipped = bool(getattr(exc, "skip", False))  # not a failure: the work is not ours to do
-            if skipped:
-                log.warning("%s %s skipped: %s", tag[0], str(tag[1])[:40], exc)
-            else:  # its waiters' error replies are not logged again
-                self.failures.failed(f"{tag[0]} job", type(exc).__name__, f"{str(tag[1])[:40]}: {exc}", logging.ERROR, exc)
-            result = [*tag, False, {"skipped": skipped, "error": f"{type(exc).__name__}: {exc}"}]
-        push = getattr(self._local, "push", None)
-        if push is None:
-            push = self._local.push = self.ctx.socket(zmq.PUSH)
-            push.setsockopt(zmq.LINGER, 0)
-            push.connect(RESULTS_ENDPOINT)
-        push.send(pack(result))
-
-    def _collect_results(self) -> None:
-        while True:
-            try:
-                data = self.results.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            kind, tag, ok, payload = unpack(data, 1 << 30)
-            if kind == "run":
-                self._finish_run(tag, ok, payload)
-                continue
-            if kind == "plan":
-                keys, policy, job = self._flight_jobs.pop(tag)
-                waiters = self._flights.pop((keys, policy), [])
-                if ok:
-                    self.service.planned(keys, payload)
-                    if self.service.wants_tuning(payload, policy) and not self.stopping:
-                        self._tune(keys, job)
-            else:
-                keys = tuple(tag)
-                waiters = [w for w in self._tuning.pop(keys, []) if w is not None]
-                job = self._tuning_jobs.pop(keys, None)
-                outcome = "done" if ok else ("skipped" if payload["skipped"] else "failed")
-                if ok:
-                    self.service.planned(keys, payload, tuned=True)
-                else:
-                    self.service.counters[f"tunings_{outcome}"] += 1
-                for batch in self._batches.values():
-                    if keys in batch["pending"]:
-                        batch["pending"].discard(keys)
-                        batch[outcome] += 1
-            fallback = None if ok or kind == "plan" else self.service.stored(keys)  # a failed tuning: the plan we have
-            if not ok and kind == "tune" and waiters and fallback is None and job is not None and not self.stopping:
-                # nothing stored yet: plan it without measuring (joining such a flight if one runs)
-                if (keys, "HEURISTIC") in self._flights:
-                    self._flights[(keys, "HEURISTIC")].extend(waiters)
-                else:
-                    self._plan_flight(keys, "HEURISTIC", job, waiters)
-                continue
-            for identity, rid in waiters:
-                if ok or fallback is not None:
-                    self.service.counters["plan_waits_served"] += 1  # every waiter was acknowledged
-                    self._send(identity, encode_reply(rid, {"plan": payload if ok else fallback}))
-                else:
-                    self._error(identity, rid, ErrorCode.INTERNAL, f"{kind} failed: {payload['error']}", logged=True)
-
-    def _finish_run(self, flight: int, ok: bool, outcome: dict) -> None:
-        """A worker finished a remote-mode run: count it and answer its client."""
-        identity, rid = self._runs.pop(flight)
-        if not ok:  # the run raised past its own handler
-            outcome = {"ok": False, "code": int(ErrorCode.INTERNAL), "message": outcome["error"]}
-        self.runs.finished(outcome)
-        if outcome["ok"]:
-            self._send(identity, encode_reply(rid, {"outputs": outcome["outputs"]}))
-        elif not outcome.get("abandoned"):  # an abandoned run has nobody waiting for it
-            code = ErrorCode(outcome.get("code", ErrorCode.INTERNAL))
-            self._error(identity, rid, code, outcome.get("message", "the client gave up on this run"), "run",
-                        logged=code == ErrorCode.INTERNAL)
-
-    # -- hypatia-ctl tune -------------------------------------------------------------------
-    def _tune_batch(self, body: dict, rid: int) -> dict:
-        """Queue every untuned plan (whose graph key starts with ``graph_key``, if given)."""
-        prefix = body.get("graph_key", "")
-        if not isinstance(prefix, str):
-            raise BadRequest("graph_key must be a string (a key or its prefix)", rid)
-        keys = [(r["graph_key"], r["workload_key"], r["env_key"]) for r in self.service.store.plan_rows(untuned_only=True)
-                if r["graph_key"].startswith(prefix)]
-        for k in keys:
-            self._tune(k, None)
-        batch = next(self._batch_ids)
-        self._batches[batch] = {"total": len(keys), "pending": set(keys), "done": 0, "failed": 0, "skipped": 0}
-        while len(self._batches) > 64:
-            self._batches.pop(next(iter(self._batches)))
-        return {"batch": batch, "queued": len(keys)}
-
-    def _batch_status(self, body: dict, rid: int) -> dict:
-        batch = self._batches.get(body.get("batch"))
-        if batch is None:
-            raise BadRequest(f"no tuning batch {body.get('batch')!r} (the daemon restarted, or it is too old)", rid)
-        return {k: (len(v) if isinstance(v, set) else v) for k, v in batch.items()}
