@@ -36,7 +36,7 @@ from hypatia.client import executors, graphs as model_graphs, validate
 from hypatia.client.autostart import AutostartFailed, ensure_daemon
 from hypatia.client.choice import ExecutorChoice, Measured
 from hypatia.client.remote import RemoteRunner
-from hypatia.client.rpc import DaemonClient, DaemonGone, DaemonUnavailable, VersionSkew
+from hypatia.client.rpc import DaemonClient, DaemonGone, DaemonUnavailable, GaveUpWaiting, VersionSkew
 from hypatia.config import Config, load
 from hypatia.kernels import transparent
 from hypatia.planner import Plan, plan_graph
@@ -137,7 +137,15 @@ class Session:
         body |= {"graph": graph.to_wire(), "workload": workload, "environment": env}
         # EXPLORE measures every candidate before answering: seconds, not milliseconds
         timeout_ms = self.config.tune_timeout_s * 1000 if policy == "EXPLORE" else None
-        return self.client.call("make_plan", body, timeout_ms=timeout_ms)["plan"]
+        try:  # a plan the daemon says it is making is waited for (HYPATIA_PLAN_WAIT_S), load or not
+            recipe = self.client.call("make_plan", body, timeout_ms=timeout_ms, wait_s=self.config.plan_wait_s)["plan"]
+        except GaveUpWaiting:
+            self.counters["daemon_plan_gave_up"] += 1
+            self._tell_daemon({"gave_up": 1, "pid": os.getpid()}, 500)
+            raise
+        if self.client.acknowledged:
+            self.counters["daemon_plan_waits"] += 1
+        return recipe
 
     def plan(self, graph: CanonicalGraph, keys: tuple[str, str, str], workload: list, env: dict) -> tuple[Plan, bool]:
         """The plan for these keys and whether the daemon gave it (else it was planned here)."""

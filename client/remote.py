@@ -158,11 +158,12 @@ class RemoteRunner:
         with self._lock:
             self._live.add(tag)
         try:
+            daemon = self._daemon()
             inputs = []
             for k, value in enumerate(args):
                 if not isinstance(value, torch.Tensor):
                     raise RemoteFailed(f"input {k} is a {type(value).__name__}, not a tensor")
-                desc = shm.put(value, shm.segment_name(pid, f"{tag}i{k}"))
+                desc = shm.put(value, shm.segment_name(daemon, pid, f"{tag}i{k}"))
                 if desc.name is not None:
                     created.append(desc.name)
                     self.counters["shm_segments_created"] += 1
@@ -171,7 +172,7 @@ class RemoteRunner:
             body = {"graph_key": graph.keys[0], "workload_key": graph.keys[1], "env_key": graph.keys[2],
                     "pid": pid, "tag": tag, "inputs": inputs}
             result = self._request(graph, body)
-            outputs = self._outputs(result, pid, tag, graph.outputs)
+            outputs = self._outputs(result, daemon, pid, tag, graph.outputs)
             self.counters["remote_runs"] += 1
             return graph.output_type(outputs)
         except RemoteFailed:
@@ -188,6 +189,16 @@ class RemoteRunner:
             with self._lock:
                 self._live.discard(tag)
 
+    def _daemon(self) -> str:
+        """The id of the daemon this process talks to, which every segment of a call names (its
+        hello reply gives it; a process that has not talked to it yet says hello first)."""
+        if self.client.server is None:
+            self.client.call("ping")
+        daemon = (self.client.server or {}).get("daemon")
+        if not isinstance(daemon, str) or not shm.DAEMON_RE.fullmatch(daemon):
+            raise RemoteFailed(f"hypatiad's hello reply names no daemon id ({str(daemon)[:40]!r})")
+        return daemon
+
     def _request(self, graph: RemoteGraph, body: dict) -> Any:
         try:
             return self.client.call("run", body, timeout_ms=self.config.run_timeout_ms, retries=0)
@@ -199,7 +210,7 @@ class RemoteRunner:
         self.client.call("make_plan", graph.registration, timeout_ms=self.config.run_timeout_ms)
         return self.client.call("run", body, timeout_ms=self.config.run_timeout_ms, retries=0)
 
-    def _outputs(self, result: Any, pid: int, tag: str, expected: tuple) -> list[Any]:
+    def _outputs(self, result: Any, daemon: str, pid: int, tag: str, expected: tuple) -> list[Any]:
         """Copy the reply's outputs out, then unlink every segment it names (those of this call
         only: a reply never makes this process unlink anything else). The outputs must be the
         graph's: as many, tensors where it has tensors, of its shapes and dtypes."""
@@ -210,7 +221,7 @@ class RemoteRunner:
         names = []
         for entry in entries:
             name = entry.get("name") if isinstance(entry, dict) else None
-            if isinstance(name, str) and name.startswith(shm.segment_name(pid, tag + "o")):
+            if isinstance(name, str) and name.startswith(shm.segment_name(daemon, pid, tag + "o")):
                 names.append(name)
         try:
             if len(entries) != len(expected):
@@ -220,7 +231,7 @@ class RemoteRunner:
                 if spec is None and isinstance(entry, dict) and set(entry) == {"value"}:
                     outputs.append(entry["value"])
                     continue
-                desc = shm.Descriptor.parse(entry, pid, tag + "o")
+                desc = shm.Descriptor.parse(entry, pid, tag + "o", daemon)
                 if spec is None or list(desc.shape) != spec[0] or desc.dtype != spec[1]:
                     raise shm.BadDescriptor(f"an output is {desc.dtype}{list(desc.shape)}, the graph's is {spec}")
                 outputs.append(shm.read(desc))
@@ -240,7 +251,7 @@ class RemoteRunner:
             live = tuple(self._live)
         removed = 0
         for name in shm.names_of(pid):
-            if not name.split("-", 3)[3].startswith(live):
+            if not name.split("-", 4)[4].startswith(live):
                 removed += shm.unlink(name)
         self.counters["shm_reclaimed"] += removed
         return removed

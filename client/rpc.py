@@ -2,6 +2,10 @@
 
 Lazy Pirate: send, poll until the deadline, and on silence close the socket, open a fresh one
 (handshaking again) and retry, at most ``config.retries`` times; then :class:`DaemonUnavailable`.
+A request the daemon acknowledges with ``pending`` replies (a plan being made) may wait longer:
+each one moves the deadline to a full timeout later, up to the caller's ``wait_s`` from the
+start of the call, so a loaded daemon that keeps working is waited for, and one that dies or
+falls silent costs no more than its usual deadline after its last word.
 A process that forks gets a new context and socket in the child; the parent's are never reused.
 """
 
@@ -21,6 +25,7 @@ from hypatia import __version__
 from hypatia.config import Config, read_daemon_pid
 from hypatia.keys import KeysError, load_client_keys
 from hypatia.protocol import (
+    PROGRESS_EVERY_S,
     PROTOCOL_VERSION,
     ErrorCode,
     ProtocolError,
@@ -39,12 +44,18 @@ class DaemonGone(DaemonUnavailable):
     """No daemon process is alive for the socket (never started, stopped, or killed)."""
 
 
+class GaveUpWaiting(DaemonUnavailable):
+    """The daemon acknowledged the request and kept working on it past the caller's ``wait_s``."""
+
+
 class VersionSkew(Exception):
     """The daemon speaks another protocol version; talking to it is pointless until one upgrades."""
 
 
 # While a reply is late, check this often whether the daemon process still exists.
 LIVENESS_SLICE_MS = 50
+# After an acknowledgement, the silence that means the daemon stopped working on the request.
+SILENCE_AFTER_ACK_S = 4 * PROGRESS_EVERY_S
 
 
 class DaemonClient:
@@ -52,6 +63,7 @@ class DaemonClient:
 
     def __init__(self, config: Config, timeout_ms: int | None = None, retries: int | None = None):
         self.config = config
+        self.acknowledged = False  # whether the daemon said "pending" during the last call
         self.timeout_ms = config.timeout_ms if timeout_ms is None else timeout_ms
         self.retries = config.retries if retries is None else retries
         self._lock = threading.Lock()
@@ -99,15 +111,20 @@ class DaemonClient:
             self._ctx = None
 
     # -- requests -------------------------------------------------------------------------
-    def _exchange(self, sock: zmq.Socket, method: str, body: dict, deadline: float) -> Any:
+    def _exchange(self, sock: zmq.Socket, method: str, body: dict, deadline: float, timeout: float = 0.0,
+                  wait_until: float = 0.0) -> Any:
         rid = next(self._ids)
         try:
             sock.send(encode_request(rid, method, body), zmq.NOBLOCK)
         except zmq.Again:
             raise TimeoutError(f"{method}: the send queue is full") from None
+        waited = False  # whether an acknowledgement moved the deadline
         while True:
             left_ms = int((deadline - time.monotonic()) * 1000)
             if left_ms <= 0:
+                if waited:
+                    raise TimeoutError(f"{method}: acknowledged, then no word from hypatiad for "
+                                       f"{max(timeout, SILENCE_AFTER_ACK_S) * 1000:.0f} ms")
                 raise TimeoutError(f"{method}: no reply within {self.timeout_ms} ms")
             # Wait in slices: a late reply is the moment to notice a daemon that died.
             if not sock.poll(min(left_ms, LIVENESS_SLICE_MS), zmq.POLLIN):
@@ -115,9 +132,16 @@ class DaemonClient:
                     raise DaemonGone(f"hypatiad exited while answering {method}")
                 continue
             reply = decode_reply(sock.recv(), self.config.max_message_bytes)
-            if reply.request_id == rid:
+            if reply.request_id != rid:
+                continue  # a late reply to an earlier, abandoned request: ignore it
+            if not reply.pending:
                 return reply.result()
-            # a late reply to an earlier, abandoned request: ignore it
+            # The daemon works on it: wait for its next word a full timeout (at least a few of
+            # its progress intervals, however short the timeout), never past wait_until.
+            self.acknowledged = True
+            later = min(time.monotonic() + max(timeout, SILENCE_AFTER_ACK_S), wait_until)
+            if later > deadline:
+                deadline, waited = later, True
 
     def _handshake(self, sock: zmq.Socket, deadline: float) -> None:
         body = {
@@ -135,15 +159,18 @@ class DaemonClient:
             raise
 
     def call(self, method: str, body: dict | None = None, timeout_ms: int | None = None,
-             retries: int | None = None) -> Any:
+             retries: int | None = None, wait_s: float = 0.0) -> Any:
         """Send one request and return its result; raises :class:`DaemonUnavailable` when the
         daemon is down or silent past every retry, :class:`VersionSkew` at once when it speaks
         another protocol version, :class:`RemoteError` for an error reply. ``retries=0`` for a
-        request that must not be served twice (a remote run)."""
+        request that must not be served twice (a remote run). While the daemon acknowledges the
+        request as in progress, wait up to ``wait_s`` from now (:class:`GaveUpWaiting` after)."""
         timeout = (self.timeout_ms if timeout_ms is None else timeout_ms) / 1000
         retries = self.retries if retries is None else retries
         self._fresh_after_fork()
         with self._lock:
+            self.acknowledged = False
+            wait_until = time.monotonic() + wait_s
             last: Exception | None = None
             for _attempt in range(1 + retries):
                 deadline = time.monotonic() + timeout
@@ -154,7 +181,7 @@ class DaemonClient:
                             raise DaemonGone(f"no hypatiad is running for {self.config.endpoint}")
                         self._sock = self._open()
                         self._handshake(self._sock, deadline)
-                    return self._exchange(self._sock, method, body or {}, deadline)
+                    return self._exchange(self._sock, method, body or {}, deadline, timeout, wait_until)
                 except (VersionSkew, DaemonGone):
                     self._reset()
                     raise
@@ -179,6 +206,10 @@ class DaemonClient:
                 except (TimeoutError, ProtocolError, zmq.ZMQError) as exc:
                     self._reset()
                     last = exc
+                    if wait_s and self.acknowledged and time.monotonic() >= wait_until:
+                        raise GaveUpWaiting(
+                            f"hypatiad was still working on {method} after {wait_s:.0f} s (HYPATIA_PLAN_WAIT_S)"
+                        ) from None
             raise DaemonUnavailable(
                 f"hypatiad at {self.config.client_endpoint} did not answer {method} after "
                 f"{1 + retries} attempt(s): {last}"

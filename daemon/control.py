@@ -7,6 +7,7 @@ The command-line shells only parse arguments and print; tests call these functio
 from __future__ import annotations
 
 import logging
+import logging.handlers
 import os
 import signal
 import subprocess
@@ -16,7 +17,7 @@ from typing import Any, Callable
 
 from hypatia.client.rpc import DaemonClient, DaemonUnavailable, VersionSkew
 from hypatia.config import Config, ensure_private_dir, read_daemon_pid
-from hypatia.daemon.lock import AlreadyRunning, PidLock
+from hypatia.daemon.lock import AlreadyRunning, PidLock, StoreLocked, read_holder, store_lock_path
 from hypatia.daemon.server import Server, StartFailed
 from hypatia.keys import admit_client, admitted, ensure_server_keys, revoke_client
 from hypatia.planner.plan import PlanFormatError
@@ -24,6 +25,7 @@ from hypatia.planner.store import Store, StoreError
 from hypatia.protocol import ErrorCode, RemoteError
 
 EXIT_ALREADY_RUNNING = 75
+LOG_BACKUPS = 3  # rotated logs kept beside hypatiad.log: .1 (newest) to .3
 
 
 class NotRunning(Exception):
@@ -31,7 +33,11 @@ class NotRunning(Exception):
 
 
 def configure_logging(config: Config, to_stderr: bool) -> None:
-    handlers: list[logging.Handler] = [logging.FileHandler(config.log_path)]
+    """The daemon's log: its file, rotated past ``HYPATIA_LOG_MAX_BYTES`` (and stderr in the
+    foreground)."""
+    handlers: list[logging.Handler] = [
+        logging.handlers.RotatingFileHandler(config.log_path, maxBytes=config.log_max_bytes, backupCount=LOG_BACKUPS)
+    ]
     if to_stderr:
         handlers.append(logging.StreamHandler())
     logging.basicConfig(
@@ -97,7 +103,7 @@ def start(config: Config) -> int:
     while time.monotonic() < deadline:
         code = proc.poll()
         if code == EXIT_ALREADY_RUNNING:
-            raise AlreadyRunning(read_daemon_pid(config), config.lock_path)
+            raise _refusal(config)
         if code is not None:
             raise StartFailed(f"hypatiad exited with status {code} while starting; log {config.log_path}:\n{_tail(config.log_path)}")
         if read_daemon_pid(config) == proc.pid and ping(config) is not None:
@@ -114,6 +120,18 @@ def start(config: Config) -> int:
         f"hypatiad (pid {proc.pid}) did not answer within {config.start_timeout_s} s "
         f"(HYPATIA_START_TIMEOUT_S); log {config.log_path}:\n{_tail(config.log_path)}"
     )
+
+
+def _refusal(config: Config) -> AlreadyRunning:
+    """Why a daemon just started refused to serve: another holds this runtime directory, or
+    (from another runtime directory) this SQLite store."""
+    pid = read_daemon_pid(config)
+    path = store_lock_path(config)
+    if pid is None and path is not None:
+        holder, endpoint = read_holder(path)
+        if holder is not None:
+            return StoreLocked(holder, path, config.store_path, endpoint)
+    return AlreadyRunning(pid, config.lock_path)
 
 
 def stop(config: Config, timeout_s: float = 30.0) -> int:
@@ -258,6 +276,12 @@ def flush(config: Config) -> dict[str, int]:
     ensure_private_dir(config.runtime_dir)
     lock = PidLock(config.lock_path)
     lock.acquire()  # no daemon starts on the file while it goes (AlreadyRunning if one just did)
+    path = store_lock_path(config)
+    store_lock = PidLock(path) if path is not None and config.cache_dir.is_dir() else None
+    if store_lock is not None and not store_lock.try_acquire():  # a daemon of another runtime directory
+        holder, endpoint = read_holder(path)
+        lock.release()
+        raise StoreLocked(holder, path, config.store_path, endpoint)
     try:
         if config.store_url:
             store = Store(config.store_url)
@@ -278,6 +302,8 @@ def flush(config: Config) -> dict[str, int]:
                 pass
         return counts
     finally:
+        if store_lock is not None:
+            store_lock.release()
         lock.release()
 
 

@@ -161,6 +161,8 @@ def format_stats(s: dict[str, Any]) -> str:
             ("hit rate", "-" if rate is None else f"{rate:.1%}"),
             ("plans made", cache["plans_made"]),
             ("coalesced requests", cache["coalesced"]),
+            ("planning waits", f"{cache.get('acknowledged', 0)} misses acknowledged, {cache.get('waits_served', 0)} "
+                               f"served, {cache.get('waits_abandoned', 0)} given up (HYPATIA_PLAN_WAIT_S)"),
         ]
     else:
         rows += [("daemon", "not running (figures below read from the store)"), ("socket", s["socket"]),

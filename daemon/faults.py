@@ -5,8 +5,8 @@
 ``delay=METHOD:S`` sleep S seconds while handling METHOD (on the server thread, so every
 client waits); ``slow_plan=S`` every planning takes S seconds longer (on its worker thread,
 so requests pile up in flight while the server thread stays responsive); ``fail_tuning``
-every tuning raises; ``protocol_version=N`` speak wire protocol N, as a daemon of another
-release would.
+every tuning raises; ``fail=METHOD`` the handler of METHOD raises (an internal error, as a
+bug would); ``protocol_version=N`` speak wire protocol N, as a daemon of another release would.
 """
 
 from __future__ import annotations
@@ -27,11 +27,12 @@ class Faults:
     fail_tuning: bool = False
     slow_plan: float = 0.0
     protocol_version: int | None = None
+    fail: frozenset[str] = frozenset()
 
     @classmethod
     def parse(cls, spec: str) -> "Faults":
         fail_start, slow_start, no_reply, crash, delay, fail_tuning = False, 0.0, set(), set(), {}, False
-        slow_plan, protocol_version = 0.0, None
+        slow_plan, protocol_version, fail = 0.0, None, set()
         for item in filter(None, (s.strip() for s in spec.split(","))):
             name, _, value = item.partition("=")
             if name == "fail_start":
@@ -49,12 +50,14 @@ class Faults:
                 delay[method] = float(seconds)
             elif name == "slow_plan":
                 slow_plan = float(value)
+            elif name == "fail":
+                fail.add(value)
             elif name == "protocol_version":
                 protocol_version = int(value)
             else:
                 raise ValueError(f"unknown fault {name!r} in HYPATIA_FAULTS")
         return cls(fail_start, slow_start, frozenset(no_reply), frozenset(crash), delay, fail_tuning,
-                   slow_plan, protocol_version)
+                   slow_plan, protocol_version, frozenset(fail))
 
     def speak_protocol(self) -> None:
         """With ``protocol_version=N``, make this process frame, check and announce protocol N
@@ -81,6 +84,8 @@ class Faults:
         """Apply the faults for ``method``; False means: do not answer it."""
         if method in self.crash:
             os.kill(os.getpid(), signal.SIGKILL)
+        if method in self.fail:
+            raise RuntimeError(f"fault injected: fail={method}")
         if method in self.delay:
             time.sleep(self.delay[method])
         return method not in self.no_reply

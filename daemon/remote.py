@@ -5,10 +5,10 @@ it names) and hands it to a worker. The worker rebuilds the graph from the canon
 store holds (:mod:`hypatia.planner.rebuild`), applies the plan with the same code the client
 uses (:func:`hypatia.planner.executable.apply_plan`), keeps that executable per keys and plan,
 copies the inputs out of their segments, runs on the CPU, and writes each output into a new
-segment named for the requesting client. Segments are the client's to unlink (see
-:mod:`hypatia.shm`); the daemon unlinks only outputs that nobody will read (its run failed, or
-the client gave up or died meanwhile) and, every :data:`SWEEP_EVERY_S`, sweeps the segments of
-clients that no longer exist.
+segment named for this daemon and the requesting client. Segments are the client's to unlink
+(see :mod:`hypatia.shm`); the daemon unlinks only outputs that nobody will read (its run failed,
+or the client gave up or died meanwhile) and, every :data:`SWEEP_EVERY_S`, sweeps the segments
+named for it of clients that no longer exist (never those of another daemon of the user).
 
 torch is imported by the first run, on a worker thread: a daemon that only plans never loads it.
 """
@@ -25,6 +25,7 @@ from typing import Any, Callable
 
 from hypatia import limits, shm
 from hypatia.canonical import CanonicalGraph, GraphFormatError
+from hypatia.daemon.failures import FailureLog
 from hypatia.planner.plan import Plan, PlanFormatError, recipe_text
 from hypatia.protocol import BadRequest, ErrorCode, ProtocolError, TooLarge, UnknownGraph, require
 
@@ -94,8 +95,11 @@ class RunService:
     """Run requests and the shared-memory bookkeeping of one daemon; ``counters`` are updated
     on the server thread only (:meth:`finished`, :meth:`tick`)."""
 
-    def __init__(self, store: Any, stored: Callable[[PlanKeys], dict | None], max_output_bytes: int = 1 << 30):
+    def __init__(self, store: Any, stored: Callable[[PlanKeys], dict | None], daemon: str,
+                 failures: FailureLog, max_output_bytes: int = 1 << 30):
         self.store = store
+        self.failures = failures
+        self.daemon = daemon  # the id in the names of this daemon's segments (shm.daemon_id)
         self.stored = stored  # the PlanService's lookup of the plan kept for keys
         self.max_output_bytes = max_output_bytes  # HYPATIA_REMOTE_MAX_OUTPUT_MB
         self.counters: Counter = Counter()
@@ -115,7 +119,7 @@ class RunService:
         if not REQUEST_TAG.fullmatch(tag):
             raise BadRequest("tag must be 8 to 32 characters of [0-9a-z]", request_id)
         try:
-            inputs = shm.parse_all(require(body, "inputs", list, request_id), pid, tag + "i")
+            inputs = shm.parse_all(require(body, "inputs", list, request_id), pid, tag + "i", self.daemon)
             if any(d is None for d in inputs):
                 raise shm.BadDescriptor("every input of a run must be a tensor descriptor")
             for d in inputs:
@@ -142,7 +146,7 @@ class RunService:
             return
         self._next_sweep = now + SWEEP_EVERY_S
         try:
-            removed = shm.sweep()
+            removed = shm.sweep(self.daemon)
         except OSError as exc:  # /dev/shm unreadable: nothing to sweep, say so once in a while
             log.warning("shared-memory sweep failed: %s", exc)
             return
@@ -190,7 +194,7 @@ class RunService:
             outputs = []
             for k, value in enumerate(results):
                 if isinstance(value, torch.Tensor):
-                    desc = shm.put(value, shm.segment_name(job.pid, f"{job.tag}o{k}"))
+                    desc = shm.put(value, shm.segment_name(self.daemon, job.pid, f"{job.tag}o{k}"))
                     if desc.name is not None:
                         written.append(desc.name)
                         outcome["segments_written"] += 1
@@ -213,7 +217,7 @@ class RunService:
                 return outcome | _outcome(exc.code, str(exc))
             if isinstance(exc, shm.NotShareable):
                 return outcome | _outcome(ErrorCode.INTERNAL, str(exc))
-            log.exception("run of %s failed", job.keys[0][:16])
+            self.failures.failed("run", type(exc).__name__, f"graph {job.keys[0][:16]}: {exc}", logging.ERROR, exc)
             return outcome | _outcome(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
 
     def _executable(self, keys: PlanKeys, recipe: dict) -> tuple[Executable, bool]:

@@ -3,8 +3,16 @@
 Cheap requests (hello, ping, get_plan, report, stats, tune_status, flush) are answered on this
 thread; planning and remote-mode runs go to a small worker pool and tuning to one tuner thread,
 whose results come back over an inproc PULL socket, so that only this thread ever touches the
-ROUTER. SIGTERM stops
-intake, drains the flights in progress (queued background tunings are dropped) and exits.
+ROUTER (the flights and their results: :mod:`hypatia.daemon.flights`). SIGTERM stops intake,
+drains the flights in progress (queued background tunings are dropped) and exits.
+
+A client whose make_plan waits on a planning flight is told so at once and then every
+:data:`PROGRESS_EVERY_S` (a ``pending`` reply), so that it keeps waiting while this daemon is alive
+and working, however loaded the host. The daemon holds its runtime lock and, for a SQLite store,
+the store lock for its whole life, and checks every :data:`WATCH_EVERY_S` that its socket and its
+lock file are still the ones it made: when they are removed or replaced (its runtime directory was
+deleted) no new client can reach it, so it says so in the log, drains and exits, and the daemon
+that a client starts next takes over the store once it is gone.
 """
 
 from __future__ import annotations
@@ -20,10 +28,12 @@ from typing import Any
 
 import zmq
 
-from hypatia import __version__, limits
+from hypatia import __version__, shm
 from hypatia.config import Config, ConfigError, ensure_private_dir
+from hypatia.daemon.failures import FailureLog
+from hypatia.daemon.flights import RESULTS_ENDPOINT, Flights
 from hypatia.daemon.faults import Faults
-from hypatia.daemon.lock import PidLock
+from hypatia.daemon.lock import PidLock, SocketWatch, acquire_store_lock
 from hypatia.daemon.notify import sd_notify, watchdog_interval
 from hypatia.daemon.remote import RunService
 from hypatia.daemon.zap import COUNTERS as ZAP_COUNTERS, DOMAIN, TCP_DOMAIN, ZapHandler
@@ -31,6 +41,7 @@ from hypatia.keys import KeysError, server_keys
 from hypatia.daemon.service import PlanKeys, PlanService, plan_keys, request_policy
 from hypatia.planner.store import Store
 from hypatia.protocol import (
+    PROGRESS_EVERY_S,
     BadRequest,
     Busy,
     ErrorCode,
@@ -38,16 +49,14 @@ from hypatia.protocol import (
     decode_request,
     encode_error,
     encode_reply,
-    pack,
-    unpack,
 )
 
 log = logging.getLogger("hypatia.daemon")
 
-RESULTS_ENDPOINT = "inproc://hypatiad-results"
 STATUS_EVERY_S = 5.0  # how often STATUS= is refreshed for systemctl status
 MAX_HANDSHAKEN_PEERS = 65536
 DRAIN_TIMEOUT_S = 60.0
+WATCH_EVERY_S = 1.0  # how often the daemon checks that its socket and lock file are still its own
 LOCAL, TCP = b"l", b"t"  # the first byte of a peer's identity inside the daemon: which socket it came in on
 
 
@@ -55,7 +64,7 @@ class StartFailed(Exception):
     """The daemon could not start serving; the message says why."""
 
 
-class Server:
+class Server(Flights):
     def __init__(self, config: Config, workers: int = 2):
         self.config = config
         self.faults = Faults.parse(config.faults)
@@ -71,6 +80,9 @@ class Server:
         self._peers: dict[bytes, None] = {}
         self._runs: dict[int, tuple[bytes, int]] = {}  # remote-mode runs on the worker pool, by flight id
         self._local = threading.local()
+        self.failures = FailureLog(log)
+        self.daemon_id = shm.daemon_id(config.socket_path)
+        self.watch: SocketWatch | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
     def run(self) -> int:
@@ -79,20 +91,27 @@ class Server:
         self.config.cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         lock = PidLock(self.config.lock_path)
         lock.acquire()  # raises AlreadyRunning, leaving the first daemon untouched
+        store_lock = None
         try:
+            # StoreLocked when another daemon serves this SQLite file; waits for one on its way out
+            # (within `hypatiad start`'s own wait, so that it reports the refusal rather than a timeout)
+            store_lock = acquire_store_lock(self.config, wait_s=0.8 * self.config.start_timeout_s)
             if self.faults.fail_start:
                 raise StartFailed("fault injected: fail_start")
             if self.faults.slow_start:
                 time.sleep(self.faults.slow_start)
             self.faults.speak_protocol()
-            return self._serve()
+            return self._serve(lock)
         finally:
+            if store_lock is not None:
+                store_lock.release()
             lock.release()
 
-    def _serve(self) -> int:
+    def _serve(self, lock: PidLock) -> int:
         store = Store(self.config.store_location)
         self.service = PlanService(self.config, store)
-        self.runs = RunService(store, self.service.stored, self.config.remote_max_output_bytes)
+        self.runs = RunService(store, self.service.stored, self.daemon_id, self.failures,
+                               self.config.remote_max_output_bytes)
         self.runs.tick(time.monotonic())  # segments of clients that died while no daemon ran
         ctx = zmq.Context()
         self.zap = ZapHandler(ctx, os.getuid(), self.config.keys_dir)
@@ -119,6 +138,7 @@ class Server:
         finally:
             os.umask(old_umask)
         os.chmod(sock, 0o600)
+        self.watch = SocketWatch(sock, lock)
         pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="hypatiad-plan")
         self.pool = pool
         self.tuner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hypatiad-tune")
@@ -136,10 +156,8 @@ class Server:
             self.zap.stop()
             ctx.destroy(linger=500)  # let the last drained replies leave
             store.close()
-            try:
+            if self.watch.socket_ours():  # else the path is a new daemon's socket, or nothing
                 sock.unlink()
-            except FileNotFoundError:
-                pass
             log.info("hypatiad stopped")
         return 0
 
@@ -178,7 +196,19 @@ class Server:
                 f"{len(self._tuning)} tuning")
 
     def _heartbeat(self, now: float) -> None:
-        """Watchdog pings and status for systemd; the idle timeout."""
+        """Watchdog pings and status for systemd; progress to waiting clients; the socket watch;
+        the idle timeout."""
+        if now >= self._next_progress:
+            self._next_progress = now + PROGRESS_EVERY_S
+            self._progress()
+        if now >= self._next_watch and not self.stopping:
+            self._next_watch = now + WATCH_EVERY_S
+            lost = self.watch.lost()
+            if lost is not None:
+                log.warning("%s: no new client can reach this daemon, so it drains and exits; the daemon "
+                            "started next serves the store", lost)
+                sd_notify(f"STATUS={lost}, exiting")
+                self.stopping = True
         if self._watchdog and now >= self._next_ping:
             sd_notify("WATCHDOG=1")
             self._next_ping = now + self._watchdog
@@ -201,6 +231,7 @@ class Server:
         drain_deadline = None
         self._watchdog = watchdog_interval()
         self._next_ping = self._next_status = self._last_request = time.monotonic()
+        self._next_progress = self._next_watch = time.monotonic()
         while True:
             self._heartbeat(time.monotonic())
             if self.stopping:
@@ -234,8 +265,16 @@ class Server:
         except zmq.ZMQError as exc:  # peer gone or its queue full: it will retry
             log.debug("reply dropped: %s", exc)
 
-    def _error(self, identity: bytes, request_id: int | None, code: ErrorCode, message: str) -> None:
+    def _error(self, identity: bytes, request_id: int | None, code: ErrorCode, message: str,
+               method: str = "request", exc: BaseException | None = None, logged: bool = False) -> None:
+        """Answer a failed request: counted, and logged in one rate-limited line (the refusals of
+        another protocol version have their own line; ``logged`` when the cause was logged)."""
         self.service.errors[code.name] += 1
+        if not logged and code != ErrorCode.VERSION_MISMATCH:
+            level = (logging.ERROR if code == ErrorCode.INTERNAL else
+                     logging.INFO if code in (ErrorCode.SHUTTING_DOWN, ErrorCode.NOT_HANDSHAKEN) else logging.WARNING)
+            error, text = (code.name, message) if exc is None else (type(exc).__name__, str(exc))
+            self.failures.failed(method, error, text, level, exc)
         self._send(identity, encode_error(request_id, code, message))
 
     def _log_refusal(self, exc: ProtocolError) -> None:
@@ -261,16 +300,16 @@ class Server:
         method, rid, body = request.method, request.request_id, request.body
         self.service.requests[method] += 1
         if self.stopping:
-            self._error(identity, rid, ErrorCode.SHUTTING_DOWN, "hypatiad is shutting down; retry or plan locally")
+            self._error(identity, rid, ErrorCode.SHUTTING_DOWN, "hypatiad is shutting down; retry or plan locally", method)
             return
         if method != "hello" and identity not in self._peers:
-            self._error(identity, rid, ErrorCode.NOT_HANDSHAKEN, "send hello before any other request")
-            return
-        if not self.faults.on_request(method):
+            self._error(identity, rid, ErrorCode.NOT_HANDSHAKEN, "send hello before any other request", method)
             return
         try:
-            if method == "hello":
-                result = self.service.hello(body, rid)
+            if not self.faults.on_request(method):
+                return
+            if method == "hello":  # the daemon's id names the shared-memory segments of remote mode
+                result = self.service.hello(body, rid) | {"daemon": self.daemon_id}
                 self._peers[identity] = None
                 if len(self._peers) > MAX_HANDSHAKEN_PEERS:
                     self._peers.pop(next(iter(self._peers)))
@@ -312,151 +351,11 @@ class Server:
             else:  # decode_request only lets known methods through
                 raise ProtocolError(f"no handler for {method}", rid)
         except ProtocolError as exc:
-            self._error(identity, rid, exc.code, str(exc))
+            self._error(identity, rid, exc.code, str(exc), method)
             if exc.code == ErrorCode.VERSION_MISMATCH:
                 self._log_refusal(exc)
             return
-        except Exception as exc:
-            log.exception("handler %s failed", method)
-            self._error(identity, rid, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+        except Exception as exc:  # a handler's bug: one line in the log (its traceback at DEBUG)
+            self._error(identity, rid, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}", method, exc)
             return
         self._send(identity, encode_reply(rid, result))
-
-    # -- flights (single-flight planning) -------------------------------------------------
-    def _start_flight(self, identity: bytes, rid: int, body: dict) -> None:
-        policy = request_policy(body, rid)
-        keys, job = self.service.parse_make_plan(body, rid)
-        recipe = self.service.lookup(keys, policy)
-        if recipe is not None:
-            self.service.counters["coalesced"] += 1
-            self._send(identity, encode_reply(rid, {"plan": recipe}))
-            return
-        if policy == "EXPLORE":  # measured before answering: a tuning flight with a waiter
-            self._tune(keys, job, (identity, rid), policy)
-            return
-        waiters = self._flights.get((keys, policy))
-        if waiters is not None:
-            self.service.counters["coalesced"] += 1
-            waiters.append((identity, rid))
-            return
-        self._plan_flight(keys, policy, job, [(identity, rid)])
-
-    def _plan_flight(self, keys: PlanKeys, policy: str, job: dict, waiters: list[tuple[bytes, int]]) -> None:
-        self._flights[(keys, policy)] = waiters
-        flight = next(self._flight_ids)
-        self._flight_jobs[flight] = (keys, policy, job)
-        self.pool.submit(self._run, ["plan", flight], self._planning_job, keys, job, policy)
-
-    def _tune(self, keys: PlanKeys, job: dict | None, waiter: tuple[bytes, int] | None = None, policy: str = "FASTEST") -> bool:
-        """Queue a tuning of ``keys`` unless one is queued or running (single flight); returns
-        whether a new one was queued."""
-        waiters = self._tuning.get(keys)
-        if waiters is not None:
-            self.service.counters["tune_coalesced"] += 1
-            if waiter is not None:
-                waiters.append(waiter)
-            return False
-        self._tuning[keys] = [waiter] if waiter is not None else []
-        self._tuning_jobs[keys] = job
-        self.tuner.submit(self._run, ["tune", keys], self._tuning_job, keys, job, "EXPLORE" if policy == "EXPLORE" else "FASTEST")
-        return True
-
-    def _planning_job(self, keys: PlanKeys, job: dict, policy: str) -> dict:
-        self.faults.planning()
-        return self.service.make_plan(keys, job, policy)
-
-    def _tuning_job(self, keys: PlanKeys, job: dict | None, policy: str) -> dict:
-        self.faults.tuning()
-        return self.service.tune(keys, job, policy)
-
-    def _run(self, tag: list, fn, *args) -> None:
-        """Worker or tuner thread: run ``fn`` and hand the outcome to the server thread."""
-        try:
-            result = [*tag, True, fn(*args)]
-        except Exception as exc:
-            skipped = bool(getattr(exc, "skip", False))  # not a failure: the work is not ours to do
-            (log.warning if skipped else log.exception)("%s %s failed: %s", tag[0], str(tag[1])[:40], exc)
-            result = [*tag, False, {"skipped": skipped, "error": f"{type(exc).__name__}: {exc}"}]
-        push = getattr(self._local, "push", None)
-        if push is None:
-            push = self._local.push = self.ctx.socket(zmq.PUSH)
-            push.setsockopt(zmq.LINGER, 0)
-            push.connect(RESULTS_ENDPOINT)
-        push.send(pack(result))
-
-    def _collect_results(self) -> None:
-        while True:
-            try:
-                data = self.results.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            kind, tag, ok, payload = unpack(data, 1 << 30)
-            if kind == "run":
-                self._finish_run(tag, ok, payload)
-                continue
-            if kind == "plan":
-                keys, policy, job = self._flight_jobs.pop(tag)
-                waiters = self._flights.pop((keys, policy), [])
-                if ok:
-                    self.service.planned(keys, payload)
-                    if self.service.wants_tuning(payload, policy) and not self.stopping:
-                        self._tune(keys, job)
-            else:
-                keys = tuple(tag)
-                waiters = [w for w in self._tuning.pop(keys, []) if w is not None]
-                job = self._tuning_jobs.pop(keys, None)
-                outcome = "done" if ok else ("skipped" if payload["skipped"] else "failed")
-                if ok:
-                    self.service.planned(keys, payload, tuned=True)
-                else:
-                    self.service.counters[f"tunings_{outcome}"] += 1
-                for batch in self._batches.values():
-                    if keys in batch["pending"]:
-                        batch["pending"].discard(keys)
-                        batch[outcome] += 1
-            fallback = None if ok or kind == "plan" else self.service.stored(keys)  # a failed tuning: the plan we have
-            if not ok and kind == "tune" and waiters and fallback is None and job is not None and not self.stopping:
-                # nothing stored yet: plan it without measuring (joining such a flight if one runs)
-                if (keys, "HEURISTIC") in self._flights:
-                    self._flights[(keys, "HEURISTIC")].extend(waiters)
-                else:
-                    self._plan_flight(keys, "HEURISTIC", job, waiters)
-                continue
-            for identity, rid in waiters:
-                if ok or fallback is not None:
-                    self._send(identity, encode_reply(rid, {"plan": payload if ok else fallback}))
-                else:
-                    self._error(identity, rid, ErrorCode.INTERNAL, f"{kind} failed: {payload['error']}")
-
-    def _finish_run(self, flight: int, ok: bool, outcome: dict) -> None:
-        """A worker finished a remote-mode run: count it and answer its client."""
-        identity, rid = self._runs.pop(flight)
-        if not ok:  # the run raised past its own handler
-            outcome = {"ok": False, "code": int(ErrorCode.INTERNAL), "message": outcome["error"]}
-        self.runs.finished(outcome)
-        if outcome["ok"]:
-            self._send(identity, encode_reply(rid, {"outputs": outcome["outputs"]}))
-        elif not outcome.get("abandoned"):  # an abandoned run has nobody waiting for it
-            self._error(identity, rid, ErrorCode(outcome.get("code", ErrorCode.INTERNAL)),
-                        outcome.get("message", "the client gave up on this run"))
-
-    # -- hypatia-ctl tune -------------------------------------------------------------------
-    def _tune_batch(self, body: dict, rid: int) -> dict:
-        """Queue every untuned plan (whose graph key starts with ``graph_key``, if given)."""
-        prefix = limits.text(body, "graph_key", limits.MAX_KEY_CHARS, rid, default="")  # a key or its prefix
-        keys = [(r["graph_key"], r["workload_key"], r["env_key"]) for r in self.service.store.plan_rows(untuned_only=True)
-                if r["graph_key"].startswith(prefix)]
-        for k in keys:
-            self._tune(k, None)
-        batch = next(self._batch_ids)
-        self._batches[batch] = {"total": len(keys), "pending": set(keys), "done": 0, "failed": 0, "skipped": 0}
-        while len(self._batches) > 64:
-            self._batches.pop(next(iter(self._batches)))
-        return {"batch": batch, "queued": len(keys)}
-
-    def _batch_status(self, body: dict, rid: int) -> dict:
-        number = limits.integer(body, "batch", 0, 2**63 - 1, rid, required=True)
-        batch = self._batches.get(number)
-        if batch is None:
-            raise BadRequest(f"no tuning batch {number} (the daemon restarted, or it is too old)", rid)
-        return {k: (len(v) if isinstance(v, set) else v) for k, v in batch.items()}

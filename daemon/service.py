@@ -248,6 +248,8 @@ class PlanService:
         reason = limits.text(body, "reason", limits.MAX_REASON_CHARS, request_id, cut=True, default="")
         pid = limits.integer(body, "pid", 0, limits.MAX_PID, request_id)
         self.counters["fallbacks"] += fallbacks
+        gave_up = limits.integer(body, "gave_up", 0, limits.MAX_FALLBACKS, request_id, default=0)
+        self.counters["plan_waits_abandoned"] += gave_up  # clients that stopped waiting for a plan
         if fallbacks:
             log.warning("client %s reported %d fallback(s) to eager: %s", pid, fallbacks, reason)
         if "verdicts" in body:
@@ -353,6 +355,11 @@ class PlanService:
                 "plans_made": self.counters["plans_made"],
                 "coalesced": self.counters["coalesced"],
                 "warm_entries": len(self._plans),
+                # misses told "being planned" at once; of those, answered with the plan; clients
+                # that stopped waiting first (HYPATIA_PLAN_WAIT_S) and planned in-process
+                "acknowledged": self.counters["plan_acks"],
+                "waits_served": self.counters["plan_waits_served"],
+                "waits_abandoned": self.counters["plan_waits_abandoned"],
             },
             "graphs": counts["canonical_graphs"],
             "workloads": counts["workloads"],

@@ -88,6 +88,10 @@ class Config:
     @property
     def remote_max_output_bytes(self) -> int:
         return self.remote_max_output_mb << 20
+    # How long a client keeps waiting for a plan the daemon said it is making (and keeps saying
+    # so); 0: no longer than timeout_ms, as for any other reply.
+    plan_wait_s: int = 60
+    log_max_bytes: int = 10 * 1024 * 1024  # the daemon's log rotates past this size
 
     @property
     def socket_path(self) -> Path:
@@ -186,6 +190,8 @@ def load(env: Mapping[str, str] | None = None) -> Config:
         mode=env.get("HYPATIA_MODE", "local").strip().lower() or "local",
         run_timeout_ms=_int(env, "HYPATIA_RUN_TIMEOUT_MS", 60000, minimum=1),
         remote_max_output_mb=_int(env, "HYPATIA_REMOTE_MAX_OUTPUT_MB", 1024, minimum=1),
+        plan_wait_s=_int(env, "HYPATIA_PLAN_WAIT_S", 60),
+        log_max_bytes=_int(env, "HYPATIA_LOG_MAX_BYTES", 10 * 1024 * 1024, minimum=1024),
     )
     if config.store_url and not config.store_url.startswith(("postgresql://", "postgres://")):
         raise ConfigError(

@@ -2,7 +2,9 @@
 
 A request is ``[PROTOCOL_VERSION, request_id, method, body]``; a reply is
 ``[PROTOCOL_VERSION, request_id, status, body]`` with status ``"ok"`` or ``"error"`` and, for
-errors, ``body = {"code": int, "message": str}``. Only msgpack's plain types travel: nothing is
+errors, ``body = {"code": int, "message": str}``. A request whose work takes a while (a
+``make_plan`` miss being planned) first gets interim replies of status ``"pending"``, at once
+and then every :data:`PROGRESS_EVERY_S` while the work runs, before its one final reply. Only msgpack's plain types travel: nothing is
 ever unpickled or executed. The protocol is versioned apart from the package; a peer speaking
 another version is refused at the handshake with :data:`ErrorCode.VERSION_MISMATCH`.
 """
@@ -17,7 +19,12 @@ import msgpack
 
 # 2: plans are recipe format 3 (the executor decision), reports carry executor choices and
 # region-keyed verdicts, workloads name their phase.
-PROTOCOL_VERSION = 2
+# 3: "pending" interim replies to a make_plan being planned; the hello reply names the daemon
+# (``daemon``, an id of 8 characters of [0-9a-z]) and every shared-memory segment carries it.
+PROTOCOL_VERSION = 3
+
+# How often the daemon tells a client waiting on planning that the work is still in progress.
+PROGRESS_EVERY_S = 0.5
 
 # Methods the daemon answers. `hello` must come first on every connection.
 METHODS = ("hello", "ping", "get_plan", "make_plan", "report", "stats", "tune", "tune_status", "flush", "run")
@@ -26,11 +33,14 @@ METHODS = ("hello", "ping", "get_plan", "make_plan", "report", "stats", "tune", 
 # (hypatia/shm.py). Body: ``graph_key``, ``workload_key``, ``env_key`` (a graph the daemon
 # stored through make_plan), ``pid`` (the client process every segment belongs to), ``tag`` (8 to
 # 32 characters of [0-9a-z], unique to the request) and ``inputs``, one tensor descriptor per graph
-# input, each naming a segment of that client tagged ``<tag>i<k>``. Reply: ``{"outputs": [...]}``, per graph
+# input, each naming a segment of that client and of this daemon (the ``daemon`` id of its hello
+# reply) tagged ``<tag>i<k>``. Reply: ``{"outputs": [...]}``, per graph
 # output a descriptor of a segment the daemon created for that client (tag ``<tag>o<k>``), or
 # ``{"value": x}`` for a non-tensor output. The client unlinks every segment of the request and
 # of the reply; the daemon sweeps those of a client that died. Malformed descriptors are
 # BAD_REQUEST; keys whose graph or plan the daemon does not hold are UNKNOWN_GRAPH.
+
+# A pending reply's body: ``{"state": "planning" | "tuning", "waited_s": float}``.
 
 # Nesting deeper than this is refused before any handler sees the body.
 MAX_DEPTH = 64
@@ -126,6 +136,7 @@ class Reply:
     request_id: int | None
     ok: bool
     body: Any
+    pending: bool = False  # an interim reply: the work goes on, the final reply follows
 
     def result(self) -> Any:
         """The body of an ok reply; raises :class:`RemoteError` for an error reply."""
@@ -198,14 +209,18 @@ def encode_error(request_id: int | None, code: ErrorCode, message: str) -> bytes
     return pack([PROTOCOL_VERSION, request_id, "error", {"code": int(code), "message": message}])
 
 
+def encode_pending(request_id: int, body: dict) -> bytes:
+    return pack([PROTOCOL_VERSION, request_id, "pending", body])
+
+
 def decode_reply(data: bytes, max_bytes: int) -> Reply:
     obj = unpack(data, max_bytes)
-    if not isinstance(obj, list) or len(obj) != 4 or obj[2] not in ("ok", "error"):
+    if not isinstance(obj, list) or len(obj) != 4 or obj[2] not in ("ok", "error", "pending"):
         raise BadFrame("a reply is a msgpack array [version, id, status, body]")
     version, request_id, status, body = obj
     if type(version) is not int or version != PROTOCOL_VERSION:
         raise VersionMismatch(f"daemon speaks protocol {version!r}, this client {PROTOCOL_VERSION}")
-    return Reply(request_id, status == "ok", body)
+    return Reply(request_id, status == "ok", body, pending=status == "pending")
 
 
 def require(body: dict, field: str, kind: type | tuple[type, ...], request_id: int | None = None) -> Any:

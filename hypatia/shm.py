@@ -8,12 +8,15 @@ are refused: a 4-byte segment would otherwise stand for a tensor of any size, an
 computes on it would allocate accordingly; such a tensor travels contiguous. A tensor without
 elements has no segment (``name`` is None).
 
-Ownership. A segment is named ``hypatia-<uid>-<pid>-<tag>``, where ``pid`` is the *client*
-process it belongs to, whoever created it: the client's request segments and the daemon's reply
-segments for that client both carry the client's pid. The client unlinks all of them as soon as
-it has read the reply, or given up on it; if the client dies first, the daemon's :func:`sweep`
-removes every segment whose pid is no longer alive. The daemon unlinks nothing else but outputs
-that nobody will read (its run failed, or the client gave up or died while it ran).
+Ownership. A segment is named ``hypatia-<uid>-<daemon>-<pid>-<tag>``, where ``daemon`` is the id
+of the daemon the call goes to (it gives it out in its ``hello`` reply; see :func:`daemon_id`) and
+``pid`` the *client* process it belongs to, whoever created it: the client's request segments and
+the daemon's reply segments for that client both carry the client's pid. The client unlinks all
+of them as soon as it has read the reply, or given up on it; if the client dies first, its
+daemon's :func:`sweep` removes every segment of that daemon whose pid is no longer alive. Several
+daemons of one user (a ``HYPATIA_HOME`` each) never touch each other's segments. The daemon
+unlinks nothing else but outputs that nobody will read (its run failed, or the client gave up or
+died while it ran).
 
 Reading copies out, with read(2) into a fresh buffer, rather than mapping: the tensor owns its
 memory, so the segment can be unlinked at once whatever the caller keeps; and a segment that a
@@ -28,6 +31,7 @@ functions that handle tensors: the daemon validates and sweeps without loading i
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import stat
@@ -41,9 +45,10 @@ if TYPE_CHECKING:
 
 SHM_DIR = "/dev/shm"
 PREFIX = "hypatia"
-# uid, pid, tag; the tag alphabet keeps names free of '/', '.', and anything a shell would expand
-NAME_RE = re.compile(r"hypatia-([0-9]{1,10})-([0-9]{1,10})-([0-9a-z]{1,64})")
+# uid, daemon, pid, tag; the tag alphabet keeps names free of '/', '.', and anything a shell would expand
+NAME_RE = re.compile(r"hypatia-([0-9]{1,10})-([0-9a-z]{8})-([0-9]{1,10})-([0-9a-z]{1,64})")
 TAG_RE = re.compile(r"[0-9a-z]{1,48}")
+DAEMON_RE = re.compile(r"[0-9a-z]{8}")
 
 # Element sizes of the dtypes that may travel; a name outside this table is refused.
 ITEMSIZE = {
@@ -68,24 +73,34 @@ class NotShareable(Exception):
     outside :data:`ITEMSIZE`); the caller runs it locally."""
 
 
-def segment_name(pid: int, tag: str) -> str:
-    """The segment name for client ``pid`` and a ``tag`` unique within that client."""
+def daemon_id(socket_path: str | os.PathLike) -> str:
+    """The id a daemon names its segments with: 8 characters derived from its socket path, so
+    that it is the same across restarts of one daemon (which then sweeps what its predecessor's
+    dead clients left) and differs between the daemons of one user."""
+    return hashlib.sha256(os.fsencode(socket_path)).hexdigest()[:8]
+
+
+def segment_name(daemon: str, pid: int, tag: str) -> str:
+    """The segment name for a call to ``daemon`` by client ``pid``, with a ``tag`` unique within
+    that client."""
+    if not DAEMON_RE.fullmatch(daemon):
+        raise ValueError(f"daemon id {daemon!r} must be 8 characters of [0-9a-z]")
     if not TAG_RE.fullmatch(tag):
         raise ValueError(f"segment tag {tag!r} must be 1-48 characters of [0-9a-z]")
-    return f"{PREFIX}-{os.getuid()}-{pid}-{tag}"
+    return f"{PREFIX}-{os.getuid()}-{daemon}-{pid}-{tag}"
 
 
-def parse_name(name: Any) -> tuple[int, int, str]:
-    """``(uid, pid, tag)`` of a segment name of this user, else :class:`BadDescriptor`."""
+def parse_name(name: Any) -> tuple[int, str, int, str]:
+    """``(uid, daemon, pid, tag)`` of a segment name of this user, else :class:`BadDescriptor`."""
     match = NAME_RE.fullmatch(name) if isinstance(name, str) else None
     if match is None:
-        raise BadDescriptor(f"segment name {str(name)[:80]!r} is not of the form hypatia-<uid>-<pid>-<tag>")
-    uid, pid, tag = int(match[1]), int(match[2]), match[3]
+        raise BadDescriptor(f"segment name {str(name)[:80]!r} is not of the form hypatia-<uid>-<daemon>-<pid>-<tag>")
+    uid, daemon, pid, tag = int(match[1]), match[2], int(match[3]), match[4]
     if uid != os.getuid():
         raise BadDescriptor(f"segment {name} belongs to uid {uid}, not to this user (uid {os.getuid()})")
     if pid <= 0:
         raise BadDescriptor(f"segment {name} names no process")
-    return uid, pid, tag
+    return uid, daemon, pid, tag
 
 
 def span(shape: Iterable[int], stride: Iterable[int]) -> int:
@@ -136,9 +151,11 @@ class Descriptor:
                 "offset": self.offset, "nbytes": self.nbytes}
 
     @classmethod
-    def parse(cls, obj: Any, pid: int | None = None, tag_prefix: str | None = None) -> "Descriptor":
+    def parse(cls, obj: Any, pid: int | None = None, tag_prefix: str | None = None,
+              daemon: str | None = None) -> "Descriptor":
         """A descriptor received from a peer, checked without touching the segment: the name is
-        this user's (and client ``pid``'s, its tag starting with ``tag_prefix``, when given), the
+        this user's (and ``daemon``'s, client ``pid``'s, its tag starting with ``tag_prefix``,
+        when given), the
         dtype allow-listed, the layout non-negative and within :data:`MAX_SEGMENT_BYTES`, and
         ``nbytes`` covers what the layout reads."""
         if not isinstance(obj, dict):
@@ -169,7 +186,9 @@ class Descriptor:
             if needed or nbytes:
                 raise BadDescriptor("only a tensor without elements may come without a segment")
             return desc
-        _, owner, tag = parse_name(name)
+        _, named, owner, tag = parse_name(name)
+        if daemon is not None and named != daemon:
+            raise BadDescriptor(f"segment {name} is named for daemon {named}, not for this one ({daemon})")
         if pid is not None and owner != pid:
             raise BadDescriptor(f"segment {name} belongs to process {owner}, not to the requesting process {pid}")
         if tag_prefix is not None and not tag.startswith(tag_prefix):
@@ -179,12 +198,13 @@ class Descriptor:
         return cls(name, dtype, tuple(shape), tuple(stride), offset, nbytes)
 
 
-def parse_all(objs: Any, pid: int | None = None, tag_prefix: str | None = None) -> list[Descriptor | None]:
+def parse_all(objs: Any, pid: int | None = None, tag_prefix: str | None = None,
+              daemon: str | None = None) -> list[Descriptor | None]:
     """Descriptors of one request or reply; ``None`` entries stand for non-tensor values. The
     list and the bytes it names are bounded."""
     if not isinstance(objs, list) or len(objs) > MAX_TENSORS:
         raise BadDescriptor(f"tensors must be a list of at most {MAX_TENSORS} descriptors")
-    descs = [None if o is None else Descriptor.parse(o, pid, tag_prefix) for o in objs]
+    descs = [None if o is None else Descriptor.parse(o, pid, tag_prefix, daemon) for o in objs]
     total = sum(d.nbytes for d in descs if d is not None)
     if total > MAX_TRANSFER_BYTES:
         raise BadDescriptor(f"the tensors name {total} bytes, above the limit of {MAX_TRANSFER_BYTES}")
@@ -265,12 +285,13 @@ def exists(name: str) -> bool:
 
 
 def names_of(pid: int) -> list[str]:
-    """This user's segments that belong to client ``pid``."""
-    prefix = f"{PREFIX}-{os.getuid()}-{pid}-"
+    """This user's segments that belong to client ``pid`` (whichever daemon they name)."""
+    prefix = f"{PREFIX}-{os.getuid()}-"
     try:
-        return sorted(n for n in os.listdir(SHM_DIR) if n.startswith(prefix) and NAME_RE.fullmatch(n))
+        entries = os.listdir(SHM_DIR)
     except FileNotFoundError:
         return []
+    return sorted(n for n in entries if n.startswith(prefix) and (m := NAME_RE.fullmatch(n)) and int(m[3]) == pid)
 
 
 def pid_alive(pid: int) -> bool:
@@ -284,10 +305,11 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def sweep(alive: Callable[[int], bool] = pid_alive) -> list[str]:
-    """Unlink this user's segments whose client process is gone; returns their names. Only
-    regular files owned by this user and named by :data:`NAME_RE` are touched."""
-    prefix = f"{PREFIX}-{os.getuid()}-"
+def sweep(daemon: str, alive: Callable[[int], bool] = pid_alive) -> list[str]:
+    """Unlink the segments of ``daemon`` whose client process is gone; returns their names. Only
+    regular files owned by this user and named by :data:`NAME_RE` for that daemon are touched:
+    another daemon's segments are its own business, even those of its dead clients."""
+    prefix = f"{PREFIX}-{os.getuid()}-{daemon}-"
     removed: list[str] = []
     verdicts: dict[int, bool] = {}
     try:
@@ -300,7 +322,7 @@ def sweep(alive: Callable[[int], bool] = pid_alive) -> list[str]:
         match = NAME_RE.fullmatch(name)
         if match is None:
             continue
-        pid = int(match[2])
+        pid = int(match[3])
         if pid not in verdicts:
             verdicts[pid] = pid > 0 and alive(pid)
         if verdicts[pid]:

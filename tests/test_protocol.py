@@ -25,6 +25,7 @@ from hypatia.protocol import (
     decode_reply,
     decode_request,
     encode_error,
+    encode_pending,
     encode_reply,
     encode_request,
     pack,
@@ -79,6 +80,13 @@ def test_ok_reply_round_trip():
     reply = decode_reply(encode_reply(9, body), LIMIT)
     assert reply == Reply(9, True, body)
     assert reply.result() == body
+
+
+def test_pending_reply_is_interim_and_not_a_result():
+    """A pending reply (work in progress) carries its request id and is neither ok nor an error."""
+    reply = decode_reply(encode_pending(12, {"state": "planning"}), LIMIT)
+    assert reply == Reply(12, False, {"state": "planning"}, pending=True)
+    assert not decode_reply(encode_reply(12, {}), LIMIT).pending
 
 
 def test_error_reply_round_trip_and_result_raises():

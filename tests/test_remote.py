@@ -277,8 +277,8 @@ def test_reclaim_removes_this_processs_segments_but_those_of_calls_in_progress()
     runner = RemoteRunner(load({"HYPATIA_HOME": "/tmp/hy-x"}), client=None, counters=Counter())
     runner._live.add("busy0001")
     pid = os.getpid()
-    late = [shm.put(torch.ones(2), shm.segment_name(pid, f"late0001o{k}")).name for k in range(2)]
-    busy = shm.put(torch.ones(2), shm.segment_name(pid, "busy0001i0")).name
+    late = [shm.put(torch.ones(2), shm.segment_name("d0test00", pid, f"late0001o{k}")).name for k in range(2)]
+    busy = shm.put(torch.ones(2), shm.segment_name("d0test00", pid, "busy0001i0")).name
     try:
         assert runner.reclaim() == 2 and runner.counters["shm_reclaimed"] == 2
         assert shm.names_of(pid) == [busy]

@@ -6,11 +6,13 @@ outputs or intermediates pass HYPATIA_REMOTE_MAX_OUTPUT_MB (1 here), answered TO
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import tempfile
+from typing import Iterator
 
 import pytest
 import torch
@@ -21,7 +23,7 @@ from hypatia import shm
 from hypatia.canonical import workload_key
 from hypatia.client import capture as cap
 from hypatia.client.rpc import DaemonClient
-from hypatia.config import load, read_daemon_pid
+from hypatia.config import Config, load, read_daemon_pid
 from hypatia.planner import environment
 from hypatia.protocol import ErrorCode, RemoteError
 from remote_helpers import UID, clean_shm, wait_for  # noqa: F401  (a fixture)
@@ -44,6 +46,7 @@ class Registered:
         body = {"graph_key": self.keys[0], "workload_key": self.keys[1], "env_key": self.keys[2], "policy": "HEURISTIC",
                 "graph": graph.to_wire(), "workload": metas, "environment": env}
         self.client.call("make_plan", body, timeout_ms=60000)
+        self.daemon = self.client.server["daemon"]  # every segment of a run names it
         self.made: list[str] = []
 
     def register(self, fn, *inputs) -> tuple[str, str, str]:
@@ -58,7 +61,7 @@ class Registered:
         return keys
 
     def inputs(self, pid: int, tag: str) -> list[dict]:
-        descs = [shm.put(t, shm.segment_name(pid, f"{tag}i{k}")) for k, t in enumerate((self.x, self.w))]
+        descs = [shm.put(t, shm.segment_name(self.daemon, pid, f"{tag}i{k}")) for k, t in enumerate((self.x, self.w))]
         self.made += [d.name for d in descs]
         return [d.to_wire() for d in descs]
 
@@ -78,48 +81,67 @@ class Registered:
         self.client.close()
 
 
-@pytest.fixture(scope="module")
-def shared() -> Registered:
-    """One daemon for this module, with one graph registered (make_plan) to send runs for."""
+@contextlib.contextmanager
+def _daemon_of_its_own_home() -> Iterator[Config]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HYPATIA_")}
     env["HYPATIA_HOME"] = tempfile.mkdtemp(prefix="hy-", dir="/tmp")
     env |= {"HYPATIA_REMOTE_MAX_OUTPUT_MB": "1", "HYPATIA_BACKGROUND_TUNING": "0"}
     config = load(env)
     subprocess.run([sys.executable, "-m", "hypatia.daemon", "start"], env=env, check=True, capture_output=True, timeout=120)
     try:
-        r = Registered(config)
-        yield r
-        r.close()
+        yield config
     finally:
         pid = read_daemon_pid(config)
         if pid is not None:
             os.kill(pid, signal.SIGTERM)
-            wait_for(lambda: read_daemon_pid(config) is None, what="the shared daemon to stop")
+            wait_for(lambda: read_daemon_pid(config) is None, what="a daemon of this module to stop")
+
+
+@pytest.fixture(scope="module")
+def neighbour() -> Iterator[Config]:
+    """Another daemon of the same user for the whole module (as `make demo`'s beside `make
+    test`'s): it sweeps every 2 s too, and must never touch the shared daemon's segments."""
+    with _daemon_of_its_own_home() as config:
+        yield config
+
+
+@pytest.fixture(scope="module")
+def shared(neighbour) -> Iterator[Registered]:
+    """One daemon for this module, with one graph registered (make_plan) to send runs for."""
+    with _daemon_of_its_own_home() as config:
+        r = Registered(config)
+        yield r
+        r.close()
 
 
 def test_a_good_run_by_hand(shared):
     pid = os.getpid()
     reply = shared.run(pid, "goodrun01", shared.inputs(pid, "goodrun01"))
     (out,) = reply["outputs"]
-    assert out["name"] == shm.segment_name(pid, "goodrun01o0")
+    assert out["name"] == shm.segment_name(shared.daemon, pid, "goodrun01o0")
     result = shm.read(shm.Descriptor.parse(out, pid, "goodrun01o"))
     shm.unlink(out["name"])
     shared.close_inputs()
     torch.testing.assert_close(result, torch.relu(shared.x @ shared.w))
 
 
-def test_reply_segments_of_a_client_that_died_are_swept(shared):
+def test_reply_segments_of_a_client_that_died_are_swept(shared, neighbour):
+    """By the daemon they name only: the neighbour daemon sweeps its own dead client's segment,
+    and neither touches the other's."""
     swept = daemon_stats(shared.client.config)["shm"]["segments_swept"]
+    theirs = daemon_stats(neighbour)["shm"]["segments_swept"]
     helper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     try:
         reply = shared.run(helper.pid, "orphan001", shared.inputs(helper.pid, "orphan001"))
         assert shm.exists(reply["outputs"][0]["name"])
-        assert len(shm.names_of(helper.pid)) == 3  # two inputs and the reply nobody will read
+        shm.put(torch.ones(2), shm.segment_name(shm.daemon_id(neighbour.socket_path), helper.pid, "orphan002i0"))
+        assert len(shm.names_of(helper.pid)) == 4  # two inputs, the reply nobody will read, the neighbour's
     finally:
         helper.kill()
         helper.wait()
-    wait_for(lambda: not shm.names_of(helper.pid), what="the sweep")
+    wait_for(lambda: not shm.names_of(helper.pid), what="the sweeps")
     assert daemon_stats(shared.client.config)["shm"]["segments_swept"] == swept + 3
+    assert daemon_stats(neighbour)["shm"]["segments_swept"] == theirs + 1
     shared.made.clear()  # swept: nothing of them left to unlink
 
 
@@ -129,11 +151,11 @@ def _hostile(reg: Registered, pid: int, case: str) -> tuple[dict, int, str]:
     good = reg.inputs(pid, tag)
     first = dict(good[0])
     if case == "other uid":
-        first["name"] = f"hypatia-{UID + 1}-{pid}-{tag}i0"
+        first["name"] = f"hypatia-{UID + 1}-{reg.daemon}-{pid}-{tag}i0"
     elif case == "path traversal":
         first["name"] = "../../../etc/passwd"
     elif case == "traversal inside the tag":
-        first["name"] = f"hypatia-{UID}-{pid}-{tag}i0/../../x"
+        first["name"] = f"hypatia-{UID}-{reg.daemon}-{pid}-{tag}i0/../../x"
     elif case == "larger than the segment":
         first["nbytes"] = first["nbytes"] * 4
         first["shape"] = [16, 8]
@@ -146,15 +168,17 @@ def _hostile(reg: Registered, pid: int, case: str) -> tuple[dict, int, str]:
     elif case == "negative shape":
         first["shape"] = [-4, 8]
     elif case == "another process's segment":
-        first["name"] = shm.segment_name(pid + 1, f"{tag}i0")
+        first["name"] = shm.segment_name(reg.daemon, pid + 1, f"{tag}i0")
+    elif case == "another daemon's segment":
+        first["name"] = shm.segment_name("d1other0", pid, f"{tag}i0")
     elif case == "another request's segment":
-        first["name"] = shm.segment_name(pid, "otherreq1i0")
+        first["name"] = shm.segment_name(reg.daemon, pid, "otherreq1i0")
     elif case == "missing segment":
-        first["name"] = shm.segment_name(pid, f"{tag}i9")
+        first["name"] = shm.segment_name(reg.daemon, pid, f"{tag}i9")
     elif case == "descriptor not a map":
         first = ["name", first["name"]]
     elif case == "wrong dtype for the graph":
-        reg.made.append(shm.segment_name(pid, f"{tag}i7"))
+        reg.made.append(shm.segment_name(reg.daemon, pid, f"{tag}i7"))
         first = shm.put(reg.x.double(), reg.made[-1]).to_wire()
     elif case == "too few inputs":
         return {"inputs": good[:1]}, pid, tag
@@ -166,7 +190,8 @@ def _hostile(reg: Registered, pid: int, case: str) -> tuple[dict, int, str]:
 
 
 HOSTILE = ["other uid", "path traversal", "traversal inside the tag", "larger than the segment", "layout beyond nbytes",
-           "unknown dtype", "negative stride", "negative shape", "another process's segment", "another request's segment",
+           "unknown dtype", "negative stride", "negative shape", "another process's segment", "another daemon's segment",
+           "another request's segment",
            "missing segment", "descriptor not a map", "wrong dtype for the graph", "too few inputs", "bad tag", "bad pid"]
 
 

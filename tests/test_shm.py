@@ -14,6 +14,7 @@ import torch
 from hypatia import shm
 
 UID, PID = os.getuid(), os.getpid()
+DAEMON = "d0test00"  # the id of the daemon these segments are for
 
 
 @pytest.fixture
@@ -22,8 +23,8 @@ def names():
     made: list[str] = []
     counter = iter(range(10**6))
 
-    def fresh(pid: int = PID) -> str:
-        name = shm.segment_name(pid, f"t{next(counter)}x{os.urandom(3).hex()}")
+    def fresh(pid: int = PID, daemon: str = DAEMON) -> str:
+        name = shm.segment_name(daemon, pid, f"t{next(counter)}x{os.urandom(3).hex()}")
         made.append(name)
         return name
 
@@ -85,7 +86,7 @@ def test_segment_is_private_named_for_its_client_and_sized_to_the_span(names):
     info = os.stat(os.path.join(shm.SHM_DIR, desc.name))
     assert stat.S_IMODE(info.st_mode) == 0o600 and info.st_uid == UID
     assert info.st_size == desc.nbytes == 23 * 4
-    assert shm.parse_name(desc.name)[:2] == (UID, PID)
+    assert shm.parse_name(desc.name)[:3] == (UID, DAEMON, PID)
     assert desc.name in shm.names_of(PID)
 
 
@@ -120,11 +121,11 @@ def _wire(segment, **changes):
 
 
 @pytest.mark.parametrize("changes, message", [
-    ({"name": f"hypatia-{UID + 1}-{PID}-abc"}, "belongs to uid"),
+    ({"name": f"hypatia-{UID + 1}-{DAEMON}-{PID}-abc"}, "belongs to uid"),
     ({"name": "../../etc/passwd"}, "is not of the form"),
-    ({"name": f"hypatia-{UID}-{PID}-../../x"}, "is not of the form"),
-    ({"name": f"hypatia-{UID}-{PID}-a/b"}, "is not of the form"),
-    ({"name": f"hypatia-{UID}-0-abc"}, "names no process"),
+    ({"name": f"hypatia-{UID}-{DAEMON}-{PID}-../../x"}, "is not of the form"),
+    ({"name": f"hypatia-{UID}-{DAEMON}-{PID}-a/b"}, "is not of the form"),
+    ({"name": f"hypatia-{UID}-{DAEMON}-0-abc"}, "names no process"),
     ({"name": 7}, "is not of the form"),
     ({"dtype": "float128"}, "is not one of"),
     ({"dtype": "object"}, "is not one of"),
@@ -146,14 +147,28 @@ def _wire(segment, **changes):
 ], ids=lambda v: str(v)[:40])
 def test_hostile_descriptor_is_refused_before_any_segment_is_touched(changes, message):
     with pytest.raises(shm.BadDescriptor, match=message):
-        shm.Descriptor.parse(_wire(shm.segment_name(PID, "abc"), **changes))
+        shm.Descriptor.parse(_wire(shm.segment_name(DAEMON, PID, "abc"), **changes))
 
 
 def test_descriptor_must_belong_to_the_requesting_client_and_request():
     with pytest.raises(shm.BadDescriptor, match="not to the requesting process"):
-        shm.Descriptor.parse(_wire(shm.segment_name(PID + 1, "abci0")), pid=PID)
+        shm.Descriptor.parse(_wire(shm.segment_name(DAEMON, PID + 1, "abci0")), pid=PID)
     with pytest.raises(shm.BadDescriptor, match="not part of request"):
-        shm.Descriptor.parse(_wire(shm.segment_name(PID, "zzzi0")), pid=PID, tag_prefix="abci")
+        shm.Descriptor.parse(_wire(shm.segment_name(DAEMON, PID, "zzzi0")), pid=PID, tag_prefix="abci")
+
+
+def test_descriptor_must_name_the_daemon_it_is_sent_to():
+    with pytest.raises(shm.BadDescriptor, match="named for daemon d0test00, not for this one"):
+        shm.Descriptor.parse(_wire(shm.segment_name(DAEMON, PID, "abci0")), pid=PID, daemon="d1other0")
+    assert shm.Descriptor.parse(_wire(shm.segment_name(DAEMON, PID, "abci0")), pid=PID, daemon=DAEMON).name
+
+
+def test_daemon_ids_are_stable_per_socket_and_differ_between_sockets():
+    first = shm.daemon_id("/tmp/hy-a/run/hypatiad.sock")
+    assert shm.DAEMON_RE.fullmatch(first) and first == shm.daemon_id("/tmp/hy-a/run/hypatiad.sock")
+    assert first != shm.daemon_id("/tmp/hy-b/run/hypatiad.sock")
+    with pytest.raises(ValueError, match="daemon id"):
+        shm.segment_name("../x", PID, "abc")
 
 
 def test_descriptor_must_match_the_segment_it_names(names):
@@ -191,12 +206,12 @@ def test_truncated_segment_is_a_clean_error_not_a_crash(names):
 
 
 def test_request_bounds():
-    one = _wire(shm.segment_name(PID, "a"))
+    one = _wire(shm.segment_name(DAEMON, PID, "a"))
     with pytest.raises(shm.BadDescriptor, match="at most"):
         shm.parse_all([one] * (shm.MAX_TENSORS + 1))
     with pytest.raises(shm.BadDescriptor, match="named twice"):
         shm.parse_all([one, one])
-    big = [_wire(shm.segment_name(PID, f"a{k}"), shape=[shm.MAX_SEGMENT_BYTES // 4], nbytes=shm.MAX_SEGMENT_BYTES)
+    big = [_wire(shm.segment_name(DAEMON, PID, f"a{k}"), shape=[shm.MAX_SEGMENT_BYTES // 4], nbytes=shm.MAX_SEGMENT_BYTES)
            for k in range(2)]
     with pytest.raises(shm.BadDescriptor, match="above the limit"):
         shm.parse_all(big)
@@ -206,7 +221,7 @@ def test_request_bounds():
 def test_unlink_touches_only_this_users_segment_names():
     with pytest.raises(shm.BadDescriptor):
         shm.unlink("../../tmp/x")
-    assert shm.unlink(shm.segment_name(PID, "neverthere")) is False
+    assert shm.unlink(shm.segment_name(DAEMON, PID, "neverthere")) is False
 
 
 def test_sweep_removes_the_segments_of_dead_clients_only(names):
@@ -215,10 +230,10 @@ def test_sweep_removes_the_segments_of_dead_clients_only(names):
     kept = names()
     for name in [*gone, kept]:
         shm.put(torch.ones(8), name)
-    other = os.path.join(shm.SHM_DIR, f"hypatia-{UID}-{dead}-NOT_A_TAG")
+    other = os.path.join(shm.SHM_DIR, f"hypatia-{UID}-{DAEMON}-{dead}-NOT_A_TAG")
     open(other, "w").close()
     try:
-        removed = shm.sweep()
+        removed = shm.sweep(DAEMON)
         assert set(gone) <= set(removed) and kept not in removed
         assert shm.exists(kept) and os.path.exists(other)
         assert shm.names_of(dead) == []
@@ -226,11 +241,24 @@ def test_sweep_removes_the_segments_of_dead_clients_only(names):
         os.unlink(other)
 
 
+def test_sweep_touches_only_its_own_daemons_segments(names):
+    """Two daemons of one user: each sweeps the dead clients' segments named for it, never the
+    other's (which may be in use by that daemon, or be that daemon's to count)."""
+    dead = _dead_pid()
+    mine = [names(dead) for _ in range(2)]
+    theirs = [names(dead, daemon="d1other0") for _ in range(2)]
+    for name in [*mine, *theirs]:
+        shm.put(torch.ones(4), name)
+    assert sorted(shm.sweep(DAEMON)) == sorted(mine)
+    assert all(shm.exists(n) for n in theirs) and sorted(shm.names_of(dead)) == sorted(theirs)
+    assert sorted(shm.sweep("d1other0")) == sorted(theirs)
+
+
 def test_sweep_asks_about_each_pid_once(names):
     for _ in range(4):
         shm.put(torch.ones(2), names(pid=2**22 + 17))
     asked: list[int] = []
-    shm.sweep(alive=lambda pid: asked.append(pid) or (pid != 2**22 + 17 and shm.pid_alive(pid)))
+    shm.sweep(DAEMON, alive=lambda pid: asked.append(pid) or (pid != 2**22 + 17 and shm.pid_alive(pid)))
     assert asked.count(2**22 + 17) == 1
 
 
