@@ -58,3 +58,19 @@ def test_every_link_in_the_docs_resolves():
         for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", doc.read_text()):
             if "://" not in target:
                 assert (doc.parent / target).exists(), f"{doc.relative_to(ROOT)} links to {target}, which is not there"
+
+
+def test_the_set_up_says_what_it_is_doing(tmp_path):
+    """`make`'s set-up names each step and lets pip show its progress (torch alone takes minutes)."""
+    import shutil
+    import subprocess
+
+    make = shutil.which("make")
+    assert make, "make is needed for the README's two commands"
+    dry = subprocess.run([make, "-n", "-B", "install", f"VENV={tmp_path / 'venv'}"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60)
+    assert dry.returncode == 0, dry.stderr
+    pip_lines = [line for line in dry.stdout.splitlines() if "pip install" in line]
+    assert len(pip_lines) == 2 and not any("--quiet" in line or " -q " in line for line in pip_lines), pip_lines
+    steps = [line for line in dry.stdout.splitlines() if line.startswith('echo "==> [')]
+    assert [s.split("]")[0] for s in steps] == [f'echo "==> [{i}/4' for i in range(1, 5)], dry.stdout
