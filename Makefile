@@ -10,30 +10,39 @@ PYTEST_ARGS ?=
 
 .PHONY: install demo test test-gpu bench bench-quick stop clean
 
+# pip runs without --quiet: torch alone is a download of minutes, and its progress bar shows it.
 $(STAMP): pyproject.toml
+	@echo "==> [1/4] creating the virtualenv $(VENV) with $(PYTHON)"
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	@echo "==> [2/4] installing $(TORCH_SPEC) (a large download the first time)"
+	$(BIN)/python -m pip install --progress-bar on "$(TORCH_SPEC)"
+	@echo "==> [3/4] installing Hypatia (editable) with its test extras"
+	$(BIN)/python -m pip install --progress-bar on -e '.[test]'
+	@echo "==> [4/4] checking that every required package imports"
 	@$(BIN)/python -c "import torch, zmq, msgpack, sqlite_utils, networkx, egglog, pytest, pytest_timeout, hypothesis, psycopg" \
 		|| { echo "set-up incomplete: a required package did not install" >&2; exit 1; }
 	touch $(STAMP)
+	@echo "==> set-up done: the commands are $(BIN)/hypatiad and $(BIN)/hypatia-ctl (or: source $(BIN)/activate)"
 
 install: $(STAMP)
 
 demo: $(STAMP)
+	@echo "==> starting hypatiad, then compiling the example model in two processes"
 	@$(BIN)/hypatiad status >/dev/null || $(BIN)/hypatiad start
 	$(BIN)/python -m hypatia.client.demo
 	$(BIN)/python -m hypatia.client.demo
 	$(BIN)/hypatia-ctl stats
 
 test: $(STAMP)
+	@echo "==> running the test suite (CPU; about 16 minutes on two cores)"
 	$(BIN)/python -m pytest -m "not gpu" $(PYTEST_ARGS)
 
 test-gpu: $(STAMP)
 	$(BIN)/python -m pytest -m gpu $(PYTEST_ARGS)
 
 bench: $(STAMP)
-	$(BIN)/python -m pip install --quiet -e '.[bench]'
+	@echo "==> installing the benchmark extras (transformers, matplotlib, redis)"
+	$(BIN)/python -m pip install --progress-bar on -e '.[bench]'
 	$(BIN)/python -m benchmarks $(BENCH_ARGS)
 
 bench-quick: $(STAMP)

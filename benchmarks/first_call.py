@@ -95,7 +95,8 @@ class ChildFailed(Exception):
 def base_env() -> dict:
     """The parent's environment without settings that would steer caches or the daemon."""
     drop = ("HYPATIA_", "TORCHINDUCTOR_", "TRITON_", "TORCH_COMPILE_")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
+    # the client's patience is kept: a --quick run waits for the daemon however busy the machine
+    env = {k: v for k, v in os.environ.items() if not k.startswith(drop) or k == "HYPATIA_TIMEOUT_MS"}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
     return env
 
@@ -152,7 +153,7 @@ class FirstCall:
         self.device, self.quick = device, quick
         self.workloads = workloads
         self.batch = {name: by_name(name).batch_for(device, quick=quick) for name in workloads}
-        self.timeout = 60 if quick else 300
+        self.timeout = 600  # a guard against a hung child, never a measure of a slow machine
         # Short on purpose: Hypatia's ipc socket path lives under it and must fit in 107 bytes.
         self.scratch = Path(tempfile.mkdtemp(prefix="hyb-", dir="/tmp"))
         self.notes: list[str] = []

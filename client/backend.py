@@ -17,12 +17,13 @@ a counted fallback: a model never fails because of Hypatia.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import logging
+import sys
 import os
 import threading
 import time
-import warnings
 from collections import Counter, deque
 from dataclasses import replace
 from typing import Any, Callable
@@ -33,6 +34,9 @@ import torch.fx
 from hypatia.canonical import CanonicalGraph
 from hypatia.client import capture as cap
 from hypatia.client import executors, graphs as model_graphs, validate
+from hypatia.client.explain import debug_fx_plan, fusion_summary
+from hypatia.client.torch_internals import compiled_model_name
+from hypatia.client.userwarn import warn
 from hypatia.client.autostart import AutostartFailed, ensure_daemon
 from hypatia.client.choice import ExecutorChoice, Measured
 from hypatia.client.remote import RemoteRunner
@@ -92,6 +96,17 @@ class Session:
         self._warned: set[str] = set()
         self._skip_daemon_until = 0.0
         self._lock = threading.Lock()
+        if self.config.summary:
+            atexit.register(self.print_summary)
+
+    def summary(self) -> str:
+        """What this process's compiles fused, in one line (see :func:`summary`)."""
+        return fusion_summary(list(zip(self.plan_keys, (plan for _, plan in self.plans))))
+
+    def print_summary(self) -> None:
+        """``HYPATIA_SUMMARY=1``: the one-line summary on stderr as the process exits."""
+        graphs = len(set(self.plan_keys))
+        print(f"hypatia: {graphs} graph{'s' if graphs != 1 else ''} planned; fused {self.summary()}", file=sys.stderr)
 
     # -- failures -------------------------------------------------------------------------
     def fallback(self, what: str, exc: BaseException) -> None:
@@ -102,12 +117,8 @@ class Session:
         log.debug("fallback to eager: %s", reason, exc_info=exc)
         if kind not in self._warned:
             self._warned.add(kind)
-            warnings.warn(
-                f"Hypatia runs this graph as eager PyTorch ({reason}). Set HYPATIA_LOG_LEVEL=DEBUG "
-                "for details; `hypatia-ctl stats` counts fallbacks.",
-                HypatiaFallbackWarning,
-                stacklevel=2,
-            )
+            warn(f"Hypatia runs this graph as eager PyTorch ({reason}). Set HYPATIA_LOG_LEVEL=DEBUG "
+                 "for details; `hypatia-ctl stats` counts fallbacks.", HypatiaFallbackWarning)
         self._tell_daemon({"fallbacks": 1, "reason": reason[:500], "pid": os.getpid()}, 500)
 
     def _tell_daemon(self, body: dict, timeout_ms: int) -> dict | None:
@@ -121,7 +132,8 @@ class Session:
             return None
 
     # -- planning -------------------------------------------------------------------------
-    def _ask_daemon(self, graph: CanonicalGraph, keys: tuple[str, str, str], workload: list, env: dict) -> dict:
+    def _ask_daemon(self, graph: CanonicalGraph, keys: tuple[str, str, str], workload: list, env: dict,
+                    model: str) -> dict:
         if self.config.autostart and not self.config.remote:  # a remote daemon is not ours to start
             try:
                 ensure_daemon(self.config)
@@ -134,7 +146,7 @@ class Session:
             self.counters["daemon_hits"] += 1
             return recipe
         self.counters["daemon_misses"] += 1
-        body |= {"graph": graph.to_wire(), "workload": workload, "environment": env}
+        body |= {"graph": graph.to_wire(), "workload": workload, "environment": env} | ({"model": model} if model else {})
         # EXPLORE measures every candidate before answering: seconds, not milliseconds
         timeout_ms = self.config.tune_timeout_s * 1000 if policy == "EXPLORE" else None
         try:  # a plan the daemon says it is making is waited for (HYPATIA_PLAN_WAIT_S), load or not
@@ -147,11 +159,13 @@ class Session:
             self.counters["daemon_plan_waits"] += 1
         return recipe
 
-    def plan(self, graph: CanonicalGraph, keys: tuple[str, str, str], workload: list, env: dict) -> tuple[Plan, bool]:
-        """The plan for these keys and whether the daemon gave it (else it was planned here)."""
+    def plan(self, graph: CanonicalGraph, keys: tuple[str, str, str], workload: list, env: dict,
+             model: str = "") -> tuple[Plan, bool]:
+        """The plan for these keys and whether the daemon gave it (else it was planned here);
+        ``model`` labels the graph in the daemon's store."""
         if time.monotonic() >= self._skip_daemon_until:
             try:
-                plan = Plan.from_recipe(self._ask_daemon(graph, keys, workload, env))
+                plan = Plan.from_recipe(self._ask_daemon(graph, keys, workload, env, model))
                 if plan.graph_key != graph.key:
                     raise RemoteError(0, "the daemon served a plan for another graph")
                 return plan, True
@@ -209,13 +223,14 @@ class Session:
                           if isinstance(x, torch.Tensor) and x.device.type == device), 0)
             ekey, env = environment.describe(cap.graph_device(graph), index)
             keys = (graph.key, wkey, ekey)
-            plan, from_daemon = self.plan(graph, keys, workload, env)
+            label = compiled_model_name()
+            plan, from_daemon = self.plan(graph, keys, workload, env, label)
             plan = self._validate(graph, fx_nodes, plan, keys, from_daemon)
             self.plans.append((phase, plan))
             self.plan_keys.append(keys)
             if self.config.debug_fx:
+                log.warning("HYPATIA_DEBUG_FX %s", debug_fx_plan(plan, phase, label, from_daemon))
                 log.warning("HYPATIA_DEBUG_FX %s graph %s before:\n%s", phase, keys[0], model.gm.graph)
-                log.warning("HYPATIA_DEBUG_FX plan: %s", plan.to_recipe())
             if plan.regions:
                 self.counters["regions_fused"] += len(plan.regions)
                 graphs.rewritten, graphs.for_inductor = self._rewrites(model, fx_nodes, plan, gm)
@@ -357,6 +372,14 @@ def hypatia_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], **kwarg
     try:
         s = session()
     except Exception as exc:  # noqa: BLE001 - e.g. a bad HYPATIA_* variable
-        warnings.warn(f"Hypatia is disabled for this process: {exc}", HypatiaFallbackWarning, stacklevel=2)
+        warn(f"Hypatia is disabled for this process: {exc}", HypatiaFallbackWarning)
         return gm.forward
     return s.compile(gm, example_inputs)
+
+
+def summary() -> str:
+    """What this process compiled with Hypatia fused, in one line: each rule with its count,
+    most frequent first (``rms_norm x2, attention_fill_mask, linear_silu``), or ``nothing fused``."""
+    with _session_lock:
+        current = _session if _session is not None and _session.client._pid == os.getpid() else None
+    return current.summary() if current is not None else fusion_summary([])

@@ -2,7 +2,7 @@
 
 Public extension points do most of the work (``torch.library`` custom ops, Inductor's custom
 graph pass hook, ``torch._inductor.list_mode_options``, ``make_fx``), but four things have no
-public form:
+public form (and one label for people):
 
 - ``compile_fx``: Inductor's entry point for an FX graph (what ``backend="inductor"`` calls),
   given the rewritten graph instead of Dynamo's;
@@ -10,7 +10,9 @@ public form:
   AOTAutograd reads to know which inputs keep their address across calls, so that CUDA graphs
   do not copy the parameters on every replay; a rewritten graph carries Dynamo's over;
 - cudagraph trees (``cudagraphify_impl``) for graphs that Inductor does not compile;
-- the Python dispatcher, under which AOTAutograd traces (and so must the model graph).
+- the Python dispatcher, under which AOTAutograd traces (and so must the model graph);
+- the frame Dynamo is compiling (``InstructionTranslator.current_tx``), whose module names the
+  model a plan is shown for in ``hypatia-ctl plans``.
 
 Each is used only through a function here. :data:`TESTED` is the range of torch versions these
 were written and tested against; ``tests/test_torch_internals.py`` checks every symbol, so a torch
@@ -127,6 +129,23 @@ def static_input_indices(gm: torch.fx.GraphModule) -> list[int]:
     """The inputs of a Dynamo graph that Dynamo marked static (parameters and buffers)."""
     return [i for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")
             if n.meta.get("tensor_dict", {}).get("_dynamo_static_input_type")]
+
+
+def compiled_model_name() -> str:
+    """The class of the module whose frame Dynamo is compiling (the function's name for a
+    compiled function), or "" where Dynamo does not say: a label for people, never a key."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        tx = InstructionTranslator.current_tx()
+        frame_locals = getattr(tx, "f_locals", None) or {}
+        module = next((v for v in frame_locals.values() if isinstance(v, torch.nn.Module)), None)
+        if module is not None:
+            return type(module).__name__
+        name = tx.f_code.co_qualname
+        return "" if "<" in name else name.removesuffix(".forward")
+    except Exception:  # noqa: BLE001 - a missing label must never cost a compile
+        return ""
 
 
 # -- cudagraph trees for graphs Inductor does not compile --------------------------------------

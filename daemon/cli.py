@@ -3,14 +3,59 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import os
+import platform
 import sys
+from importlib import metadata
+from typing import Callable
 
+from hypatia import __version__
 from hypatia.config import ConfigError, load
 from hypatia.daemon import control
 from hypatia.daemon.lock import AlreadyRunning
 from hypatia.daemon.server import StartFailed
 from hypatia.planner.store import StoreError
+
+
+# The exit status of a command whose reader went away (128 + SIGPIPE), as a shell reports it.
+EXIT_BROKEN_PIPE = 141
+
+
+def version_text(prog: str) -> str:
+    """``PROG VERSION (torch X, Python Y)``; torch's version is read without importing it."""
+    try:
+        torch_version = metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        torch_version = "not installed"
+    return f"{prog} {__version__} (torch {torch_version}, Python {platform.python_version()})"
+
+
+def add_version(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--version", action="version", version=version_text(parser.prog),
+                        help="print Hypatia's version (and torch's) and exit")
+
+
+def quiet_broken_pipe(main: Callable[..., int]) -> Callable[..., int | str | None]:
+    """``main``, ending quietly when its output's reader goes away (``hypatia-ctl plans | head``)."""
+
+    @functools.wraps(main)
+    def run(*args, **kwargs) -> int | str | None:
+        try:
+            try:
+                code = main(*args, **kwargs)
+            except SystemExit as exc:  # --help, --version and usage errors end in argparse
+                code = exc.code
+            sys.stdout.flush()  # here, not at exit, where a broken pipe would print a traceback
+            return code
+        except BrokenPipeError:
+            # Nothing more can be written; point stdout at /dev/null so the interpreter's own
+            # flush at exit finds nothing to complain about.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            return EXIT_BROKEN_PIPE
+
+    return run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="The Hypatia daemon: one per host and user, shared by every process that "
         "compiles with backend='hypatia'.",
     )
+    add_version(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("start", help="start the daemon (detached unless --foreground)",
                        description="Start hypatiad. Detaches and returns once it answers, unless --foreground.")
@@ -44,6 +90,7 @@ def print_status(info: dict, as_json: bool) -> int:
     return 0 if info["running"] else 3
 
 
+@quiet_broken_pipe
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:

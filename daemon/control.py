@@ -244,7 +244,16 @@ def _daemon(config: Config, timeout_ms: int = 5000) -> DaemonClient:
 def tune(config: Config, graph_key: str = "", progress: Callable[[dict], None] | None = None,
          poll_s: float = 0.2) -> dict:
     """Have the daemon (started if needed) tune every untuned plan, or those whose graph key
-    starts with ``graph_key``; ``progress`` is called with each status until all are done."""
+    starts with ``graph_key``; ``progress`` is called with each status until all are done.
+    Raises :class:`NoSuchPlan` when ``graph_key`` matches no stored plan."""
+    if graph_key:
+        try:
+            matched = any(r["graph_key"].startswith(graph_key) for r in plans(config))
+        except StoreError:
+            matched = False
+        if not matched:
+            raise NoSuchPlan(f"no stored plan has a graph key starting with {graph_key!r}; "
+                             "`hypatia-ctl plans` lists them")
     client = _daemon(config)
     try:
         batch = client.call("tune", {"graph_key": graph_key})

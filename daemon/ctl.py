@@ -10,7 +10,7 @@ from typing import Any
 from hypatia.config import ConfigError, load
 from hypatia.daemon import control
 from hypatia.client.rpc import DaemonUnavailable, VersionSkew
-from hypatia.daemon.cli import print_status
+from hypatia.daemon.cli import add_version, print_status, quiet_broken_pipe
 from hypatia.daemon.lock import AlreadyRunning
 from hypatia.daemon.server import StartFailed
 from hypatia.keys import KeysError
@@ -20,17 +20,21 @@ from hypatia.protocol import RemoteError
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hypatia-ctl", description="Inspect and control hypatiad.")
+    add_version(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    p = sub.add_parser("stats", help="counters: requests, plan-cache hits and misses, graphs, plans, fallbacks",
-                       description="Print the daemon's counters (or the store's contents when it is down).")
-    p.add_argument("--json", action="store_true", help="print JSON for machines")
+    p = sub.add_parser("stats", help="the daemon's figures: plan-cache hit rate, plans, fallbacks, tuning, errors",
+                       description="Print the daemon's main figures (or the store's contents when it is down); "
+                       "--all prints every counter.")
+    p.add_argument("--all", action="store_true", help="every counter: requests, peers, rules fired, validation, ...")
+    p.add_argument("--json", action="store_true", help="print JSON for machines (always every counter)")
     p = sub.add_parser("status", help="say whether the daemon runs and answers",
                        description="Print whether a daemon runs for this runtime directory and answers.")
     p.add_argument("--json", action="store_true", help="print JSON")
     sub.add_parser("stop", help="stop the daemon after it drains in-flight requests",
                    description="Send SIGTERM and wait until the daemon has drained and exited.")
     p = sub.add_parser("plans", help="list stored plans, or show one (KEY: a graph key or its prefix)",
-                       description="Without KEY, one line per stored plan: graph key, nodes, device, revision, "
+                       description="Without KEY, one line per stored plan: graph key, which graph (inference, or "
+                       "training: forward and backward), the model it was compiled from, nodes, device, revision, "
                        "policy, whether tuned, fused regions. With KEY, that plan's recipe and the decision "
                        "behind each candidate region (chosen implementation, measured or estimated cost, eager cost).")
     p.add_argument("key", nargs="?", default="", help="graph key, or a unique prefix of one")
@@ -59,10 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
 def format_plans(rows: list[dict]) -> str:
     if not rows:
         return "no stored plans"
-    lines = [f"{'graph key':<22} {'nodes':>5}  {'device':<24} {'rev':>3}  {'policy':<9} {'tuned':<5}  regions"]
+    model_width = min(24, max([5] + [len(r.get("model") or "?") for r in rows]))
+    lines = [f"{'graph key':<22} {'graph':<9} {'model':<{model_width}} {'nodes':>5}  {'device':<24} {'rev':>3}  "
+             f"{'policy':<9} {'tuned':<5}  regions"]
     for r in rows:
         regions = "?" if r["regions"] is None else (", ".join(r["regions"]) or "-")
-        lines.append(f"{r['graph_key'][:22]:<22} {r['nodes'] or 0:>5}  {str(r['device'] or '')[:24]:<24} "
+        lines.append(f"{r['graph_key'][:22]:<22} {r.get('graph') or '?':<9} {(r.get('model') or '?')[:24]:<{model_width}} "
+                     f"{r['nodes'] or 0:>5}  {str(r['device'] or '')[:24]:<24} "
                      f"{r['revision']:>3}  {r['policy']:<9} {'yes' if r['tuned'] else 'no':<5}  {regions}")
     return "\n".join(lines)
 
@@ -71,6 +78,8 @@ def format_plan(p: dict) -> str:
     recipe = p["recipe"]
     lines = [
         f"graph       {p['graph_key']}",
+        f"model       {p.get('model') or '?'}, {p.get('graph') or '?'} graph"
+        + (" (forward and backward)" if p.get("graph") == "training" else ""),
         f"workload    {p['workload_key']}",
         f"environment {p['env_key']} ({p['device']})",
         f"revision    {recipe['revision']}, policy {recipe['policy']}, {'tuned' if recipe['tuned'] else 'not tuned'}, "
@@ -140,7 +149,36 @@ def _fmt_bytes(n: int | None) -> str:
     return str(n)
 
 
+def fired_rules(rules: dict[str, int]) -> str:
+    """``rule count`` for every rule that fired at least once, most fired first."""
+    fired = [(k.removesuffix(".fired"), v) for k, v in rules.items() if k.endswith(".fired") and v]
+    return ", ".join(f"{k} {v}" for k, v in sorted(fired, key=lambda kv: (-kv[1], kv[0]))) or "none"
+
+
+def format_stats_short(s: dict[str, Any]) -> str:
+    """The figures a user needs first: is the daemon up, where is the store, does the cache hit,
+    what ran eager, what is being tuned, what failed."""
+    if not s.get("running"):
+        return format_stats(s)
+    cache, tuning = s["plan_cache"], s["tuning"]
+    rate = "-" if cache["hit_rate"] is None else f"{cache['hit_rate']:.1%}"
+    errors = ", ".join(f"{k} {v}" for k, v in sorted(s["errors"].items()) if v)
+    rows = [
+        ("daemon", f"hypatiad {s['version']}, pid {s['pid']}, up {s['uptime_s']:.0f} s, {s['socket']}"),
+        ("store", f"{s['store']['path']} ({_fmt_bytes(s['store']['size_bytes'])})"),
+        ("plan cache", f"{rate} hit rate ({cache['hits']} hits, {cache['misses']} misses)"),
+        ("plans", f"{s['plans']} stored for {s['graphs']} graphs; {cache['plans_made']} made since start"),
+        ("fallbacks", f"{s['fallbacks']} graphs ran as eager PyTorch"),
+        ("tuning", f"{tuning['tunings']} done, {tuning['failed']} failed, {s['tuning_inflight']} in flight"
+                   + ("" if tuning["background"] else " (background tuning off)")),
+        ("errors", f"{s['error_total']}" + (f" ({errors})" if errors else "")),
+    ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows) + "\n(hypatia-ctl stats --all for every counter)"
+
+
 def format_stats(s: dict[str, Any]) -> str:
+    """Every counter (``hypatia-ctl stats --all``), or what the store holds when the daemon is down."""
     rows: list[tuple[str, Any]] = []
     if s.get("running"):
         cache = s["plan_cache"]
@@ -178,7 +216,7 @@ def format_stats(s: dict[str, Any]) -> str:
             ("errors", s["error_total"]),
             ("corrupt rows", f"{s['corrupt_rows']} ({s.get('quarantined_rows', 0)} quarantined); store files moved aside "
                              f"as unreadable: {s['store_quarantined']}"),
-            ("rules fired", ", ".join(f"{k} {v}" for k, v in sorted(s["rules"].items())) or "none"),
+            ("rules fired", fired_rules(s["rules"])),
             ("tunings", f"{s['tuning']['tunings']} done, {s['tuning']['failed']} failed, {s['tuning']['skipped']} skipped, "
                         f"{s['tuning_inflight']} in flight, {s['tuning']['coalesced']} coalesced"
                         + ("" if s["tuning"]["background"] else " (background tuning off)")),
@@ -201,13 +239,17 @@ def format_stats(s: dict[str, Any]) -> str:
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
 
 
+@quiet_broken_pipe
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         config = load()
         if args.command == "stats":
             info = control.stats(config)
-            print(json.dumps(info, indent=2, sort_keys=True) if args.json else format_stats(info))
+            if args.json:
+                print(json.dumps(info, indent=2, sort_keys=True))
+            else:
+                print(format_stats(info) if args.all else format_stats_short(info))
             return 0
         if args.command == "status":
             return print_status(control.status(config), args.json)
@@ -221,7 +263,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "tune":
             status = control.tune(config, args.key, progress=progress_bar())
             print(f"tuned {status['done']} plan(s); {status['failed']} failed, {status['skipped']} skipped "
-                  "(see the daemon log for why)" if status["total"] else "nothing to tune: every stored plan is tuned")
+                  "(see the daemon log for why)" if status["total"] else "nothing to tune: every stored plan"
+                  + (f" whose graph key starts with {args.key!r}" if args.key else "") + " is tuned")
             return 0 if status["failed"] == 0 else 1
         if args.command == "flush":
             if not args.yes:

@@ -37,6 +37,7 @@ PlanKeys = tuple[str, str, str]
 MAX_CACHED_PLANS = 100_000
 MAX_CLIENTS_LISTED = 4096
 MAX_CACHED_CEILINGS = 1024  # environments
+MAX_MODEL_LABEL = 100  # characters of the optional ``model`` label a make_plan may carry
 
 
 def request_policy(body: dict, request_id: int) -> str:
@@ -62,6 +63,15 @@ def plan_keys(body: dict, request_id: int) -> PlanKeys:
         limits.text(body, "workload_key", limits.MAX_KEY_CHARS, request_id, required=True),
         limits.text(body, "env_key", limits.MAX_KEY_CHARS, request_id, required=True),
     )
+
+
+def model_label(value: Any, request_id: int) -> str:
+    """The optional label of the model a graph came from: printable text, cut to a bounded size."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise BadRequest("model must be a string (the class name of the compiled module)", request_id)
+    return "".join(c for c in value if c.isprintable())[:MAX_MODEL_LABEL]
 
 
 class PlanService:
@@ -163,7 +173,8 @@ class PlanService:
         env = limits.packed(body, "environment", dict, limits.MAX_ENVIRONMENT_BYTES, request_id)
         if environment_key(env)[0] != keys[2]:
             raise BadRequest("env_key does not match the environment sent", request_id)
-        return keys, {"graph": graph, "wire": body["graph"], "workload": workload, "environment": env}
+        return keys, {"graph": graph, "wire": body["graph"], "workload": workload, "environment": env,
+                      "model": model_label(body.get("model"), request_id)}
 
     def make_plan(self, keys: PlanKeys, job: dict, policy: str = "FASTEST") -> dict:
         """Plan one graph (worker thread) under HEURISTIC or FASTEST; returns the recipe.
@@ -190,7 +201,8 @@ class PlanService:
         plan = region_verdicts.mark_validated(self.store, keys[2], job["graph"], plan)
         if stored is None:
             implementations = [paths.implementation_row(r) for r in plan.regions]
-            self.store.put_plan(keys, job["wire"], job["workload"], job["environment"], plan, implementations)
+            self.store.put_plan(keys, job["wire"], job["workload"], job["environment"], plan, implementations,
+                                model=job.get("model", ""))
         elapsed = time.perf_counter() - start
         log.info(
             "planned %s (%d nodes, %d regions %s) in %.1f ms",

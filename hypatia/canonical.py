@@ -303,6 +303,14 @@ def workload_key(input_metas: Sequence[Any]) -> tuple[str, KeyDetails]:
     return f"w{KEY_VERSION}-" + _digest(["workload", list(input_metas)]), KeyDetails("workload", tuple(fields))
 
 
+def workload_phase(input_metas: Sequence[Any]) -> str | None:
+    """"training" (forward and backward) or "inference" where the workload names its phase."""
+    last = input_metas[-1] if input_metas else None
+    if isinstance(last, list) and len(last) >= 2 and last[0] == "phase" and last[1] in ("training", "inference"):
+        return last[1]
+    return None
+
+
 def environment_key(env: dict) -> tuple[str, KeyDetails]:
     """Key of the hardware and software a plan is valid for (never a device index or rank)."""
     items = sorted((str(k), env[k]) for k in env)

@@ -44,8 +44,18 @@ def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
 
 
 CHECKSUM_MODES = ("background", "strict", "soft", "off")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 POLICIES = ("HEURISTIC", "EXPLORE", "FASTEST")
 MODES = ("local", "remote")
+
+
+def _log_level(env: Mapping[str, str]) -> str:
+    raw = env.get("HYPATIA_LOG_LEVEL", "")
+    level = raw.strip().upper() or "INFO"
+    level = "WARNING" if level == "WARN" else level
+    if level not in LOG_LEVELS:
+        raise ConfigError(f"HYPATIA_LOG_LEVEL={raw!r} is not one of {', '.join(LOG_LEVELS)}; unset it for INFO")
+    return level
 
 
 @dataclass(frozen=True)
@@ -61,6 +71,7 @@ class Config:
     max_message_bytes: int = 64 * 1024 * 1024
     log_level: str = "INFO"
     debug_fx: bool = False
+    summary: bool = False  # print what this process fused, in one line, when it exits
     checksum_mode: str = "background"
     policy: str = "FASTEST"
     # "auto": the executor is chosen by measurement (the daemon keeps the choice); or one
@@ -172,8 +183,9 @@ def load(env: Mapping[str, str] | None = None) -> Config:
         retries=_int(env, "HYPATIA_RETRIES", 2),
         start_timeout_s=_int(env, "HYPATIA_START_TIMEOUT_S", 30, minimum=1),
         max_message_bytes=_int(env, "HYPATIA_MAX_MESSAGE_BYTES", 64 * 1024 * 1024, minimum=4096),
-        log_level=env.get("HYPATIA_LOG_LEVEL", "INFO").upper(),
+        log_level=_log_level(env),
         debug_fx=_flag(env, "HYPATIA_DEBUG_FX", False),
+        summary=_flag(env, "HYPATIA_SUMMARY", False),
         checksum_mode=env.get("HYPATIA_CHECKSUM_MODE", "background").strip().lower(),
         executor=env.get("HYPATIA_EXECUTOR", "auto").strip().lower() or "auto",
         policy=env.get("HYPATIA_POLICY", "FASTEST").strip().upper() or "FASTEST",

@@ -131,9 +131,20 @@ def _migrate_5(db: sqlite_utils.Database) -> None:
     )
 
 
+# -- schema 6: labels for people ---------------------------------------------------------------
+# The class of the module Dynamo compiled a graph from (the first one seen: two models with the
+# same graph share it and its plans); shown by `hypatia-ctl plans`, never part of any key.
+def _migrate_6(db: sqlite_utils.Database) -> None:
+    db["canonical_graphs"].add_column("model", str)
+
+
+_POSTGRES_6 = ("ALTER TABLE canonical_graphs ADD COLUMN model TEXT",)
+# -- end of schema 6 ----------------------------------------------------------------------------
+
+
 # Schema version N is reached by running MIGRATIONS[N - 1]; append, never edit.
 MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (
-    _migrate_1, _migrate_2, _migrate_3, _migrate_4, _migrate_5,
+    _migrate_1, _migrate_2, _migrate_3, _migrate_4, _migrate_5, _migrate_6,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -179,5 +190,6 @@ POSTGRES_MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "max_abs_err DOUBLE PRECISION, max_rel_err DOUBLE PRECISION, detail TEXT, created_at TEXT, "
         "PRIMARY KEY (env_key, region_key, implementation_id))",
     ),
+    _POSTGRES_6,
 )
 assert len(POSTGRES_MIGRATIONS) == SCHEMA_VERSION, "every schema version needs its PostgreSQL migration"

@@ -18,6 +18,7 @@ from typing import Any
 
 import msgpack
 
+from hypatia.canonical import workload_phase
 from hypatia.config import redact
 from hypatia.planner.databases import Database, StoreError, UnreadableStore, connect, is_postgres
 from hypatia.planner.plan import Plan, PlanFormatError, recipe_checksum, recipe_text
@@ -185,8 +186,10 @@ class Store:
         environment: dict,
         plan: Plan,
         implementations: list[dict],
+        model: str = "",
     ) -> None:
-        """Record the graph, workload, environment, implementations and plan in one transaction."""
+        """Record the graph, workload, environment, implementations and plan in one transaction;
+        ``model`` labels the graph for people (the first label given is kept)."""
         graph_key, workload_key, env_key = keys
         text = recipe_text(plan.to_recipe())
         now = _now()
@@ -199,7 +202,10 @@ class Store:
                 "ops": json.dumps(dict(ops), sort_keys=True),
                 "graph": msgpack.packb(graph_wire, use_bin_type=True),
                 "created_at": now,
+                "model": model or None,
             }, ignore=True)
+            if model:
+                db.execute("UPDATE canonical_graphs SET model = ? WHERE key = ? AND model IS NULL", (model, graph_key))
             self._environment_row(db, env_key, environment, now)
             self._insert(db, "workloads", {"key": workload_key, "inputs": json.dumps(workload), "created_at": now},
                          ignore=True)
@@ -373,17 +379,23 @@ class Store:
         where = "WHERE p.tuned = 0" if untuned_only else ""
         rows = self._db().execute(
             "SELECT p.graph_key, p.workload_key, p.env_key, p.revision, p.policy, p.tuned, p.updated_at, "
-            "g.nodes, e.device_name, p.recipe FROM plans p LEFT JOIN canonical_graphs g ON g.key = p.graph_key "
-            f"LEFT JOIN environments e ON e.key = p.env_key {where} ORDER BY p.updated_at DESC, p.graph_key"
+            "g.nodes, e.device_name, p.recipe, g.model, w.inputs FROM plans p "
+            "LEFT JOIN canonical_graphs g ON g.key = p.graph_key LEFT JOIN environments e ON e.key = p.env_key "
+            f"LEFT JOIN workloads w ON w.key = p.workload_key {where} ORDER BY p.updated_at DESC, p.graph_key"
         ).fetchall()
         out = []
-        for gk, wk, ek, rev, policy, tuned, updated, nodes, device, recipe in rows:
+        for gk, wk, ek, rev, policy, tuned, updated, nodes, device, recipe, model, inputs in rows:
             try:
                 regions = [r["rule"] for r in json.loads(recipe)["regions"]]
             except (ValueError, KeyError, TypeError):
                 regions = None
+            try:
+                graph = workload_phase(json.loads(inputs)) if inputs else None
+            except (ValueError, KeyError, TypeError):
+                graph = None
             out.append({"graph_key": gk, "workload_key": wk, "env_key": ek, "revision": rev, "policy": policy,
-                        "tuned": bool(tuned), "updated_at": updated, "nodes": nodes, "device": device, "regions": regions})
+                        "tuned": bool(tuned), "updated_at": updated, "nodes": nodes, "device": device, "regions": regions,
+                        "model": model, "graph": graph})
         return out
 
     def flush(self) -> dict[str, int]:

@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import msgpack
 import pytest
@@ -185,10 +184,9 @@ def test_sigterm_under_load_drains_every_request_in_flight(home, daemons):
         os.kill(proc.pid, signal.SIGTERM)
 
         with connection(home, timeout_ms=10_000, retries=0) as late:  # intake is closed during the drain
-            start = time.monotonic()
+            # refused with SHUTTING_DOWN, not left to its 10 s timeout (which would say "no reply")
             with pytest.raises(DaemonUnavailable, match="SHUTTING_DOWN"):
                 late.call("make_plan", linear_relu_request(9, 32))
-            assert time.monotonic() - start < 5
 
         outputs = [(p, *p.communicate(timeout=120)) for p in clients]
     finally:

@@ -5,6 +5,7 @@ AOTAutograd's own lowering matters (batch norm in eval), from torch.compile."""
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -333,6 +334,10 @@ def test_debug_fx_logs_the_graph_before_and_after_and_the_plan(home, dynamo_rese
         torch.compile(model, backend="hypatia")(torch.randn(4, 8))
     text = "\n".join(r.getMessage() for r in caplog.records)
     assert "before:" in text and "aten.silu.default" in text.split("after:")[0]
-    assert "'rule': 'linear_silu'" in text  # the plan
+    # the plan, readable: a header naming the graph and model, then one line per region
+    plan = next(r.getMessage() for r in caplog.records if "HYPATIA_DEBUG_FX plan" in r.getMessage()).splitlines()
+    assert plan[0].startswith("HYPATIA_DEBUG_FX plan for the inference graph g1-") and " of Sequential " in plan[0]
+    assert plan[0].endswith(": 1 fused region(s)") and "{" not in "\n".join(plan)
+    assert re.fullmatch(r"  linear_silu  linear_activation/\S+/silu  nodes [0-9, -]+ -> [0-9]+", plan[1]), plan
     after = text.split("after:")[1]
     assert "hypatia.addmm_activation" in after and "aten.silu" not in after

@@ -66,6 +66,26 @@ def test_plan_round_trip_and_rows(store_location):
     store.close()
 
 
+def test_a_graph_keeps_the_first_model_label_and_its_plans_say_which_graph(store_location):
+    """Schema 6: the model a graph came from is a label for people (the first one given wins;
+    a graph stored without one takes the next), never a key; the graph's kind is its workload's."""
+    store = Store(store_location)
+    graph, keys, env = sample()
+    plan = plan_graph(graph)
+    store.put_plan(keys, graph.to_wire(), [META], env, plan, [])  # stored before labels existed
+    assert [(r["model"], r["graph"]) for r in store.plan_rows()] == [(None, None)]
+    training = [META, ["phase", "training", [0]]]
+    trained = (keys[0], workload_key(training)[0], keys[2])
+    store.put_plan(trained, graph.to_wire(), training, env, plan, [], model="TinyNet")
+    inference = [META, ["phase", "inference", []]]
+    served = (keys[0], workload_key(inference)[0], keys[2])
+    store.put_plan(served, graph.to_wire(), inference, env, plan, [], model="OtherNet")
+    rows = {r["workload_key"]: (r["model"], r["graph"]) for r in store.plan_rows()}
+    assert rows == {keys[1]: ("TinyNet", None), trained[1]: ("TinyNet", "training"), served[1]: ("TinyNet", "inference")}
+    assert store.counts()["canonical_graphs"] == 1
+    store.close()
+
+
 def test_corrupted_row_is_counted_quarantined_and_never_served(store_location):
     store = Store(store_location)
     graph, keys, env = sample()
@@ -146,9 +166,9 @@ def test_a_version_2_store_migrates_and_its_format_1_plans_still_serve(tmp_path)
     db.conn.close()
 
     store = Store(path)
-    assert store.query("PRAGMA user_version")[0][0] == SCHEMA_VERSION == 5
+    assert store.query("PRAGMA user_version")[0][0] == SCHEMA_VERSION == 6
     plan = store.get_plan(keys)
     assert plan is not None and not plan.tuned and plan.regions[0].placement == "device"
-    assert [r["tuned"] for r in store.plan_rows(untuned_only=True)] == [False]
+    assert [(r["tuned"], r["model"], r["graph"]) for r in store.plan_rows(untuned_only=True)] == [(False, None, None)]
     assert store.ceilings(keys[2]) is None and store.traces(keys[2], ["r1-x"]) == {}
     store.close()

@@ -32,6 +32,7 @@ PRIVATE = [
     ("torch._dynamo.utils", "counters", ()),
     ("torch._guards", "detect_fake_mode", ()),
     ("torch._guards", "TracingContext", ()),
+    ("torch._dynamo.symbolic_convert", "InstructionTranslator", ()),
 ]
 
 
