@@ -50,24 +50,24 @@ def _cast(x, keywords: int) -> tuple:
     return ("aten._to_copy.default", x, *("_",) * keywords)
 
 
-CAST_FORMS = tuple((f"_to_copy/{n}", lambda x, n=n: _cast(x, n)) for n in range(1, 6)) + (
+CAST_FORMS = tuple((f"to_copy{n}", lambda x, n=n: _cast(x, n)) for n in range(1, 6)) + (
     ("convert_element_type", lambda x: ("prims.convert_element_type.default", x, "_")),
 )
 
 PROBS_REWRITES = (
-    Rewrite("probs softmax", ("aten._softmax.default", "$s", "_", Lit(False)), PROBS),
-    Rewrite("probs hand-written softmax", ("hypatia.softmax", "$s"), PROBS),
+    Rewrite("probs.softmax", ("aten._softmax.default", "$s", "_", Lit(False)), PROBS),
+    Rewrite("probs.hand_written_softmax", ("hypatia.softmax", "$s"), PROBS),
     # CUDA's softmax(x, dtype=float32) of a float16 x: half_to_float, then a cast back
-    Rewrite("probs half_to_float softmax", ("aten._softmax.default", "$s", "_", Lit(True)), PROBS),
-    *(Rewrite(f"probs float32 softmax {name}", ("aten._softmax.default", cast("$s"), "_", Lit(False)), PROBS)
+    Rewrite("probs.half_to_float_softmax", ("aten._softmax.default", "$s", "_", Lit(True)), PROBS),
+    *(Rewrite(f"probs.float32_softmax.{name}", ("aten._softmax.default", cast("$s"), "_", Lit(False)), PROBS)
       for name, cast in CAST_FORMS),
-    *(Rewrite(f"probs cast back {name}", cast(PROBS), PROBS) for name, cast in CAST_FORMS),
+    *(Rewrite(f"probs.cast_back.{name}", cast(PROBS), PROBS) for name, cast in CAST_FORMS),
     # dropout that draws nothing, as tracing leaves it
-    Rewrite("probs clone", ("aten.clone.default", PROBS), PROBS),
-    Rewrite("probs clone/format", ("aten.clone.default", PROBS, "_"), PROBS),
-    Rewrite("probs alias", ("aten.alias.default", PROBS), PROBS),
-    Rewrite("probs dropout off", ("aten.dropout.default", PROBS, "_", "_"), PROBS),
-    Rewrite("probs native_dropout off", ("_operator.getitem", ("aten.native_dropout.default", PROBS, "_", "_"), Lit(0)), PROBS),
+    Rewrite("probs.clone", ("aten.clone.default", PROBS), PROBS),
+    Rewrite("probs.clone_format", ("aten.clone.default", PROBS, "_"), PROBS),
+    Rewrite("probs.alias", ("aten.alias.default", PROBS), PROBS),
+    Rewrite("probs.dropout_off", ("aten.dropout.default", PROBS, "_", "_"), PROBS),
+    Rewrite("probs.native_dropout_off", ("_operator.getitem", ("aten.native_dropout.default", PROBS, "_", "_"), Lit(0)), PROBS),
 )
 
 # -- scale, mask, and the rules -----------------------------------------------------------------
@@ -238,8 +238,8 @@ def _masked(match: Match, kind: str, scores: list, dtype: str, qkv: tuple, scale
     keep = _mask_node(match, WHERE, "keep" if kind == "keep_add" else "mask")
     if keep is None or shape_of(g, keep) != scores or _dtype(match, g.nodes[keep].args[0][1]) != "bool":
         return None
-    if kind == "keep" and "fill" in inp:  # a fill from outside (a tensor constant): a 0-d input
-        if shape_of(g, inp["fill"]) != []:
+    if kind == "keep" and "fill" in inp:  # a fill the planner cannot read (a tensor constant): a 0-d input
+        if shape_of(g, inp["fill"]) != [] or _const(match, ["n", inp["fill"]]) is not None:
             return None
         return Fusion("sdpa_where", (*qkv, inp["mask"], inp["fill"]), (scale,))
     fill = _const(match, g.nodes[keep].args[2])
