@@ -59,6 +59,11 @@ def attention_where(q, kt, v, keep, fill, scale):
     return _fully_masked_rows(out, v, ~keep)
 
 
+def attention_bias_mask(q, kt, v, bias, mask, scale):
+    """scores + bias + mask (T5's position bias, then the padding mask) as one additive mask."""
+    return F.scaled_dot_product_attention(q, kt.transpose(-2, -1), v, attn_mask=bias + mask, scale=scale)
+
+
 def attention_keep_add(q, kt, v, keep, mask, scale, fill):
     """where(keep, scores, fill) + mask (GPT-2's causal mask, then the padding mask), ``fill``
     absorbing: one additive mask."""

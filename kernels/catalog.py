@@ -49,6 +49,8 @@ ATTENTION = _table("attention", "attention", (
     (GPU, "sdpa_mask", "attention_masked", "aten::scaled_dot_product_attention with a mask (memory-efficient)", 1),
     (CPU, "sdpa_where", "attention_where", "aten::scaled_dot_product_attention, where() as an additive mask", 3),
     (GPU, "sdpa_where", "attention_where", "aten::scaled_dot_product_attention, where() as an additive mask", 3),
+    (CPU, "sdpa_bias_mask", "attention_bias_mask", "aten::scaled_dot_product_attention, a bias and a mask as one additive mask", 2),
+    (GPU, "sdpa_bias_mask", "attention_bias_mask", "aten::scaled_dot_product_attention, a bias and a mask as one additive mask", 2),
     (CPU, "sdpa_keep_add", "attention_keep_add", "aten::scaled_dot_product_attention, where() and a mask as one additive mask", 2),
     (GPU, "sdpa_keep_add", "attention_keep_add", "aten::scaled_dot_product_attention, where() and a mask as one additive mask", 2),
 ), places="aten")

@@ -137,8 +137,8 @@ def attention_gpt2_causal(q, k, v, mask):  # GPT-2: divide by a 0-d tensor, wher
     return F.softmax(scores, dim=-1).type(v.dtype) @ v
 
 
-def attention_t5(q, k, v, bias):  # T5: no scale, the position bias (and mask) added
-    return F.dropout(F.softmax(q @ k.transpose(3, 2) + bias, dim=-1).type_as(q), p=0.0, training=True) @ v
+def attention_t5(q, k, v, bias, mask):  # T5: no scale, the position bias added, then the mask
+    return F.dropout(F.softmax(q @ k.transpose(3, 2) + bias + mask, dim=-1).type_as(q), p=0.0, training=True) @ v
 
 
 def attention_keep_fill(q, k, v, keep):  # a fill that does not absorb the scores
@@ -173,7 +173,7 @@ CASES = [
     ("attention_add_mask", attention_float32_softmax, [x.bfloat16() for x in QKV + [torch.randn(2, 1, 8, 8)]]),
     ("attention", attention_repeat_kv, [QKV[0], QKV[1][:, :2], QKV[2][:, :2]]),
     ("attention_keep_add_mask", attention_gpt2_causal, QKV + [torch.randn(2, 1, 1, 8)]),
-    ("attention_add_mask", attention_t5, QKV + [torch.randn(1, 4, 8, 8)]),
+    ("attention_bias_mask", attention_t5, QKV + [torch.randn(1, 4, 8, 8), torch.randn(2, 1, 1, 8)]),
     # rows 0 and 3 of the masks hide every position: eager's answer is the mean of V there
     ("attention_keep_mask", attention_keep_fill, QKV + [(torch.rand(2, 1, 8, 8) > 0.3).index_fill(2, torch.tensor([0, 3]), False)]),
     ("attention_fill_mask", attention_fill_min, QKV + [(torch.rand(2, 1, 8, 8) > 0.7).index_fill(2, torch.tensor([0, 3]), True)]),

@@ -7,8 +7,9 @@ normalization family), computed in float32 and cast back to a 16-bit dtype (``tr
 followed by dropout that draws nothing (p = 0, or not training: a clone, or the dropout op
 where tracing keeps it). The ``probs`` rewrites fold each of those into one ``hypatia.probs``
 e-node, so the rules only enumerate what matters: the scale (mul or div by a constant, or
-none), the mask (additive, ``masked_fill``, ``where`` on a boolean mask, or ``where`` then an
-additive mask as GPT-2 spells it), then the matmul with V.
+none), the mask (additive, a bias then an additive mask as T5 spells it, ``masked_fill``,
+``where`` on a boolean mask, or ``where`` then an additive mask as GPT-2 spells it), then the
+matmul with V.
 
 A rewrite cannot see dtypes or argument values, so ``build`` checks them on the region's nodes:
 casts only widen to float32 and come back to the inputs' dtype, softmax runs over the last
@@ -78,6 +79,8 @@ WHERE = "aten.where.self"
 # kind -> the masked scores; a "_" fill is a constant computed in the region (full, scalar_tensor)
 MASKS = {
     "add": (lambda s: ("aten.add.Tensor", s, "$mask"),),
+    # a bias, then the mask (T5's position bias): two additive masks
+    "bias": (lambda s: ("aten.add.Tensor", ("aten.add.Tensor", s, "$bias"), "$mask"),),
     "fill": (lambda s: ("aten.masked_fill.Scalar", s, "$mask", "_"),),
     "keep": (lambda s: (WHERE, "$mask", s, "_"), lambda s: (WHERE, "$mask", s, "$fill")),
     "keep_add": (lambda s: ("aten.add.Tensor", (WHERE, "$keep", s, "_"), "$mask"),),
@@ -222,14 +225,20 @@ def _masked(match: Match, kind: str, scores: list, dtype: str, qkv: tuple, scale
     """The fused call for a masked form, or None where the mask is not one SDPA can take as it
     is: it widens the scores, is of another dtype, or its fill would not mask."""
     g, inp = match.graph, match.inputs
-    op = {"add": "aten.add.Tensor", "fill": "aten.masked_fill.Scalar", "keep": WHERE, "keep_add": "aten.add.Tensor"}[kind]
+    op = {"fill": "aten.masked_fill.Scalar", "keep": WHERE}.get(kind, "aten.add.Tensor")
     masked = _mask_node(match, op, "mask")
     if masked is None or shape_of(g, masked) != scores:  # the mask must not broadcast the scores any further
         return None
-    if kind in ("add", "keep_add") and _dtype(match, inp["mask"]) != dtype:
+    additive = ("mask", "bias") if kind == "bias" else ("mask",) if kind in ("add", "keep_add") else ()
+    if any(_dtype(match, inp[name]) != dtype for name in additive):
         return None
     if kind == "add":
         return Fusion("sdpa_mask", (*qkv, inp["mask"]), (scale, "add", None))
+    if kind == "bias":
+        biased = _mask_node(match, "aten.add.Tensor", "bias")
+        if biased is None or shape_of(g, biased) != scores:
+            return None
+        return Fusion("sdpa_bias_mask", (*qkv, inp["bias"], inp["mask"]), (scale,))
     if kind == "fill":
         fill = scalar(match.node(masked).args[2])
         if _dtype(match, inp["mask"]) != "bool" or fill is None or fill > MASKING:
