@@ -130,3 +130,20 @@ def test_attention_dropout_that_draws_is_not_fused(in_process):
     assert {r: _fired(r) for r in before} == before
     assert all(p.grad is not None for p in model.encoder.parameters())
     _no_fallbacks()
+
+
+def test_cuda_half_to_float_softmax_then_cast_back_is_matched():
+    """CUDA runs softmax(x, dtype=float32) of a float16 x as ``_softmax(x, half_to_float=True)``,
+    which has no CPU kernel: planned here on fake tensors, run by the GPU tests."""
+    from graphs import aten_graph
+    from hypatia.client.capture import capture
+    from hypatia.planner import plan_graph
+
+    def attention(q, k, v, mask):
+        scores = q @ k.transpose(-1, -2) * 0.25 + mask
+        return torch.ops.aten._softmax(scores, -1, True).to(torch.float16) @ v
+
+    inputs = [torch.randn(2, 4, 8, 16, dtype=torch.float16) for _ in range(3)] + [torch.randn(2, 1, 1, 8, dtype=torch.float16)]
+    before = counters["rewrite.probs.half_to_float_softmax.matched"]
+    assert plan_graph(capture(aten_graph(attention, *inputs))[0]).rules_fired == {"attention_add_mask": 1}
+    assert counters["rewrite.probs.half_to_float_softmax.matched"] == before + 1
