@@ -52,6 +52,8 @@ def region_module(fx_nodes: list[torch.fx.Node], region: Region) -> torch.fx.Gra
     for node in fx_nodes[0].graph.nodes:  # graph order is a topological order
         if node in members:
             env[node] = graph.node_copy(node, lambda n: env[n])
+            if node.op == "call_function" and capture.op_name(node) in regions.REFERENCE_OPS:
+                env[node].target = regions.REFERENCE_OPS[capture.op_name(node)]
     graph.output(env[fx_nodes[region.output]])
     return torch.fx.GraphModule(torch.nn.Module(), graph)
 

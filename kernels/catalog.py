@@ -41,14 +41,18 @@ MLP = _table("mlp", "mlp", tuple(
     for act in ("relu", "gelu", "gelu_tanh", "silu")
 ))
 
-# q @ k^T -> scale -> mask -> softmax -> @ v: (q, k_transposed, v[, mask[, fill]], scale[, mask_kind, fill]).
+# q @ k^T -> scale -> mask -> softmax -> @ v: (q, k_transposed, v[, masks...[, fill]], scale[, mask_kind, fill]).
 ATTENTION = _table("attention", "attention", (
     (CPU, "sdpa", "attention", "aten::scaled_dot_product_attention (flash attention for CPU)", 1),
     (CPU, "sdpa_mask", "attention_masked", "aten::scaled_dot_product_attention with a mask", 1),
     (GPU, "sdpa", "attention", "aten::scaled_dot_product_attention (flash / memory-efficient)", 1),
     (GPU, "sdpa_mask", "attention_masked", "aten::scaled_dot_product_attention with a mask (memory-efficient)", 1),
-    (CPU, "sdpa_where", "attention_where", "aten::scaled_dot_product_attention, where() as an additive mask", 2),
-    (GPU, "sdpa_where", "attention_where", "aten::scaled_dot_product_attention, where() as an additive mask", 2),
+    (CPU, "sdpa_where", "attention_where", "aten::scaled_dot_product_attention, where() as an additive mask", 3),
+    (GPU, "sdpa_where", "attention_where", "aten::scaled_dot_product_attention, where() as an additive mask", 3),
+    (CPU, "sdpa_bias_mask", "attention_bias_mask", "aten::scaled_dot_product_attention, a bias and a mask as one additive mask", 2),
+    (GPU, "sdpa_bias_mask", "attention_bias_mask", "aten::scaled_dot_product_attention, a bias and a mask as one additive mask", 2),
+    (CPU, "sdpa_keep_add", "attention_keep_add", "aten::scaled_dot_product_attention, where() and a mask as one additive mask", 2),
+    (GPU, "sdpa_keep_add", "attention_keep_add", "aten::scaled_dot_product_attention, where() and a mask as one additive mask", 2),
 ), places="aten")
 
 # Normalizations and softmax written out by hand -> ATen's fused kernels.

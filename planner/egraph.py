@@ -29,6 +29,10 @@ MAX_ARITY = 10
 # e-graph's congruence (random number generation, uninitialized memory, in-place updates).
 _UNIQUE_OP = re.compile(r"rand|dropout|bernoulli|normal|uniform|multinomial|empty|^placeholder$|_\.")
 
+# Dropout that draws nothing: probability 0 or not training (``dropout(x, p, train)``). Its value
+# is its input, so it is an ordinary term that rules may match through.
+_DROPOUT = ("aten.native_dropout.default", "aten.dropout.default")
+
 # Ops whose first two arguments commute (as long as nothing follows them).
 COMMUTATIVE_OPS = ("aten.add.Tensor", "aten.mul.Tensor")
 
@@ -212,7 +216,7 @@ class EGraph:
         node = self.graph.nodes[i]
         if node.op == "get_attr":  # a constant: equal contents (same digest) may share a class
             return self._opterm(node.op, self._lit(lit_text(node.args)))
-        if _UNIQUE_OP.search(node.op):
+        if _UNIQUE_OP.search(node.op) and not identity_dropout(node):
             return self._opterm(f"unique:{node.op}", self._lit(str(i)))
         children = [self._child(a) for a in node.args]
         for name in sorted(node.kwargs):
@@ -275,6 +279,15 @@ class EGraph:
             return True
         except self._b.EggSmolError:
             return False
+
+
+def identity_dropout(node) -> bool:
+    """True for a dropout node that draws no random numbers: ``p == 0`` or ``train`` False."""
+    if node.op not in _DROPOUT or len(node.args) != 3 or node.kwargs:
+        return False
+    p, train = node.args[1], node.args[2]
+    zero = isinstance(p, (int, float)) and not isinstance(p, bool) and p == 0
+    return zero or train is False
 
 
 def _has_ref(arg: Any) -> bool:

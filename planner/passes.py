@@ -68,7 +68,10 @@ def rewrite_families(state: PlanState) -> tuple[PlanState, bool]:
                 if rule.graph_pattern is not None:
                     for hit in graph_match.find(graph, rule.graph_pattern):
                         egraph.feed(rule, hit.root, hit.inputs)
-            egraph.run(family.name)
+            report = egraph.run(family.name)
+            for rewrite in family.rewrites:  # how often each spelling was seen, per rewrite
+                if report.get(rewrite.name):
+                    counters[f"rewrite.{rewrite.name}.matched"] += report[rewrite.name]
         hits = egraph.hits()
     finally:
         egraph.close()

@@ -39,9 +39,25 @@ class NotMeasurable(Exception):
     (a symbolic size, an opaque Python object); it keeps its heuristic choice."""
 
 
+def cast_keeping_float64(x: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    """``aten._to_copy``, except that a float64 tensor cast to another floating dtype stays
+    float64: the float64 reference of a region that computes a softmax in float32 and casts
+    it back to bfloat16 then computes it all in float64, instead of mixing dtypes."""
+    dtype = kwargs.get("dtype")
+    if x.dtype == torch.float64 and isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        kwargs = {**kwargs, "dtype": torch.float64}
+    return torch.ops.aten._to_copy.default(x, **kwargs)
+
+
+# Ops the unfused reference runs in their float64-preserving form.
+REFERENCE_OPS: dict[str, Callable] = {"aten._to_copy.default": cast_keeping_float64}
+
+
 def _resolve(op: str) -> Callable:
     if op == "_operator.getitem":
         return operator.getitem
+    if op in REFERENCE_OPS:
+        return REFERENCE_OPS[op]
     namespace, _, rest = op.partition(".")
     name, _, overload = rest.partition(".")
     try:

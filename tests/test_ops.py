@@ -113,6 +113,10 @@ def _example_args(spec) -> tuple | None:
             return (q, kt, v, 0.5)
         if sig == "sdpa_mask":
             return (q, kt, v, torch.randn(4, 4), 0.5, "add", 0.0)
+        if sig == "sdpa_bias_mask":
+            return (q, kt, v, torch.randn(1, 3, 4, 4), torch.randn(2, 1, 1, 4), 0.5)
+        if sig == "sdpa_keep_add":
+            return (q, kt, v, torch.rand(4, 4) > 0.3, torch.randn(2, 1, 1, 4), 0.5, -3.4e38)
         return (q, kt, v, torch.rand(4, 4) > 0.3, torch.tensor(-1e4), 0.5)
     if op == "normalization":
         x = torch.randn(3, 8)
