@@ -20,6 +20,8 @@ import torch.fx
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from hypatia.client.torch_internals import carry_dynamo_metadata, python_dispatcher
+from hypatia.kernels.pointwise_layout import same_layout, with_layout
+from hypatia.planner.counters import counters
 from hypatia.planner.executable import apply_plan
 from hypatia.planner.plan import Plan
 
@@ -106,10 +108,19 @@ def _inline(gm: torch.fx.GraphModule, node: torch.fx.Node, fake_mode: Any, train
     """Replace ``node``, a call of a kernel-library function, by the operators the function
     runs: only the region is traced, on its inputs' fake values, not the whole graph again."""
     inputs = [a for a in node.args if isinstance(a, torch.fx.Node)]
+    expected = node.meta.get("val")
 
     def call(*tensors: torch.Tensor) -> Any:
         it = iter(tensors)
-        return node.target(*[next(it) if isinstance(a, torch.fx.Node) else a for a in node.args])
+        out = node.target(*[next(it) if isinstance(a, torch.fx.Node) else a for a in node.args])
+        # The graph's later views were traced against the unfused ops' layout: a kernel that
+        # returns another one is followed by a copy into that layout.
+        if isinstance(out, torch.Tensor) and isinstance(expected, torch.Tensor) and not same_layout(out, expected):
+            copied = with_layout(out, expected)
+            if copied is not None:
+                counters["rewrite.layout_copies"] += 1
+                return copied
+        return out
 
     # In training the region is traced as autograd will run it: ATen's composite operators pick
     # their variant by it (SDPA keeps the log-sum-exp its backward needs only then).

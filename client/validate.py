@@ -78,7 +78,7 @@ def random_inputs(fx_nodes: list[torch.fx.Node], region: Region, positive: bool)
             inputs[k] = inputs[k].abs().add_(0.5)
     # Keep each input's strides (a transposed weight stays transposed) so the kernel sees
     # the layouts it will see in the model.
-    return [torch.empty_strided(v.shape, v.stride(), dtype=x.dtype, device=x.device).copy_(x) for v, x in zip(vals, inputs)]
+    return [regions.laid_out(x, v.stride()) for v, x in zip(vals, inputs)]
 
 
 def check_region(fx_nodes: list[torch.fx.Node], region: Region, mode: str) -> Verdict:

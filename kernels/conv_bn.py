@@ -1,5 +1,5 @@
 """conv -> batch norm (inference) [-> ReLU] as one ``hypatia::conv_bn`` call: a convolution
-whose weights have the batch norm folded in (cached while the parameters stay unchanged)."""
+whose weights have the batch norm folded in on every call (never cached: see ``ops.fold``)."""
 
 from __future__ import annotations
 

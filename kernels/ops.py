@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hypatia.kernels.pointwise import PointwiseCompileError, pointwise_cpu, pointwise_torch_reference, program_of, program_text
+from hypatia.kernels.pointwise import (PointwiseCompileError, fake_output, pointwise_cpu, pointwise_torch_reference,
+                                       program_of, program_text)
 
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
 ENGINES = ("torch", "nvrtc")  # how hypatia::pointwise runs: torch ops, or one NVRTC kernel through cupy
@@ -68,9 +69,8 @@ def pointwise(inputs: list[Tensor], program: str, engine: str) -> Tensor:
 
 @pointwise.register_fake
 def _pointwise_fake(inputs: list[Tensor], program: str, engine: str) -> Tensor:
-    parsed = program_of(program)
     device = next((t.device for t in inputs if t.dim() > 0), inputs[0].device)
-    return torch.empty(parsed["shape"], dtype=getattr(torch, parsed["dtype"]), device=device)
+    return fake_output(program_of(program), device)
 
 
 def _pointwise_setup(ctx: Any, inputs: tuple, output: Tensor) -> None:

@@ -6,7 +6,10 @@ A program is plain data (it travels in msgpack and JSON)::
      "out": 1, "dtype": "float32", "shape": [8, 128, 768]}
 
 Op k produces value k; operands are ``["in", k]``, ``["v", j]`` (j < k) or ``["c", number]``.
-Inputs broadcast to ``shape``. Values are computed in float32 (float64 when an input, a cast or
+Inputs broadcast to ``shape``. An optional ``"order"`` gives the output's memory layout: its
+dims from outermost to innermost (absent: row-major). The planner sets it to the layout the
+unfused ops produced (a transposed input's layout, as TensorIterator keeps it), since later
+views in the graph were traced against that layout. Values are computed in float32 (float64 when an input, a cast or
 the output is float64) and rounded to ``dtype`` once at the end and at each explicit ``cast``, so
 bf16/fp16 results can differ from eager, which rounds after every op. Integer inputs are computed
 as floating point too. Values made by comparisons are booleans, and ``add`` of two booleans is
@@ -25,6 +28,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Mapping
 
+from hypatia.kernels.pointwise_layout import from_order, in_order
+
 if TYPE_CHECKING:
     import torch
 
@@ -42,6 +47,7 @@ COMPARISONS = frozenset({"lt", "le", "gt", "ge", "eq", "ne"})
 BOOL_PRESERVING = frozenset({"add", "mul", "maximum", "minimum"})  # bool op bool stays bool in torch
 DTYPE_NAMES = ("float32", "float64", "bfloat16", "float16", "bool")
 _KEYS = frozenset({"v", "n_inputs", "ops", "out", "dtype", "shape"})
+_OPTIONAL_KEYS = frozenset({"order"})
 
 counters: Counter = Counter()
 
@@ -65,6 +71,12 @@ class Program:
     needs_f64: bool  # the output or a cast is float64
     last_use: tuple[int, ...]  # per value: the last op reading it (len(ops) for the output)
     input_last_use: tuple[int, ...]
+    order: tuple[int, ...] | None = None  # the output's dims, outermost first; None: row-major
+
+    @property
+    def computed_shape(self) -> tuple[int, ...]:
+        """The shape the kernel computes: ``shape`` with its dims in memory order."""
+        return self.shape if self.order is None else tuple(self.shape[d] for d in self.order)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -119,7 +131,7 @@ def _parse(program: Any) -> Program:
         raise PointwiseProgramError(f"a pointwise program is a dict, not {type(program).__name__}")
     if missing := sorted(_KEYS - program.keys()):
         raise PointwiseProgramError(f"program lacks {', '.join(missing)}")
-    if unknown := sorted(map(str, program.keys() - _KEYS)):
+    if unknown := sorted(map(str, program.keys() - _KEYS - _OPTIONAL_KEYS)):
         raise PointwiseProgramError(f"program has unknown keys {', '.join(unknown)}")
     if not _is_int(program["v"]) or program["v"] != PROGRAM_VERSION:
         raise PointwiseProgramError(f"program version {program['v']!r} is not supported (this reads v{PROGRAM_VERSION})")
@@ -162,9 +174,14 @@ def _parse(program: Any) -> Program:
         raise PointwiseProgramError(f"unknown output dtype {dtype!r} (one of {', '.join(DTYPE_NAMES)})")
     if not _is_seq(shape) or not all(_is_int(s) and s >= 0 for s in shape):
         raise PointwiseProgramError(f"shape must be a list of non-negative ints, got {shape!r}")
+    order = program.get("order")
+    if order is not None and (not _is_seq(order) or not all(map(_is_int, order))
+                              or sorted(order) != list(range(len(shape)))):
+        raise PointwiseProgramError(f"order must be a permutation of the output's {len(shape)} dims, got {order!r}")
     last_use[out] = len(ops)
     needs_f64 = dtype == "float64" or any(t == "float64" for _, _, t in parsed)
-    return Program(n_inputs, tuple(parsed), out, dtype, tuple(shape), tuple(kinds), needs_f64, tuple(last_use), tuple(input_last_use))
+    return Program(n_inputs, tuple(parsed), out, dtype, tuple(shape), tuple(kinds), needs_f64, tuple(last_use),
+                   tuple(input_last_use), None if order is None or list(order) == sorted(order) else tuple(order))
 
 
 _BY_ID: dict[int, tuple[Any, Program, str | None]] = {}  # holds the program object, so its id is not reused
@@ -276,6 +293,14 @@ def pointwise_torch_reference(inputs: list, program: Any) -> torch.Tensor:
     return _evaluate(prog, inputs, reuse=False)
 
 
+def fake_output(program: Any, device: Any) -> torch.Tensor:
+    """An empty tensor with the shape, dtype and strides the kernels return for ``program``."""
+    import torch
+
+    prog = _checked(program)
+    return from_order(torch.empty(prog.computed_shape, dtype=getattr(torch, prog.dtype), device=device), prog)
+
+
 def _evaluate(prog: Program, inputs: list, reuse: bool) -> torch.Tensor:
     """The program on ``inputs`` through torch ops; ``reuse`` lets it write into the
     intermediates it made (and never under autograd)."""
@@ -285,6 +310,7 @@ def _evaluate(prog: Program, inputs: list, reuse: bool) -> torch.Tensor:
 
     compute = torch.float64 if prog.needs_f64 or any(t.dtype == torch.float64 for t in inputs) else torch.float32
     device = next((t.device for t in inputs if t.dim() > 0), inputs[0].device)  # not a CPU scalar's
+    inputs = [in_order(t, prog) for t in inputs]  # computed in memory order, so the result has the layout
     table = _torch_ops()
     values: list = [None] * len(prog.ops)
     owned = [False] * len(prog.ops)  # a tensor this call made, so in-place ops may reuse it
@@ -351,9 +377,9 @@ def _evaluate(prog: Program, inputs: list, reuse: bool) -> torch.Tensor:
             values[k], owned[k] = result, own
 
         result = values[prog.out]
-        if tuple(result.shape) != prog.shape:
-            result = result.expand(prog.shape)
+        if tuple(result.shape) != prog.computed_shape:
+            result = result.expand(prog.computed_shape)
         final = result.to(getattr(torch, prog.dtype)).contiguous()
         if reuse and not owned[prog.out] and final.data_ptr() == result.data_ptr():
             final = final.clone()  # never hand back an alias of an input
-        return final
+        return from_order(final, prog)

@@ -15,7 +15,8 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Sequence
 
-from hypatia.kernels.pointwise import PointwiseCompileError, PointwiseProgramError, Program, _checked, _split, counters
+from hypatia.kernels.pointwise import (PointwiseCompileError, PointwiseProgramError, Program, _checked, _split, counters,
+                                       from_order, in_order)
 
 if TYPE_CHECKING:
     import torch
@@ -383,10 +384,12 @@ def pointwise_cuda(*args) -> torch.Tensor:
             else:
                 raise PointwiseProgramError(f"input {k} is on {t.device}, the others on {device}")
     dtypes = _dtypes(prog, [t.dtype for t in inputs])
-    out = torch.empty(prog.shape, dtype=getattr(torch, prog.dtype), device=device)
+    # computed in the output's memory order, so the kernel writes it contiguously
+    inputs = [in_order(t, prog) for t in inputs]
+    out = torch.empty(prog.computed_shape, dtype=getattr(torch, prog.dtype), device=device)
     if out.numel() == 0:
-        return out
-    layout = _layout(inputs, prog.shape)
+        return from_order(out, prog)
+    layout = _layout(inputs, prog.computed_shape)
     cupy = _cupy(_source(prog, dtypes)[1])
     import numpy as np
 
@@ -397,4 +400,4 @@ def pointwise_cuda(*args) -> torch.Tensor:
         blocks = min(-(-out.numel() // BLOCK), _max_blocks(device.index))
         with stream:
             kernel((blocks,), (BLOCK,), (*pointers, layout))
-    return out
+    return from_order(out, prog)

@@ -73,10 +73,20 @@ def _tensor(meta: Any, device: torch.device, seed: int) -> torch.Tensor:
     shape, dtype = m[0], m[1]
     stride = meta[2] if isinstance(meta[2], list) and all(isinstance(s, int) for s in meta[2]) else None
     value = equivalence.random_inputs([(shape, dtype)], seed=seed, device=device)[0]
-    if stride is None:
+    return value if stride is None else laid_out(value, stride)
+
+
+def laid_out(value: torch.Tensor, stride: Any) -> torch.Tensor:
+    """``value`` with the model's layout ``stride`` (a transposed weight stays transposed); dims
+    of stride 0 (an expanded mask) hold one value along them, as in the model. A layout whose
+    elements overlap otherwise cannot be written; it gets ``value`` as it is."""
+    stride = tuple(int(s) for s in stride)
+    shape = tuple(value.shape)
+    base = value[tuple(slice(0, 1) if st == 0 else slice(None) for st in stride)]
+    out = torch.empty_strided(base.shape, stride, dtype=value.dtype, device=value.device)
+    if torch._debug_has_internal_overlap(out) != 0:
         return value
-    # keep the model's layout (a transposed weight stays transposed)
-    return torch.empty_strided(shape, stride, dtype=value.dtype, device=device).copy_(value)
+    return out.copy_(base).expand(shape)
 
 
 def synthetic_inputs(graph: CanonicalGraph, region: Region, device: torch.device, positive: bool = False) -> list[torch.Tensor]:

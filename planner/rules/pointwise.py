@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from hypatia.canonical import CanonicalGraph, is_ref
+from hypatia.kernels.pointwise_layout import order_of
 from hypatia.planner.rules import Fusion, tensor_meta
 
 # ATen op -> program op (same argument order)
@@ -95,10 +96,18 @@ def program(graph: CanonicalGraph, nodes: list[int], root: int) -> tuple[tuple[i
                 return None
             ops.append([name, *operands])
         local[i] = len(ops) - 1
-    shape, dtype, _ = tensor_meta(graph.nodes[root].meta)
+    meta = graph.nodes[root].meta
+    shape, dtype, _ = tensor_meta(meta)
     if len(inputs) > MAX_INPUTS or not all(isinstance(s, int) for s in shape):
         return None
-    return tuple(inputs), {"v": 1, "n_inputs": len(inputs), "ops": ops, "out": local[root], "dtype": dtype, "shape": list(shape)}
+    built = {"v": 1, "n_inputs": len(inputs), "ops": ops, "out": local[root], "dtype": dtype, "shape": list(shape)}
+    # The output keeps the unfused ops' layout: the graph's later views were traced against it.
+    stride = meta[2]
+    if isinstance(stride, list) and len(stride) == len(shape) and all(isinstance(s, int) for s in stride):
+        order = order_of(shape, stride)
+        if order is not None:
+            built["order"] = order
+    return tuple(inputs), built
 
 
 def regions(graph: CanonicalGraph, claimed: set[int]) -> list[tuple[int, frozenset[int], Fusion]]:
