@@ -140,6 +140,13 @@ def _fmt_bytes(n: int | None) -> str:
     return str(n)
 
 
+def _store_state(store: dict[str, Any]) -> str:
+    if store.get("writable", True):
+        return "writable"
+    return (f"READ-ONLY: {store.get('problem')}; serving what it holds, {store.get('writes_dropped', 0)} "
+            "writes dropped so far (retried every HYPATIA_STORE_RETRY_S seconds)")
+
+
 def format_stats(s: dict[str, Any]) -> str:
     rows: list[tuple[str, Any]] = []
     if s.get("running"):
@@ -154,6 +161,7 @@ def format_stats(s: dict[str, Any]) -> str:
             ("peers", ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in s.get("peers", {}).items() if v) or "none yet"),
             ("store", s["store"]["path"]),
             ("store size", _fmt_bytes(s["store"]["size_bytes"])),
+            ("store state", _store_state(s["store"])),
             ("clients seen", s["clients_seen"]),
             ("requests", ", ".join(f"{k} {v}" for k, v in sorted(s["requests"].items())) or "0"),
             ("plan-cache hits", cache["hits"]),
@@ -175,7 +183,8 @@ def format_stats(s: dict[str, Any]) -> str:
             ("fallbacks", s["fallbacks"]),
             ("errors", s["error_total"]),
             ("corrupt rows", f"{s['corrupt_rows']} ({s.get('quarantined_rows', 0)} quarantined); store files moved aside "
-                             f"as unreadable: {s['store_quarantined']}"),
+                             f"as damaged: {s['store_quarantined']} ({s['store'].get('rows_salvaged', 0)} rows "
+                             "salvaged from them)"),
             ("rules fired", ", ".join(f"{k} {v}" for k, v in sorted(s["rules"].items())) or "none"),
             ("tunings", f"{s['tuning']['tunings']} done, {s['tuning']['failed']} failed, {s['tuning']['skipped']} skipped, "
                         f"{s['tuning_inflight']} in flight, {s['tuning']['coalesced']} coalesced"

@@ -29,7 +29,7 @@ from hypatia.daemon.remote import RunService
 from hypatia.daemon.zap import COUNTERS as ZAP_COUNTERS, DOMAIN, TCP_DOMAIN, ZapHandler
 from hypatia.keys import KeysError, server_keys
 from hypatia.daemon.service import PlanKeys, PlanService, plan_keys, request_policy
-from hypatia.planner.store import Store
+from hypatia.planner.store import Store, StoreError
 from hypatia.protocol import (
     BadRequest,
     Busy,
@@ -90,7 +90,7 @@ class Server:
             lock.release()
 
     def _serve(self) -> int:
-        store = Store(self.config.store_location)
+        store = Store(self.config.store_location, retry_s=self.config.store_retry_s)
         self.service = PlanService(self.config, store)
         self.runs = RunService(store, self.service.stored)
         self.runs.tick(time.monotonic())  # segments of clients that died while no daemon ran
@@ -316,6 +316,10 @@ class Server:
             if exc.code == ErrorCode.VERSION_MISMATCH:
                 self._log_refusal(exc)
             return
+        except StoreError as exc:  # the store's own words say what is wrong: no traceback
+            log.error("handler %s failed: %s", method, exc)
+            self._error(identity, rid, ErrorCode.INTERNAL, str(exc))
+            return
         except Exception as exc:
             log.exception("handler %s failed", method)
             self._error(identity, rid, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
@@ -375,7 +379,9 @@ class Server:
             result = [*tag, True, fn(*args)]
         except Exception as exc:
             skipped = bool(getattr(exc, "skip", False))  # not a failure: the work is not ours to do
-            (log.warning if skipped else log.exception)("%s %s failed: %s", tag[0], str(tag[1])[:40], exc)
+            quiet = skipped or isinstance(exc, StoreError)  # a store error says all there is to say
+            (log.warning if skipped else log.error if quiet else log.exception)(
+                "%s %s failed: %s", tag[0], str(tag[1])[:40], exc)
             result = [*tag, False, {"skipped": skipped, "error": f"{type(exc).__name__}: {exc}"}]
         push = getattr(self._local, "push", None)
         if push is None:

@@ -339,7 +339,7 @@ class PlanService:
                 "path": self.store.location,
                 "size_bytes": self.store.size_bytes(),
                 "schema_version": SCHEMA_VERSION,
-            },
+            } | self.store.health(),
             "clients_seen": self.counters["clients_seen"],
             "requests": dict(self.requests),
             "plan_cache": {
