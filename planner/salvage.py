@@ -74,40 +74,41 @@ def copy_readable_rows(aside: Path, db: Database) -> dict[str, int]:
 
 def readable_rows(conn: sqlite3.Connection, table: str, columns: list[str]) -> Iterator[tuple]:
     """The rows of ``table`` that can be read, in rowid order, past any damaged page."""
-    select = f'SELECT rowid, {_names(columns)} FROM "{table}" WHERE rowid > ? ORDER BY rowid LIMIT ?'
-    last = 0  # the store's rowids are SQLite's own: from 1 up
+    # ">=", not ">": a seek past rowid n visits the page that holds n, damaged or not
+    select = f'SELECT rowid, {_names(columns)} FROM "{table}" WHERE rowid >= ? ORDER BY rowid LIMIT ?'
+    at = 1  # the store's rowids are SQLite's own: from 1 up
     careful = 0  # rows still to read one at a time, near a damaged page
     while True:
         try:
-            rows = conn.execute(select, (last, 1 if careful else CHUNK)).fetchall()
+            rows = conn.execute(select, (at, 1 if careful else CHUNK)).fetchall()
             careful = max(careful - 1, 0)
         except sqlite3.DatabaseError:
             if not careful:  # somewhere in this chunk: read up to it one row at a time
                 careful = CHUNK
                 continue
-            rows = _past_damage(conn, select, last)  # this very row: go past it
+            rows = _past_damage(conn, select, at)  # this very row: go past it
             careful = 0
         if not rows:
             return
         for row in rows:
             yield tuple(row[1:])
-        last = rows[-1][0]
+        at = rows[-1][0] + 1
 
 
-def _past_damage(conn: sqlite3.Connection, select: str, last: int) -> list[tuple]:
-    """The first row that can be read after ``last`` beyond a damaged page, as a one-row list
-    ([] if none can be)."""
-    def probe(after: int) -> list[tuple] | None:
+def _past_damage(conn: sqlite3.Connection, select: str, failed: int) -> list[tuple]:
+    """The first row that can be read beyond the damaged page that reading from rowid
+    ``failed`` ran into, as a one-row list ([] if there is none)."""
+    def probe(at: int) -> list[tuple] | None:
         try:
-            return conn.execute(select, (after, 1)).fetchall()
+            return conn.execute(select, (at, 1)).fetchall()
         except sqlite3.DatabaseError:
             return None
 
-    failed, step = last, 1
-    while last + step < MAX_ROWID:
-        found = probe(last + step)
-        if found is not None:  # failed at `failed`, reads at last + step: find the nearest point that reads
-            lo, hi = failed, last + step
+    step = 1
+    while failed + step <= MAX_ROWID:
+        found = probe(failed + step)
+        if found is not None:  # fails at `failed`, reads at failed + step: find the nearest point that reads
+            lo, hi = failed, failed + step
             while hi - lo > 1:
                 mid = (lo + hi) // 2
                 nearer = probe(mid)
@@ -116,7 +117,7 @@ def _past_damage(conn: sqlite3.Connection, select: str, last: int) -> list[tuple
                 else:
                     hi, found = mid, nearer
             return found
-        failed, step = last + step, step * 2
+        failed, step = failed + step, step * 2
     return []
 
 
