@@ -120,6 +120,8 @@ def write(fn: F) -> F:
 
     @functools.wraps(fn)
     def run(store: "StoreConnections", *args: Any, **kwargs: Any) -> Any:
+        if store.readonly:  # opened for inspection: a write is a mistake, and says so
+            return op(store, *args, **kwargs)
         if not store.ready_to_write():
             store.counters["store_writes_dropped"] += 1
             return None

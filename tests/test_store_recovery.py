@@ -274,6 +274,21 @@ def test_a_read_only_store_at_open_is_served_never_moved_aside(tmp_path):
     store.close()
 
 
+def test_a_daemon_that_cannot_even_create_its_store_exits_with_a_message(home):
+    """No store yet, in a cache directory where none can be created: hypatiad exits 2 saying what
+    is wrong and what to do, without a traceback (and nothing is moved anywhere)."""
+    cache = home.config.cache_dir
+    cache.mkdir(parents=True)
+    home.config.log_path.touch()
+    with read_only(cache):
+        proc = home.hypatiad("start", "--foreground", check=False)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("hypatiad: cannot create the store") and "cannot be written" in last, last
+    assert sorted(p.name for p in cache.iterdir()) == ["hypatiad.log"]
+
+
 # The daemon on a real full file system: a tmpfs mounted over its cache directory in a private
 # mount namespace, filled to the last byte; its log stays on the real disk (bound in over the
 # tmpfs), so that it can be read and the full disk cannot silence it.
