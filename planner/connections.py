@@ -101,13 +101,17 @@ def operation(fn: F) -> F:
     runs once more against the fresh store."""
     @functools.wraps(fn)
     def run(store: "StoreConnections", *args: Any, **kwargs: Any) -> Any:
-        generation = store.generation
-        try:
-            with store.use.shared():
+        outermost = not store.use.held()  # only the outermost operation repairs: the others are inside it
+        with store.use.shared():
+            generation = store.generation
+            try:
                 return fn(store, *args, **kwargs)
-        except UnreadableStore as exc:
-            if store.use.held() or not store.repair(generation, exc):  # the outermost operation repairs
-                raise
+            except UnreadableStore as exc:
+                if not outermost:
+                    raise
+                damage = exc
+        if not store.repair(generation, damage):
+            raise damage
         with store.use.shared():
             return fn(store, *args, **kwargs)
     return run  # type: ignore[return-value]
@@ -278,7 +282,11 @@ class StoreConnections:
         """Move the damaged file aside and start a fresh store with the rows it still gives."""
         assert self.path is not None
         self.close()
-        aside = salvage.move_aside(self.path)
+        try:
+            aside = salvage.move_aside(self.path)
+        except OSError as refused:
+            raise StoreError(f"the store {self.path} is damaged ({exc.detail}) and cannot be moved aside "
+                             f"({refused.strerror}); stop hypatiad and move or delete the file") from None
         self.counters["store_quarantined"] += 1
         self.generation += 1
         self._mode = "rw"
