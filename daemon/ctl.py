@@ -183,8 +183,8 @@ def format_stats(s: dict[str, Any]) -> str:
             ("fallbacks", s["fallbacks"]),
             ("errors", s["error_total"]),
             ("corrupt rows", f"{s['corrupt_rows']} ({s.get('quarantined_rows', 0)} quarantined); store files moved aside "
-                             f"as damaged: {s['store_quarantined']} ({s['store'].get('rows_salvaged', 0)} rows "
-                             "salvaged from them)"),
+                             f"as damaged: {s['store_quarantined']} ({s['store'].get('corruptions', 0)} damage(s) found, "
+                             f"{s['store'].get('rows_salvaged', 0)} rows salvaged)"),
             ("rules fired", ", ".join(f"{k} {v}" for k, v in sorted(s["rules"].items())) or "none"),
             ("tunings", f"{s['tuning']['tunings']} done, {s['tuning']['failed']} failed, {s['tuning']['skipped']} skipped, "
                         f"{s['tuning_inflight']} in flight, {s['tuning']['coalesced']} coalesced"

@@ -127,10 +127,10 @@ def test_damage_under_a_running_daemon_is_repaired_and_it_keeps_serving(home, da
     home.env["HYPATIA_BACKGROUND_TUNING"] = "0"
     store_path = home.config.store_path
     store_path.parent.mkdir(parents=True, exist_ok=True)
-    bodies = [linear_relu_request(batch, 8) for batch in range(1, 81)]
+    bodies = [linear_relu_request(batch, 8) for batch in range(1, 49)]
     seed_store(store_path, bodies)
     daemons.start()
-    damage_leaves(store_path, "plans")
+    damage_leaves(store_path, "plans", every=4)
     readable = readable_plan_keys(store_path, len(bodies))
 
     hits = set()
