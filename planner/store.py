@@ -40,7 +40,7 @@ def _columns(names: Any) -> str:
 class Store(StoreConnections):
     """The plan store at ``location`` (a SQLite file path or a ``postgresql://`` URL);
     ``readonly`` opens it for inspection only. How it opens, and what it does when its file is
-    damaged or cannot be written, is :class:`~hypatia.planner.connections.StoreConnections`'."""
+    damaged or cannot be written, is :class:`~hypatia.planner.connections.StoreConnections`."""
 
     # -- the SQL both databases share -----------------------------------------------------
     @staticmethod
