@@ -21,7 +21,7 @@ from hypatia.daemon.lock import AlreadyRunning, PidLock, StoreLocked, read_holde
 from hypatia.daemon.server import Server, StartFailed
 from hypatia.keys import admit_client, admitted, ensure_server_keys, revoke_client
 from hypatia.planner.plan import PlanFormatError
-from hypatia.planner.store import Store, StoreError
+from hypatia.planner.store import Store, StoreError, UnreadableStore
 from hypatia.protocol import ErrorCode, RemoteError
 
 EXIT_ALREADY_RUNNING = 75
@@ -177,6 +177,8 @@ def stats(config: Config) -> dict[str, Any]:
             client.close()
     try:
         store = Store(config.store_location, readonly=True)
+    except UnreadableStore:
+        raise  # a damaged store is an error to report, not a note
     except StoreError as exc:
         return result | {"note": "; ".join(filter(None, (result.get("note"), str(exc))))}
     try:

@@ -177,6 +177,13 @@ def format_stats_short(s: dict[str, Any]) -> str:
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows) + "\n(hypatia-ctl stats --all for every counter)"
 
 
+def _store_state(store: dict[str, Any]) -> str:
+    if store.get("writable", True):
+        return "writable"
+    return (f"READ-ONLY: {store.get('problem')}; serving what it holds, {store.get('writes_dropped', 0)} "
+            "writes dropped so far (retried every HYPATIA_STORE_RETRY_S seconds)")
+
+
 def format_stats(s: dict[str, Any]) -> str:
     """Every counter (``hypatia-ctl stats --all``), or what the store holds when the daemon is down."""
     rows: list[tuple[str, Any]] = []
@@ -192,6 +199,7 @@ def format_stats(s: dict[str, Any]) -> str:
             ("peers", ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in s.get("peers", {}).items() if v) or "none yet"),
             ("store", s["store"]["path"]),
             ("store size", _fmt_bytes(s["store"]["size_bytes"])),
+            ("store state", _store_state(s["store"])),
             ("clients seen", s["clients_seen"]),
             ("requests", ", ".join(f"{k} {v}" for k, v in sorted(s["requests"].items())) or "0"),
             ("plan-cache hits", cache["hits"]),
@@ -215,7 +223,8 @@ def format_stats(s: dict[str, Any]) -> str:
             ("fallbacks", s["fallbacks"]),
             ("errors", s["error_total"]),
             ("corrupt rows", f"{s['corrupt_rows']} ({s.get('quarantined_rows', 0)} quarantined); store files moved aside "
-                             f"as unreadable: {s['store_quarantined']}"),
+                             f"as damaged: {s['store_quarantined']} ({s['store'].get('corruptions', 0)} damage(s) found, "
+                             f"{s['store'].get('rows_salvaged', 0)} rows salvaged)"),
             ("rules fired", fired_rules(s["rules"])),
             ("tunings", f"{s['tuning']['tunings']} done, {s['tuning']['failed']} failed, {s['tuning']['skipped']} skipped, "
                         f"{s['tuning_inflight']} in flight, {s['tuning']['coalesced']} coalesced"

@@ -39,7 +39,7 @@ from hypatia.daemon.remote import RunService
 from hypatia.daemon.zap import COUNTERS as ZAP_COUNTERS, DOMAIN, TCP_DOMAIN, ZapHandler
 from hypatia.keys import KeysError, server_keys
 from hypatia.daemon.service import PlanKeys, PlanService, plan_keys, request_policy
-from hypatia.planner.store import Store
+from hypatia.planner.store import Store, StoreError
 from hypatia.protocol import (
     PROGRESS_EVERY_S,
     BadRequest,
@@ -108,7 +108,7 @@ class Server(Flights):
             lock.release()
 
     def _serve(self, lock: PidLock) -> int:
-        store = Store(self.config.store_location)
+        store = Store(self.config.store_location, retry_s=self.config.store_retry_s)
         self.service = PlanService(self.config, store)
         self.runs = RunService(store, self.service.stored, self.daemon_id, self.failures,
                                self.config.remote_max_output_bytes)
@@ -354,6 +354,9 @@ class Server(Flights):
             self._error(identity, rid, exc.code, str(exc), method)
             if exc.code == ErrorCode.VERSION_MISMATCH:
                 self._log_refusal(exc)
+            return
+        except StoreError as exc:  # the store's own words say what is wrong: one line, no traceback
+            self._error(identity, rid, ErrorCode.INTERNAL, str(exc), method, exc)
             return
         except Exception as exc:  # a handler's bug: one line in the log (its traceback at DEBUG)
             self._error(identity, rid, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}", method, exc)

@@ -356,7 +356,7 @@ class PlanService:
                 "path": self.store.location,
                 "size_bytes": self.store.size_bytes(),
                 "schema_version": SCHEMA_VERSION,
-            },
+            } | self.store.health(),
             "clients_seen": self.counters["clients_seen"],
             "clients": self._clients_stats(),  # those listed now, and the characters they keep
             "requests": dict(self.requests),

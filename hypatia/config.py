@@ -85,6 +85,8 @@ class Config:
     # Where plans are stored: "" for the SQLite file in cache_dir, or a postgresql:// URL that
     # the daemons of several hosts share.
     store_url: str = ""
+    # How often a daemon whose store cannot be written (a full disk) tries writing again.
+    store_retry_s: int = 30
     # The optional TCP listener for remote clients (CURVE only), and a client's way to it.
     listen: str = ""
     connect: str = ""
@@ -195,6 +197,7 @@ def load(env: Mapping[str, str] | None = None) -> Config:
         idle_timeout_s=_int(env, "HYPATIA_IDLE_TIMEOUT_S", 0),
         faults=env.get("HYPATIA_FAULTS", ""),
         store_url=env.get("HYPATIA_STORE", "").strip(),
+        store_retry_s=_int(env, "HYPATIA_STORE_RETRY_S", 30),
         listen=env.get("HYPATIA_LISTEN", "").strip(),
         connect=env.get("HYPATIA_CONNECT", "").strip(),
         client_keys=env.get("HYPATIA_CLIENT_KEYS", "").strip(),

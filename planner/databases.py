@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import shutil
 import sqlite3
 from pathlib import Path
 from typing import Any, ContextManager, Iterable
@@ -32,7 +33,72 @@ class StoreError(Exception):
 
 
 class UnreadableStore(StoreError):
-    """The database exists but is not a readable store (a damaged or foreign file)."""
+    """The database exists but is not a readable store (a damaged or foreign file); ``detail``
+    is what SQLite said."""
+
+    def __init__(self, message: str, detail: str = ""):
+        super().__init__(message)
+        self.detail = detail or message
+
+
+class UnwritableStore(StoreError):
+    """The store's file is sound but where it lives refuses it: the disk is full, the file or
+    its file system is read-only, its files cannot be created, or an I/O error. ``reason`` says
+    which, for a log line or ``hypatia-ctl stats``."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+# SQLite's result codes (their extended forms start with these names) for a damaged file and for
+# a file the file system will not let it use; the message text covers builds without the names.
+_DAMAGED = ("SQLITE_CORRUPT", "SQLITE_NOTADB")
+_REFUSED = ("SQLITE_FULL", "SQLITE_READONLY", "SQLITE_CANTOPEN", "SQLITE_IOERR", "SQLITE_PERM")
+_LOCKED = ("SQLITE_BUSY", "SQLITE_LOCKED")
+LOW_SPACE_BYTES = 1 << 20
+
+
+def damaged(path: Path, detail: str) -> UnreadableStore:
+    return UnreadableStore(
+        f"the store {path} is damaged ({detail}); start or restart hypatiad (hypatia-ctl stop; hypatiad start): "
+        f"it moves the file aside as {path.name}.corrupt-<time>, keeps the rows it can still read and goes on",
+        detail,
+    )
+
+
+def unwritable(path: Path, exc: sqlite3.Error) -> UnwritableStore:
+    """What stops SQLite using ``path``, in words, with the way out."""
+    name = getattr(exc, "sqlite_errorname", "") or ""
+    said = f"{exc}, {name}" if name else str(exc)
+    try:
+        low = shutil.disk_usage(path.parent).free < LOW_SPACE_BYTES
+    except OSError:
+        low = False
+    if name.startswith("SQLITE_FULL") or low or "disk is full" in str(exc):
+        reason, fix = f"the disk is full ({said})", f"free space on the file system of {path.parent}"
+    elif name.startswith(("SQLITE_READONLY", "SQLITE_PERM")) or "readonly" in str(exc):
+        reason, fix = f"it is read-only ({said})", f"make {path} and {path.parent} writable"
+    elif name.startswith("SQLITE_CANTOPEN"):
+        reason, fix = f"its files cannot be created or opened ({said})", f"check {path.parent} and its free space"
+    else:
+        reason, fix = f"an I/O error ({said})", f"check the disk holding {path.parent}"
+    return UnwritableStore(f"the store {path} cannot be written: {reason}; {fix}, "
+                           "or point HYPATIA_HOME (or XDG_CACHE_HOME) elsewhere", reason)
+
+
+def classify(exc: sqlite3.Error, path: Path) -> Exception:
+    """The store's error for an error of SQLite's: damaged, unwritable or locked; ``exc`` itself
+    for any other (a defect, not a state of the file)."""
+    name, text = getattr(exc, "sqlite_errorname", "") or "", str(exc)
+    if name.startswith(_DAMAGED) or "malformed" in text or "not a database" in text:
+        return damaged(path, text)
+    if name.startswith(_REFUSED) or "disk is full" in text or "readonly database" in text:
+        return unwritable(path, exc)
+    if name.startswith(_LOCKED):
+        return StoreError(f"the store {path} stayed locked by another process ({text}); retry, and stop "
+                          "any other program that writes it")
+    return exc
 
 
 def is_postgres(location: str | Path) -> bool:
@@ -44,6 +110,7 @@ class Database:
 
     dialect: str
     location: str
+    generation = 0  # the store generation it was opened in (see hypatia.planner.connections)
 
     def execute(self, sql: str, params: Iterable[Any] = ()) -> Any:
         """Run one statement and return its cursor (``fetchone``/``fetchall``)."""
@@ -69,6 +136,9 @@ class Database:
     def compact(self) -> None:
         """Give space back after a flush, where the database needs to be asked."""
 
+    def check(self) -> None:
+        """Raise :class:`UnreadableStore` if the database is damaged, where it can tell."""
+
     @property
     def broken(self) -> bool:
         """The connection is lost and must be replaced."""
@@ -90,26 +160,43 @@ class SqliteDatabase(Database):
 
     dialect = "sqlite"
 
-    def __init__(self, path: Path, readonly: bool = False):
+    def __init__(self, path: Path, readonly: bool = False, immutable: bool = False):
+        """``immutable``: read the file without SQLite's shared-memory index (which cannot be
+        created on a full disk); only while nothing writes it."""
         self.path = Path(path)
         self.location = str(self.path)
-        try:
-            if readonly:
+        with self._reported():
+            if immutable:
+                conn = sqlite3.connect(f"file:{self.path}?immutable=1", uri=True, timeout=10, check_same_thread=False)
+            elif readonly:
                 conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=10, check_same_thread=False)
             else:
                 conn = sqlite3.connect(str(self.path), timeout=10, check_same_thread=False)
             self.db = sqlite_utils.Database(conn, execute_plugins=False)
             self.db.execute("PRAGMA busy_timeout = 10000")
             self.db.execute("PRAGMA foreign_keys = ON")
-        except sqlite3.DatabaseError as exc:
-            raise UnreadableStore(f"{self.path} is not a readable store: {exc}") from exc
         self._savepoints = itertools.count()
 
-    def execute(self, sql: str, params: Iterable[Any] = ()) -> sqlite3.Cursor:
-        return self.db.execute(sql, tuple(params))
+    @contextlib.contextmanager
+    def _reported(self):
+        """SQLite's errors about the file as the store's (:func:`classify`)."""
+        try:
+            yield
+        except sqlite3.DatabaseError as exc:
+            problem = classify(exc, self.path)
+            if problem is exc:
+                raise
+            raise problem from exc
+
+    def execute(self, sql: str, params: Iterable[Any] = ()) -> "Rows":
+        # Every row is read here, so that a damaged page reached by a fetch is reported like one
+        # reached by the statement itself.
+        with self._reported():
+            return Rows(self.db.execute(sql, tuple(params)).fetchall())
 
     def executemany(self, sql: str, rows: list[tuple]) -> None:
-        self.db.conn.executemany(sql, rows)
+        with self._reported():
+            self.db.conn.executemany(sql, rows)
 
     @contextlib.contextmanager
     def atomic(self):
@@ -128,19 +215,33 @@ class SqliteDatabase(Database):
                 raise
             conn.execute(f"RELEASE {name}")
             return
-        conn.execute("BEGIN IMMEDIATE")
+        with self._reported():
+            conn.execute("BEGIN IMMEDIATE")
         try:
             yield
         except BaseException:
-            conn.rollback()
+            with contextlib.suppress(sqlite3.Error):  # a damaged or full file may refuse even this
+                conn.rollback()
             raise
-        conn.commit()
+        with self._reported():
+            try:
+                conn.commit()
+            except sqlite3.Error:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.rollback()
+                raise
 
     def schema_version(self) -> int:
-        try:
+        with self._reported():
             return self.db.execute("PRAGMA user_version").fetchone()[0]
-        except sqlite3.DatabaseError as exc:
-            raise UnreadableStore(f"{self.path} is not a readable store: {exc}") from exc
+
+    def check(self) -> None:
+        """Read every page once (``quick_check``): a damaged file fails here, at open, rather than
+        later on each query that reaches a damaged page."""
+        with self._reported():
+            problems = [row[0] for row in self.db.execute("PRAGMA quick_check").fetchall()]
+        if problems != ["ok"]:
+            raise damaged(self.path, f"failed its integrity check: {'; '.join(problems[:3])}")
 
     def migrate(self) -> None:
         try:
@@ -154,11 +255,11 @@ class SqliteDatabase(Database):
                 log.info("store %s migrated to schema %d", self.path, target)
             # Every page once: a file cut short behind a surviving WAL still opens and reads its
             # first page, and would fail only later, on each query that reaches a lost page.
-            problems = [row[0] for row in self.db.execute("PRAGMA quick_check").fetchall()]
-            if problems != ["ok"]:
-                raise UnreadableStore(f"{self.path} failed its integrity check: {'; '.join(problems[:3])}")
+            self.check()
         except sqlite3.DatabaseError as exc:
-            raise UnreadableStore(f"{self.path} is not a readable store: {exc}") from exc
+            problem = classify(exc, self.path)
+            # anything else that stops the schema being built: not a store of ours
+            raise (damaged(self.path, str(exc)) if problem is exc else problem) from exc
 
     def size_bytes(self) -> int:
         return sum(p.stat().st_size for p in (self.path, Path(f"{self.path}-wal")) if p.exists())
@@ -168,6 +269,16 @@ class SqliteDatabase(Database):
 
     def close(self) -> None:
         self.db.conn.close()
+
+
+class Rows(list):
+    """The rows a statement returned, read as from a cursor."""
+
+    def fetchone(self) -> Any:
+        return self[0] if self else None
+
+    def fetchall(self) -> list:
+        return list(self)
 
 
 class PostgresDatabase(Database):
@@ -199,6 +310,9 @@ class PostgresDatabase(Database):
         """A lost server or connection as a :class:`StoreError` that names the store."""
         try:
             yield
+        except self._psycopg.errors.DiskFull as exc:
+            raise UnwritableStore(f"the PostgreSQL store {self.location} cannot be written: {_said(exc)}; free space "
+                                  "on its server", f"the server's disk is full ({_said(exc)})") from exc
         except self._psycopg.OperationalError as exc:
             raise StoreError(f"the PostgreSQL store {self.location} failed: {_said(exc)}") from exc
 
@@ -261,8 +375,8 @@ def _pg(sql: str) -> str:
     return sql.replace("?", "%s")
 
 
-def connect(location: str | Path, readonly: bool = False) -> Database:
+def connect(location: str | Path, readonly: bool = False, immutable: bool = False) -> Database:
     """A connection to the store at ``location``: a ``postgresql://`` URL or a SQLite file path."""
     if is_postgres(location):
         return PostgresDatabase(str(location), readonly)
-    return SqliteDatabase(Path(location), readonly)
+    return SqliteDatabase(Path(location), readonly, immutable)

@@ -263,3 +263,16 @@ def recipe_text(recipe: dict) -> str:
 
 def recipe_checksum(keys: tuple[str, str, str], text: str) -> str:
     return hashlib.sha256("\0".join([*keys, text]).encode()).hexdigest()
+
+
+def verified_plan(keys: tuple[str, str, str], text: Any, checksum: Any) -> "Plan":
+    """The plan a stored row holds, if its checksum and recipe verify (PlanFormatError if not)."""
+    try:
+        if not isinstance(text, str) or recipe_checksum(keys, text) != checksum:
+            raise PlanFormatError("checksum does not match")
+        plan = Plan.from_recipe(json.loads(text))
+    except ValueError as exc:  # PlanFormatError is one; so is a JSON error
+        raise PlanFormatError(str(exc)) from None
+    if plan.graph_key != keys[0]:
+        raise PlanFormatError("recipe names another graph")
+    return plan

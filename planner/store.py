@@ -1,30 +1,29 @@
 """The plan store: SQLite (one file per host, WAL) by default, PostgreSQL for a cluster of hosts.
 
 The daemon is the only writer of a SQLite store; several daemons may share a PostgreSQL one.
-Each thread gets its own connection. A row whose checksum or format does not verify is a miss:
-it is counted, moved to ``quarantine`` and re-planned, never served. A SQLite file that cannot
-be read at all is moved aside whole and the store starts empty.
+A row whose checksum or format does not verify is a miss: it is counted, moved to
+``quarantine`` and re-planned, never served. A damaged SQLite file is moved aside whole and a
+fresh store keeps the rows it could still read; a store that cannot be written serves read-only
+(:mod:`hypatia.planner.connections`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import msgpack
 
 from hypatia.canonical import workload_phase
-from hypatia.config import redact
-from hypatia.planner.databases import Database, StoreError, UnreadableStore, connect, is_postgres
-from hypatia.planner.plan import Plan, PlanFormatError, recipe_checksum, recipe_text
+from hypatia.planner.connections import StoreConnections, operation, write
+from hypatia.planner.databases import Database, StoreError, UnreadableStore, UnwritableStore
+from hypatia.planner.plan import Plan, PlanFormatError, recipe_checksum, recipe_text, verified_plan
 from hypatia.planner.schema import SCHEMA_VERSION, TABLES
 
-__all__ = ["SCHEMA_VERSION", "TABLES", "Store", "StoreError"]
+__all__ = ["SCHEMA_VERSION", "TABLES", "Store", "StoreError", "UnreadableStore", "UnwritableStore"]
 
 log = logging.getLogger("hypatia.store")
 
@@ -39,86 +38,10 @@ def _columns(names: Any) -> str:
     return ", ".join(f'"{n}"' for n in names)
 
 
-class Store:
+class Store(StoreConnections):
     """The plan store at ``location`` (a SQLite file path or a ``postgresql://`` URL);
-    ``readonly`` opens it for inspection only."""
-
-    def __init__(self, location: Path | str, readonly: bool = False):
-        self.postgres = is_postgres(location)
-        self.path: Path | None = None if self.postgres else Path(location)
-        self._target = str(location)
-        # What logs, stats and messages show: a PostgreSQL URL loses its password.
-        self.location = redact(self._target) if self.postgres else str(self.path)
-        self.readonly = readonly
-        self.counters: Counter = Counter()
-        self._local = threading.local()
-        self._open: list[Database] = []  # every thread's connection, so close() reaches them all
-        self._open_lock = threading.Lock()
-        try:
-            if readonly:
-                if self.path is not None and not self.path.exists():
-                    raise StoreError(f"no store at {self.path} yet; it is created by the first plan")
-                version = self._db().schema_version()
-                if version != SCHEMA_VERSION:
-                    raise StoreError(
-                        f"{self.location} has schema version {version}, this Hypatia reads {SCHEMA_VERSION}; "
-                        "start the daemon of this version to create or migrate it"
-                    )
-            else:
-                if self.path is not None:
-                    self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-                self._open_or_quarantine()
-        except BaseException:
-            self.close()  # a store that failed to open holds no connection
-            raise
-
-    # -- connections ----------------------------------------------------------------------
-    def _db(self) -> Database:
-        db = getattr(self._local, "db", None)
-        if db is not None and db.broken:
-            self._forget(db)
-            db = None
-        if db is None:
-            db = self._local.db = connect(self._target, self.readonly)
-            with self._open_lock:
-                self._open.append(db)
-        return db
-
-    def _forget(self, db: Database) -> None:
-        db.close()
-        with self._open_lock:
-            if db in self._open:
-                self._open.remove(db)
-        if getattr(self._local, "db", None) is db:
-            self._local.db = None
-
-    def _open_or_quarantine(self) -> None:
-        try:
-            self._db().migrate()
-        except UnreadableStore as exc:
-            if self.path is None:
-                raise
-            stamp = time.strftime("%Y%m%d-%H%M%S")
-            aside = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
-            log.error("store %s is unreadable (%s); moved aside to %s and starting empty", self.path, exc, aside)
-            self.close()
-            for suffix in ("", "-wal", "-shm"):
-                src = Path(str(self.path) + suffix)
-                if src.exists():
-                    src.rename(Path(str(aside) + suffix))
-            self.counters["store_quarantined"] += 1
-            self._db().migrate()
-
-    def close(self) -> None:
-        """Close every thread's connection (the last SQLite one folds the WAL into the file)."""
-        with self._open_lock:
-            dbs, self._open = self._open, []
-        for db in dbs:
-            try:
-                db.close()
-            except Exception:  # noqa: BLE001 - closing is best effort; the next use reconnects
-                log.debug("closing a store connection failed", exc_info=True)
-        self._local = threading.local()
+    ``readonly`` opens it for inspection only. How it opens, and what it does when its file is
+    damaged or cannot be written, is :class:`~hypatia.planner.connections.StoreConnections`."""
 
     # -- the SQL both databases share -----------------------------------------------------
     @staticmethod
@@ -151,6 +74,7 @@ class Store:
         })
 
     # -- plans ----------------------------------------------------------------------------
+    @operation
     def get_plan(self, keys: tuple[str, str, str]) -> Plan | None:
         """The stored plan for (graph, workload, environment), or None (also for a bad row)."""
         db = self._db()
@@ -162,22 +86,21 @@ class Store:
             return None
         text, checksum = row
         try:
-            if not isinstance(text, str) or recipe_checksum(keys, text) != checksum:
-                raise PlanFormatError("checksum does not match")
-            plan = Plan.from_recipe(json.loads(text))
-            if plan.graph_key != keys[0]:
-                raise PlanFormatError("recipe names another graph")
-            return plan
-        except (PlanFormatError, ValueError) as exc:
+            return verified_plan(keys, text, checksum)
+        except PlanFormatError as exc:
             log.error("plan row %s failed verification (%s); quarantined, re-planning", keys, exc)
-            if self.readonly:
+            if self.readonly or not self.writable:
                 self.counters["corrupt_rows"] += 1
                 return None
-            with db.atomic():
-                self._quarantine(db, "plans", list(keys), text, str(exc))
-                db.execute("DELETE FROM plans WHERE graph_key = ? AND workload_key = ? AND env_key = ?", keys)
+            try:
+                with db.atomic():
+                    self._quarantine(db, "plans", list(keys), text, str(exc))
+                    db.execute("DELETE FROM plans WHERE graph_key = ? AND workload_key = ? AND env_key = ?", keys)
+            except UnwritableStore as refused:  # never served either way; moved when space is back
+                self.write_refused(refused)
             return None
 
+    @write
     def put_plan(
         self,
         keys: tuple[str, str, str],
@@ -224,6 +147,7 @@ class Store:
                     "updated_at": now,
                 }, PLAN_PK)
 
+    @write
     def record_verdicts(self, keys: tuple[str, str, str], verdicts: list[dict], plan: Plan) -> None:
         """Store validation verdicts and the plan revision they lead to, in one transaction."""
         text = recipe_text(plan.to_recipe())
@@ -241,6 +165,7 @@ class Store:
                 (text, recipe_checksum(keys, text), plan.revision, now, *keys),
             )
 
+    @write
     def put_region_verdicts(self, env_key: str, verdicts: list[dict]) -> None:
         """Verdicts per region structure (``region_key``, ``implementation_id``, ``rule``, ``ok``,
         errors, ``detail``) in ``env_key``. A failure replaces a pass, never the other way round:
@@ -268,6 +193,7 @@ class Store:
                 else:
                     self._upsert(db, "region_verdicts", row, pk)
 
+    @operation
     def region_verdicts(self, env_key: str, region_keys: list[str]) -> dict[tuple[str, str], bool]:
         """(region key, implementation) -> passed, for what has been validated in ``env_key``."""
         rows = self._by_region("SELECT region_key, implementation_id, ok FROM region_verdicts", env_key, region_keys)
@@ -285,6 +211,7 @@ class Store:
             ).fetchall()
         return rows
 
+    @write
     def replace_plan(self, keys: tuple[str, str, str], plan: Plan) -> None:
         """Store ``plan`` (a tuned revision) over the existing row of ``keys``."""
         text = recipe_text(plan.to_recipe())
@@ -296,6 +223,7 @@ class Store:
                 (text, recipe_checksum(keys, text), plan.revision, plan.policy, int(plan.tuned), _now(), *keys),
             )
 
+    @operation
     def failed_regions(self, keys: tuple[str, str, str]) -> frozenset[tuple[int, str]]:
         """(region output, kernel) pairs that failed strict validation for these keys: no
         later plan of the keys may use them."""
@@ -305,6 +233,7 @@ class Store:
         return frozenset((int(r), str(k)) for r, k in rows)
 
     # -- environments and traces (the tuner) ----------------------------------------------
+    @operation
     def ceilings(self, env_key: str) -> dict | None:
         row = self._db().execute("SELECT ceilings FROM environments WHERE key = ?", (env_key,)).fetchone()
         if not row or not row[0]:
@@ -316,6 +245,7 @@ class Store:
             return None
         return value if isinstance(value, dict) else None
 
+    @write
     def set_ceilings(self, env_key: str, environment: dict, ceilings: dict) -> None:
         """Record an environment's measured ceilings (creating its row if needed)."""
         db = self._db()
@@ -334,6 +264,7 @@ class Store:
             "created_at": now,
         }, ignore=True)
 
+    @operation
     def traces(self, env_key: str, region_keys: list[str]) -> dict[tuple[str, str], dict]:
         """The newest trace per (region key, implementation) measured in this environment."""
         found: dict[tuple[str, str], dict] = {}
@@ -344,6 +275,7 @@ class Store:
                                    "max_rel_error": err, "ok": bool(ok)}
         return found
 
+    @write
     def put_traces(self, rows: list[dict], implementations: list[dict]) -> None:
         """Benchmark results (one row per region and implementation), in one transaction."""
         if not rows:
@@ -359,6 +291,7 @@ class Store:
                 [tuple((r | {"created_at": now}).get(c) for c in columns) for r in rows],
             )
 
+    @operation
     def get_job(self, keys: tuple[str, str, str]) -> tuple[dict, list, dict] | None:
         """(graph wire form, workload, environment) stored for a plan's keys, or None."""
         db = self._db()
@@ -374,6 +307,7 @@ class Store:
             self.counters["corrupt_rows"] += 1
             return None
 
+    @operation
     def plan_rows(self, untuned_only: bool = False) -> list[dict]:
         """One summary per stored plan, newest first."""
         where = "WHERE p.tuned = 0" if untuned_only else ""
@@ -398,6 +332,7 @@ class Store:
                         "model": model, "graph": graph})
         return out
 
+    @operation
     def flush(self) -> dict[str, int]:
         """Delete every row of every table (the schema stays); returns what was deleted."""
         counts = self.counts()
@@ -410,12 +345,15 @@ class Store:
         return counts
 
     # -- inspection -----------------------------------------------------------------------
+    @operation
     def counts(self) -> dict[str, int]:
         db = self._db()
         return {t: db.execute(f'SELECT count(*) FROM "{t}"').fetchone()[0] for t in TABLES}
 
+    @operation
     def size_bytes(self) -> int:
         return self._db().size_bytes()
 
+    @operation
     def query(self, sql: str, params: Any = ()) -> list[tuple]:
         return self._db().execute(sql, params).fetchall()

@@ -96,14 +96,15 @@ class Daemons:
         self.home = home
         self.procs: list[subprocess.Popen] = []
 
-    def start(self, faults: str = "", extra_env: dict | None = None) -> subprocess.Popen:
+    def start(self, faults: str = "", extra_env: dict | None = None, wrapper: tuple[str, ...] = ()) -> subprocess.Popen:
         """A daemon serving on the home's socket (it may speak another protocol, so readiness
-        is its pid in the lock file and its socket, not an answer)."""
+        is its pid in the lock file and its socket, not an answer). ``wrapper``: a command that
+        execs the daemon's command line (its arguments) in the same process."""
         env = self.home.env | {"HYPATIA_FAULTS": faults} | (extra_env or {})
         self.home.config.cache_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         with open(self.home.config.log_path, "ab") as log:
-            proc = subprocess.Popen([sys.executable, "-m", "hypatia.daemon", "start", "--foreground", "--detached"],
-                                    env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+            proc = subprocess.Popen([*wrapper, sys.executable, "-m", "hypatia.daemon", "start", "--foreground",
+                                     "--detached"], env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
         self.procs.append(proc)
         ready = wait_until(lambda: proc.poll() is not None or (
             self.home.daemon_pid() == proc.pid and self.home.config.socket_path.exists()), 60)

@@ -47,8 +47,9 @@ def checkpoint(path: Path) -> None:
     "cut in half after a crash, its WAL kept",
 ])
 def test_truncated_store_is_quarantined_and_replanned(home, daemons, shape):
-    """The daemon starts on a truncated store file: the file is moved aside and counted, every
-    graph is planned again (a miss, never a hit of what the file held) and runs right."""
+    """The daemon starts on a truncated store file: the file is moved aside and counted, the
+    plans it still gives (each verified) are kept, every other graph is planned again, and all
+    run right."""
     home.env["HYPATIA_BACKGROUND_TUNING"] = "0"  # no tuner writes racing the cut
     store_path = home.config.store_path
     widths = [8, 12, 16]
@@ -72,16 +73,19 @@ def test_truncated_store_is_quarantined_and_replanned(home, daemons, shape):
 
     daemons.start()
     stats = daemon_stats(home.config)
-    assert stats["store_quarantined"] == 1 and stats["plans"] == 0
+    assert stats["store_quarantined"] == 1 and stats["store"]["corruptions"] == 1
+    salvaged = stats["plans"]  # what the cut file still gave: the first half, or its surviving WAL
+    assert stats["store"]["rows_salvaged"] >= salvaged
     aside = [p.name for p in store_path.parent.iterdir() if p.name.startswith(f"{store_path.name}.corrupt-")]
     assert any(not name.endswith(("-wal", "-shm")) for name in aside), aside
-    assert "is unreadable" in daemons.log()
+    assert "is damaged" in daemons.log() and "found at open" in daemons.log()
 
     again, stderr = compile_client(home, widths)
-    assert again["daemon_misses"] == 3 and "daemon_hits" not in again, again
+    misses = again.get("daemon_misses", 0)
+    assert again.get("daemon_hits", 0) + misses == 3, again
     assert "fallbacks" not in again and again["regions_fused"] == 3, stderr
     stats = daemon_stats(home.config)
-    assert stats["plan_cache"]["plans_made"] == 3 and stats["plans"] == 3
+    assert stats["plan_cache"]["plans_made"] == misses and stats["plans"] == salvaged + misses
     assert stats["error_total"] == 0 and stats["corrupt_rows"] == 0
 
 
