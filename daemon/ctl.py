@@ -165,7 +165,9 @@ def format_stats_short(s: dict[str, Any]) -> str:
     errors = ", ".join(f"{k} {v}" for k, v in sorted(s["errors"].items()) if v)
     rows = [
         ("daemon", f"hypatiad {s['version']}, pid {s['pid']}, up {s['uptime_s']:.0f} s, {s['socket']}"),
-        ("store", f"{s['store']['path']} ({_fmt_bytes(s['store']['size_bytes'])})"),
+        ("store", f"{s['store']['path']} ({_fmt_bytes(s['store']['size_bytes'])})"
+                  + ("" if s["store"].get("writable", True) else f"; {_store_state(s['store'])}")
+                  + (f"; files moved aside as damaged: {s['store_quarantined']}" if s.get("store_quarantined") else "")),
         ("plan cache", f"{rate} hit rate ({cache['hits']} hits, {cache['misses']} misses)"),
         ("plans", f"{s['plans']} stored for {s['graphs']} graphs; {cache['plans_made']} made since start"),
         ("fallbacks", f"{s['fallbacks']} graphs ran as eager PyTorch"),

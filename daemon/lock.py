@@ -9,6 +9,7 @@ is shared by several daemons by design and has no store lock.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import time
@@ -58,6 +59,22 @@ def read_holder(path: Path) -> tuple[int | None, str | None]:
     return pid, (fields[1].strip() or None) if len(fields) > 1 else None
 
 
+def _lock_fd(path: Path) -> tuple[int, bool]:
+    """A descriptor to flock for ``path`` and whether it can take the holder's note. Where the
+    directory cannot be written (read-only, immutable, full), an existing lock file is locked
+    read-only, else the directory itself: every daemon on that store makes the same choice, so
+    the lock still excludes."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600), True
+    except OSError as exc:
+        if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT):
+            raise
+    try:
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC), False
+    except FileNotFoundError:
+        return os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC), False
+
+
 class PidLock:
     """Exclusive, non-blocking lock; released by the kernel when the holder dies, even by SIGKILL.
     The file holds the holder's pid, then an optional note (the store lock: the holder's socket)."""
@@ -69,14 +86,18 @@ class PidLock:
 
     def try_acquire(self) -> bool:
         """Take the lock if it is free; whether it was."""
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd, writable = _lock_fd(self.path)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
             return False
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n{self.note}\n".encode() if self.note else f"{os.getpid()}\n".encode(), 0)
+        if writable:
+            try:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n{self.note}\n".encode() if self.note else f"{os.getpid()}\n".encode(), 0)
+            except OSError:  # a full disk: the holder's note is for messages only, the lock holds
+                pass
         self._fd = fd
         return True
 
@@ -97,7 +118,10 @@ class PidLock:
 
     def release(self) -> None:
         if self._fd is not None:
-            os.ftruncate(self._fd, 0)
+            try:
+                os.ftruncate(self._fd, 0)
+            except OSError:  # opened read-only (see _lock_fd): nothing of ours to clear
+                pass
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
