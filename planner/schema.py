@@ -15,7 +15,7 @@ import sqlite_utils
 
 TABLES = (
     "canonical_graphs", "implementations", "environments", "workloads", "benchmark_traces", "plans", "verdicts",
-    "quarantine", "region_verdicts",
+    "quarantine", "region_verdicts", "untunable",
 )
 
 
@@ -131,9 +131,26 @@ def _migrate_5(db: sqlite_utils.Database) -> None:
     )
 
 
+# -- schema 6: plans whose tuning failed ------------------------------------------------------
+# A tuning that failed, died, ran out of time or exceeded its memory budget in an environment is
+# never tried again there: a restarted daemon reads this table instead of repeating it.
+def _migrate_6(db: sqlite_utils.Database) -> None:
+    db["untunable"].create(
+        {"graph_key": str, "workload_key": str, "env_key": str, "reason": str, "created_at": str},
+        pk=("graph_key", "workload_key", "env_key"),
+    )
+
+
+_POSTGRES_6 = (
+    "CREATE TABLE untunable (graph_key TEXT, workload_key TEXT, env_key TEXT, reason TEXT, created_at TEXT, "
+    "PRIMARY KEY (graph_key, workload_key, env_key))",
+)
+# -- end of schema 6 ---------------------------------------------------------------------------
+
+
 # Schema version N is reached by running MIGRATIONS[N - 1]; append, never edit.
 MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (
-    _migrate_1, _migrate_2, _migrate_3, _migrate_4, _migrate_5,
+    _migrate_1, _migrate_2, _migrate_3, _migrate_4, _migrate_5, _migrate_6,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -179,5 +196,6 @@ POSTGRES_MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "max_abs_err DOUBLE PRECISION, max_rel_err DOUBLE PRECISION, detail TEXT, created_at TEXT, "
         "PRIMARY KEY (env_key, region_key, implementation_id))",
     ),
+    _POSTGRES_6,
 )
 assert len(POSTGRES_MIGRATIONS) == SCHEMA_VERSION, "every schema version needs its PostgreSQL migration"

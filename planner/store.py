@@ -368,6 +368,18 @@ class Store:
             self.counters["corrupt_rows"] += 1
             return None
 
+    def mark_untunable(self, keys: tuple[str, str, str], reason: str) -> None:
+        """Record that tuning the plan of ``keys`` failed in its environment: never tried again."""
+        db = self._db()
+        with db.atomic():
+            self._upsert(db, "untunable", dict(zip(PLAN_PK, keys)) | {"reason": reason[:500], "created_at": _now()},
+                         PLAN_PK)
+
+    def untunable(self) -> dict[tuple[str, str, str], str]:
+        """Every plan marked untunable, with the reason."""
+        rows = self._db().execute("SELECT graph_key, workload_key, env_key, reason FROM untunable").fetchall()
+        return {(g, w, e): r for g, w, e, r in rows}
+
     def plan_rows(self, untuned_only: bool = False) -> list[dict]:
         """One summary per stored plan, newest first."""
         where = "WHERE p.tuned = 0" if untuned_only else ""
@@ -391,7 +403,7 @@ class Store:
         counts = self.counts()
         db = self._db()
         with db.atomic():
-            for table in ("verdicts", "region_verdicts", "benchmark_traces", "plans", "implementations",
+            for table in ("untunable", "verdicts", "region_verdicts", "benchmark_traces", "plans", "implementations",
                           "canonical_graphs", "workloads", "environments", "quarantine"):
                 db.execute(f'DELETE FROM "{table}"')
         db.compact()
