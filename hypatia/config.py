@@ -81,6 +81,14 @@ class Config:
     keys_dir: Path | None = None
     mode: str = "local"
     run_timeout_ms: int = 60000
+    # Bounds on what one request may cost the daemon: graph size, planning time, tuning memory
+    # (0: a quarter of the machine's memory, half of a GPU's), the delay before a background
+    # tuning, and how long a stopping daemon drains before it cancels what is left.
+    max_graph_nodes: int = 50_000
+    plan_deadline_s: int = 60
+    tune_memory_mb: int = 0
+    tune_delay_s: int = 5
+    drain_timeout_s: int = 20
 
     @property
     def socket_path(self) -> Path:
@@ -178,6 +186,11 @@ def load(env: Mapping[str, str] | None = None) -> Config:
         keys_dir=keys_dir,
         mode=env.get("HYPATIA_MODE", "local").strip().lower() or "local",
         run_timeout_ms=_int(env, "HYPATIA_RUN_TIMEOUT_MS", 60000, minimum=1),
+        max_graph_nodes=_int(env, "HYPATIA_MAX_GRAPH_NODES", 50_000, minimum=1),
+        plan_deadline_s=_int(env, "HYPATIA_PLAN_DEADLINE_S", 60, minimum=1),
+        tune_memory_mb=_int(env, "HYPATIA_TUNE_MEMORY_MB", 0),
+        tune_delay_s=_int(env, "HYPATIA_TUNE_DELAY_S", 5),
+        drain_timeout_s=_int(env, "HYPATIA_DRAIN_TIMEOUT_S", 20, minimum=1),
     )
     if config.store_url and not config.store_url.startswith(("postgresql://", "postgres://")):
         raise ConfigError(
