@@ -116,11 +116,20 @@ def start(config: Config) -> int:
     )
 
 
-def stop(config: Config, timeout_s: float = 30.0) -> int:
-    """SIGTERM the daemon, wait for it to drain and exit; returns its pid."""
+# `hypatiad stop` waits for the daemon's drain (HYPATIA_DRAIN_TIMEOUT_S) and this much longer,
+# for the workers to be killed and the store closed.
+STOP_MARGIN_S = 10.0
+
+
+def stop(config: Config, timeout_s: float | None = None) -> int:
+    """SIGTERM the daemon, wait for it to drain and exit; returns its pid. The wait is the
+    daemon's own drain timeout plus a margin, so a daemon that stops on time is never reported
+    as hung."""
     pid = read_daemon_pid(config)
     if pid is None:
         raise NotRunning(f"no hypatiad is running for {config.endpoint}")
+    if timeout_s is None:
+        timeout_s = config.drain_timeout_s + STOP_MARGIN_S
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -230,7 +239,8 @@ def tune(config: Config, graph_key: str = "", progress: Callable[[dict], None] |
     client = _daemon(config)
     try:
         batch = client.call("tune", {"graph_key": graph_key})
-        status = {"total": batch["queued"], "pending": batch["queued"], "done": 0, "failed": 0, "skipped": 0}
+        status = {"total": batch["queued"], "pending": batch["queued"], "done": 0, "failed": 0, "skipped": 0,
+                  "untunable": batch.get("untunable", 0)}
         while True:
             if progress is not None:
                 progress(status)

@@ -1,21 +1,20 @@
 """hypatiad's server loop: a ZeroMQ ROUTER on the per-user ipc socket.
 
 Cheap requests (hello, ping, get_plan, report, stats, tune_status, flush) are answered on this
-thread; planning and remote-mode runs go to a small worker pool and tuning to one tuner thread,
-whose results come back over an inproc PULL socket, so that only this thread ever touches the
-ROUTER. SIGTERM stops
-intake, drains the flights in progress (queued background tunings are dropped) and exits.
+thread; planning, tuning and remote-mode runs go to :mod:`hypatia.daemon.jobs` (threads, and
+worker processes under a deadline), whose results come back over an inproc PULL socket, so that
+only this thread ever touches the ROUTER; :mod:`hypatia.daemon.flights` keeps who waits for
+which job. SIGTERM stops intake and drains the flights in progress (queued background tunings
+are dropped) for up to HYPATIA_DRAIN_TIMEOUT_S; then the clients still waiting are told the
+daemon is shutting down, the workers are killed and the daemon exits.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import signal
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import zmq
@@ -28,7 +27,9 @@ from hypatia.daemon.notify import sd_notify, watchdog_interval
 from hypatia.daemon.remote import RunService
 from hypatia.daemon.zap import COUNTERS as ZAP_COUNTERS, DOMAIN, TCP_DOMAIN, ZapHandler
 from hypatia.keys import KeysError, server_keys
-from hypatia.daemon.service import PlanKeys, PlanService, plan_keys, request_policy
+from hypatia.daemon.flights import Flights
+from hypatia.daemon.jobs import RESULTS_ENDPOINT, Jobs
+from hypatia.daemon.service import PlanService, plan_keys, request_policy
 from hypatia.planner.store import Store
 from hypatia.protocol import (
     BadRequest,
@@ -38,16 +39,12 @@ from hypatia.protocol import (
     decode_request,
     encode_error,
     encode_reply,
-    pack,
-    unpack,
 )
 
 log = logging.getLogger("hypatia.daemon")
 
-RESULTS_ENDPOINT = "inproc://hypatiad-results"
 STATUS_EVERY_S = 5.0  # how often STATUS= is refreshed for systemctl status
 MAX_HANDSHAKEN_PEERS = 65536
-DRAIN_TIMEOUT_S = 60.0
 LOCAL, TCP = b"l", b"t"  # the first byte of a peer's identity inside the daemon: which socket it came in on
 
 
@@ -55,22 +52,14 @@ class StartFailed(Exception):
     """The daemon could not start serving; the message says why."""
 
 
-class Server:
+class Server(Flights):
     def __init__(self, config: Config, workers: int = 2):
         self.config = config
         self.faults = Faults.parse(config.faults)
         self.workers = workers
         self.stopping = False
-        self._flights: dict[tuple[PlanKeys, str], list[tuple[bytes, int]]] = {}
-        self._flight_ids = itertools.count(1)
-        self._flight_jobs: dict[int, tuple[PlanKeys, str, dict]] = {}
-        self._tuning: dict[PlanKeys, list[tuple[bytes, int]]] = {}  # queued or running, with waiters
-        self._tuning_jobs: dict[PlanKeys, dict | None] = {}
-        self._batches: dict[int, dict] = {}  # hypatia-ctl tune requests and their progress
-        self._batch_ids = itertools.count(1)
         self._peers: dict[bytes, None] = {}
-        self._runs: dict[int, tuple[bytes, int]] = {}  # remote-mode runs on the worker pool, by flight id
-        self._local = threading.local()
+        self._init_flights()
 
     # -- lifecycle ------------------------------------------------------------------------
     def run(self) -> int:
@@ -85,9 +74,13 @@ class Server:
             if self.faults.slow_start:
                 time.sleep(self.faults.slow_start)
             self.faults.speak_protocol()
-            return self._serve()
+            status = self._serve()
         finally:
             lock.release()
+        if self.jobs.stuck_threads:  # a thread nothing can interrupt must not hold the process past its drain
+            logging.shutdown()
+            os._exit(status)
+        return status
 
     def _serve(self) -> int:
         store = Store(self.config.store_location)
@@ -119,9 +112,7 @@ class Server:
         finally:
             os.umask(old_umask)
         os.chmod(sock, 0o600)
-        pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="hypatiad-plan")
-        self.pool = pool
-        self.tuner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hypatiad-tune")
+        self.jobs = Jobs(self.config, ctx, self.workers)
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         log.info("hypatiad %s serving %s (pid %d, store %s)", __version__, self.config.endpoint, os.getpid(), store.location)
         sd_notify(f"READY=1\nSTATUS=serving {self.config.endpoint}\nMAINPID={os.getpid()}")
@@ -131,8 +122,7 @@ class Server:
             sd_notify("STOPPING=1")
             for s, handler in previous.items():
                 signal.signal(s, handler)
-            pool.shutdown(wait=True, cancel_futures=True)
-            self.tuner.shutdown(wait=True, cancel_futures=True)
+            self.jobs.stop()  # what is still planning or tuning now is cancelled
             self.zap.stop()
             ctx.destroy(linger=500)  # let the last drained replies leave
             store.close()
@@ -186,6 +176,8 @@ class Server:
             sd_notify(self._status())
             self._next_status = now + STATUS_EVERY_S
         self.runs.tick(now)
+        if not self.stopping:
+            self.jobs.release_due(now)
         idle = self.config.idle_timeout_s
         busy = self._flights or self._tuning or self._runs
         if idle and not self.stopping and not busy and now - self._last_request > idle:
@@ -206,9 +198,11 @@ class Server:
             if self.stopping:
                 if not self._flights and not any(self._tuning.values()) and not self._runs:
                     return
-                drain_deadline = drain_deadline or time.monotonic() + DRAIN_TIMEOUT_S
+                drain_deadline = drain_deadline or time.monotonic() + self.config.drain_timeout_s
                 if time.monotonic() > drain_deadline:
-                    log.error("drain timed out with %d flight(s) unanswered", len(self._flights))
+                    log.error("drain timed out after %d s (HYPATIA_DRAIN_TIMEOUT_S) with %d flight(s) unanswered; "
+                              "cancelling them", self.config.drain_timeout_s, len(self._flights))
+                    self._cancel_waiters()
                     return
             try:
                 events = dict(poller.poll(100))
@@ -279,12 +273,16 @@ class Server:
             elif method == "get_plan":
                 result = self.service.get_plan(body, rid)
                 policy = request_policy(body, rid)
-                if self.service.wants_tuning(result["plan"], policy):
-                    self._tune(plan_keys(body, rid), None)
+                if self.service.wants_tuning(plan_keys(body, rid), result["plan"], policy):
+                    self._tune(plan_keys(body, rid), None, delay=self.config.tune_delay_s)
             elif method == "report":
                 result = self.service.report(body, rid)
+                if "verdicts" in body or "executor" in body:  # its client is done compiling: tune now
+                    self.jobs.release(plan_keys(body, rid))
             elif method == "stats":
                 result = self.service.stats(inflight=len(self._flights), tuning=len(self._tuning))
+                for section, values in self.jobs.stats().items():
+                    result[section] |= values
                 result["peers"] = {k: self.zap.counters[k] for k in ZAP_COUNTERS}
                 result["listen"] = self.config.listen or None
                 result |= self.runs.stats()
@@ -298,16 +296,20 @@ class Server:
                 job = self.runs.parse(body, rid)
                 flight = next(self._flight_ids)
                 self._runs[flight] = (identity, rid)
-                self.pool.submit(self._run, ["run", flight], self.runs.run, job)
+                self.jobs.run(flight, self.runs.run, job)
                 return
             elif method == "tune":
                 result = self._tune_batch(body, rid)
             elif method == "tune_status":
                 result = self._batch_status(body, rid)
             elif method == "flush":
-                if self._flights or self._tuning:
-                    raise Busy(f"{len(self._flights)} planning and {len(self._tuning)} tuning job(s) in flight; "
+                running = len(self._tuning) - len(self.jobs.waiting())
+                if self._flights or running:
+                    raise Busy(f"{len(self._flights)} planning and {running} tuning job(s) in flight; "
                                "retry when `hypatia-ctl stats` shows none", rid)
+                for keys in self.jobs.drop_waiting():  # not started: dropped with the plans they would tune
+                    self._tuning.pop(keys, None)
+                    self._tuning_jobs.pop(keys, None)
                 result = self.service.flush()
             else:  # decode_request only lets known methods through
                 raise ProtocolError(f"no handler for {method}", rid)
@@ -321,143 +323,3 @@ class Server:
             self._error(identity, rid, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
             return
         self._send(identity, encode_reply(rid, result))
-
-    # -- flights (single-flight planning) -------------------------------------------------
-    def _start_flight(self, identity: bytes, rid: int, body: dict) -> None:
-        policy = request_policy(body, rid)
-        keys, job = self.service.parse_make_plan(body, rid)
-        recipe = self.service.lookup(keys, policy)
-        if recipe is not None:
-            self.service.counters["coalesced"] += 1
-            self._send(identity, encode_reply(rid, {"plan": recipe}))
-            return
-        if policy == "EXPLORE":  # measured before answering: a tuning flight with a waiter
-            self._tune(keys, job, (identity, rid), policy)
-            return
-        waiters = self._flights.get((keys, policy))
-        if waiters is not None:
-            self.service.counters["coalesced"] += 1
-            waiters.append((identity, rid))
-            return
-        self._plan_flight(keys, policy, job, [(identity, rid)])
-
-    def _plan_flight(self, keys: PlanKeys, policy: str, job: dict, waiters: list[tuple[bytes, int]]) -> None:
-        self._flights[(keys, policy)] = waiters
-        flight = next(self._flight_ids)
-        self._flight_jobs[flight] = (keys, policy, job)
-        self.pool.submit(self._run, ["plan", flight], self._planning_job, keys, job, policy)
-
-    def _tune(self, keys: PlanKeys, job: dict | None, waiter: tuple[bytes, int] | None = None, policy: str = "FASTEST") -> bool:
-        """Queue a tuning of ``keys`` unless one is queued or running (single flight); returns
-        whether a new one was queued."""
-        waiters = self._tuning.get(keys)
-        if waiters is not None:
-            self.service.counters["tune_coalesced"] += 1
-            if waiter is not None:
-                waiters.append(waiter)
-            return False
-        self._tuning[keys] = [waiter] if waiter is not None else []
-        self._tuning_jobs[keys] = job
-        self.tuner.submit(self._run, ["tune", keys], self._tuning_job, keys, job, "EXPLORE" if policy == "EXPLORE" else "FASTEST")
-        return True
-
-    def _planning_job(self, keys: PlanKeys, job: dict, policy: str) -> dict:
-        self.faults.planning()
-        return self.service.make_plan(keys, job, policy)
-
-    def _tuning_job(self, keys: PlanKeys, job: dict | None, policy: str) -> dict:
-        self.faults.tuning()
-        return self.service.tune(keys, job, policy)
-
-    def _run(self, tag: list, fn, *args) -> None:
-        """Worker or tuner thread: run ``fn`` and hand the outcome to the server thread."""
-        try:
-            result = [*tag, True, fn(*args)]
-        except Exception as exc:
-            skipped = bool(getattr(exc, "skip", False))  # not a failure: the work is not ours to do
-            (log.warning if skipped else log.exception)("%s %s failed: %s", tag[0], str(tag[1])[:40], exc)
-            result = [*tag, False, {"skipped": skipped, "error": f"{type(exc).__name__}: {exc}"}]
-        push = getattr(self._local, "push", None)
-        if push is None:
-            push = self._local.push = self.ctx.socket(zmq.PUSH)
-            push.setsockopt(zmq.LINGER, 0)
-            push.connect(RESULTS_ENDPOINT)
-        push.send(pack(result))
-
-    def _collect_results(self) -> None:
-        while True:
-            try:
-                data = self.results.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            kind, tag, ok, payload = unpack(data, 1 << 30)
-            if kind == "run":
-                self._finish_run(tag, ok, payload)
-                continue
-            if kind == "plan":
-                keys, policy, job = self._flight_jobs.pop(tag)
-                waiters = self._flights.pop((keys, policy), [])
-                if ok:
-                    self.service.planned(keys, payload)
-                    if self.service.wants_tuning(payload, policy) and not self.stopping:
-                        self._tune(keys, job)
-            else:
-                keys = tuple(tag)
-                waiters = [w for w in self._tuning.pop(keys, []) if w is not None]
-                job = self._tuning_jobs.pop(keys, None)
-                outcome = "done" if ok else ("skipped" if payload["skipped"] else "failed")
-                if ok:
-                    self.service.planned(keys, payload, tuned=True)
-                else:
-                    self.service.counters[f"tunings_{outcome}"] += 1
-                for batch in self._batches.values():
-                    if keys in batch["pending"]:
-                        batch["pending"].discard(keys)
-                        batch[outcome] += 1
-            fallback = None if ok or kind == "plan" else self.service.stored(keys)  # a failed tuning: the plan we have
-            if not ok and kind == "tune" and waiters and fallback is None and job is not None and not self.stopping:
-                # nothing stored yet: plan it without measuring (joining such a flight if one runs)
-                if (keys, "HEURISTIC") in self._flights:
-                    self._flights[(keys, "HEURISTIC")].extend(waiters)
-                else:
-                    self._plan_flight(keys, "HEURISTIC", job, waiters)
-                continue
-            for identity, rid in waiters:
-                if ok or fallback is not None:
-                    self._send(identity, encode_reply(rid, {"plan": payload if ok else fallback}))
-                else:
-                    self._error(identity, rid, ErrorCode.INTERNAL, f"{kind} failed: {payload['error']}")
-
-    def _finish_run(self, flight: int, ok: bool, outcome: dict) -> None:
-        """A worker finished a remote-mode run: count it and answer its client."""
-        identity, rid = self._runs.pop(flight)
-        if not ok:  # the run raised past its own handler
-            outcome = {"ok": False, "code": int(ErrorCode.INTERNAL), "message": outcome["error"]}
-        self.runs.finished(outcome)
-        if outcome["ok"]:
-            self._send(identity, encode_reply(rid, {"outputs": outcome["outputs"]}))
-        elif not outcome.get("abandoned"):  # an abandoned run has nobody waiting for it
-            self._error(identity, rid, ErrorCode(outcome.get("code", ErrorCode.INTERNAL)),
-                        outcome.get("message", "the client gave up on this run"))
-
-    # -- hypatia-ctl tune -------------------------------------------------------------------
-    def _tune_batch(self, body: dict, rid: int) -> dict:
-        """Queue every untuned plan (whose graph key starts with ``graph_key``, if given)."""
-        prefix = body.get("graph_key", "")
-        if not isinstance(prefix, str):
-            raise BadRequest("graph_key must be a string (a key or its prefix)", rid)
-        keys = [(r["graph_key"], r["workload_key"], r["env_key"]) for r in self.service.store.plan_rows(untuned_only=True)
-                if r["graph_key"].startswith(prefix)]
-        for k in keys:
-            self._tune(k, None)
-        batch = next(self._batch_ids)
-        self._batches[batch] = {"total": len(keys), "pending": set(keys), "done": 0, "failed": 0, "skipped": 0}
-        while len(self._batches) > 64:
-            self._batches.pop(next(iter(self._batches)))
-        return {"batch": batch, "queued": len(keys)}
-
-    def _batch_status(self, body: dict, rid: int) -> dict:
-        batch = self._batches.get(body.get("batch"))
-        if batch is None:
-            raise BadRequest(f"no tuning batch {body.get('batch')!r} (the daemon restarted, or it is too old)", rid)
-        return {k: (len(v) if isinstance(v, set) else v) for k, v in batch.items()}
