@@ -17,6 +17,7 @@ from typing import Any, Callable
 from hypatia.client.rpc import DaemonClient, DaemonUnavailable, VersionSkew
 from hypatia.config import Config, ensure_private_dir, read_daemon_pid
 from hypatia.daemon.lock import AlreadyRunning, PidLock
+from hypatia.daemon.logs import configure_logging
 from hypatia.daemon.server import Server, StartFailed
 from hypatia.keys import admit_client, admitted, ensure_server_keys, revoke_client
 from hypatia.planner.plan import PlanFormatError
@@ -28,22 +29,6 @@ EXIT_ALREADY_RUNNING = 75
 
 class NotRunning(Exception):
     """No hypatiad is running for this runtime directory."""
-
-
-def configure_logging(config: Config, to_stderr: bool) -> None:
-    handlers: list[logging.Handler] = [logging.FileHandler(config.log_path)]
-    if to_stderr:
-        handlers.append(logging.StreamHandler())
-    logging.basicConfig(
-        level=getattr(logging, config.log_level, logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
-        handlers=handlers,
-        force=True,
-    )
-    # egglog logs every command of every program at INFO (tens of KB per plan); the log is for
-    # the daemon's own story unless debugging is asked for.
-    if config.log_level != "DEBUG":
-        logging.getLogger("egglog").setLevel(logging.WARNING)
 
 
 def run_foreground(config: Config, detached: bool = False) -> int:

@@ -28,7 +28,7 @@ from hypatia.planner import counters as planner_counters
 from hypatia.planner import budget, paths, verdicts as region_verdicts
 from hypatia.planner.passes import candidates, finish
 from hypatia.planner.plan import ExecutorDecision, Plan
-from hypatia.planner.store import SCHEMA_VERSION, Store
+from hypatia.planner.store import SCHEMA_VERSION, Store, StoreError
 from hypatia.protocol import PROTOCOL_VERSION, BadRequest, TooLarge, VersionMismatch, require
 
 log = logging.getLogger("hypatia.daemon")
@@ -159,7 +159,10 @@ class PlanService:
         self._untunable[keys] = reason
         self.counters["plans_marked_untunable"] += 1
         log.warning("plan %s is not tuned again in this environment: %s", keys[0][:16], reason)
-        self.store.mark_untunable(keys, reason)
+        try:
+            self.store.mark_untunable(keys, reason)
+        except StoreError as exc:  # kept in memory: this daemon still never retries it
+            log.error("could not record plan %s as untunable: %s", keys[0][:16], exc)
 
     def ceilings(self, env_key: str) -> dict | None:
         if self._ceilings.get(env_key) is None:

@@ -121,7 +121,7 @@ def main(argv: list[str]) -> int:
         os.nice(TUNER_NICE)
 
     from hypatia.config import load
-    from hypatia.daemon.control import configure_logging
+    from hypatia.daemon.logs import configure_logging
     from hypatia.daemon.faults import Faults
     from hypatia.daemon.service import PlanService
     from hypatia.planner.databases import StoreError
@@ -131,7 +131,7 @@ def main(argv: list[str]) -> int:
     configure_logging(config, to_stderr=False)
     log = logging.getLogger(f"hypatia.worker.{kind}")
     faults = Faults.parse(config.faults)
-    store = Store(config.store_location)
+    store = Store(config.store_location, migrate=False)  # the daemon's, migrated: never moved aside from here
     service = PlanService(config, store)
     # what the first job would import, imported now: before the first request, not during it
     importlib.import_module("hypatia.planner.tuner" if kind == "tune" else "egglog.bindings")

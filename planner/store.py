@@ -40,9 +40,10 @@ def _columns(names: Any) -> str:
 
 class Store:
     """The plan store at ``location`` (a SQLite file path or a ``postgresql://`` URL);
-    ``readonly`` opens it for inspection only."""
+    ``readonly`` opens it for inspection only; ``migrate=False`` opens one that its daemon has
+    opened and migrated already (a worker process), never migrating or moving it aside."""
 
-    def __init__(self, location: Path | str, readonly: bool = False):
+    def __init__(self, location: Path | str, readonly: bool = False, migrate: bool = True):
         self.postgres = is_postgres(location)
         self.path: Path | None = None if self.postgres else Path(location)
         self._target = str(location)
@@ -54,7 +55,7 @@ class Store:
         self._open: list[Database] = []  # every thread's connection, so close() reaches them all
         self._open_lock = threading.Lock()
         try:
-            if readonly:
+            if readonly or not migrate:
                 if self.path is not None and not self.path.exists():
                     raise StoreError(f"no store at {self.path} yet; it is created by the first plan")
                 version = self._db().schema_version()
