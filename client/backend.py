@@ -46,7 +46,7 @@ from hypatia.kernels import transparent
 from hypatia.planner import Plan, plan_graph
 from hypatia.planner import environment
 from hypatia.planner.plan import PlanFormatError, region_key
-from hypatia.protocol import RemoteError
+from hypatia.protocol import ErrorCode, RemoteError
 
 log = logging.getLogger("hypatia.client")
 
@@ -56,6 +56,14 @@ UNRESPONSIVE_BACKOFF_S = 10.0
 
 class HypatiaFallbackWarning(RuntimeWarning):
     """A graph runs as eager PyTorch because Hypatia could not plan or run it."""
+
+
+class NotPlanned(Exception):
+    """A graph beyond the configured bounds (size, planning deadline): it runs unrewritten."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
 
 
 class Guarded:
@@ -177,11 +185,22 @@ class Session:
                 self.counters["version_skew"] += 1
                 self._skip_daemon_until = float("inf")
                 self._note_once("skew", f"{exc}; planning in-process for the rest of this process")
-            except (RemoteError, PlanFormatError) as exc:  # this graph only: the next asks again
+            except RemoteError as exc:
+                if exc.code in (ErrorCode.TOO_LARGE, ErrorCode.DEADLINE_EXCEEDED):
+                    # the daemon's bounds: planning it here would cost this process what it refused
+                    raise NotPlanned(exc.code.name, f"hypatiad: {exc.remote_message}") from None
+                self.counters["daemon_errors"] += 1
+                self._note_once("error", f"hypatiad could not plan a graph ({exc}); planning it in-process")
+            except PlanFormatError as exc:  # this graph only: the next asks again
                 self.counters["daemon_errors"] += 1
                 self._note_once("error", f"hypatiad could not plan a graph ({exc}); planning it in-process")
         self.counters["local_plans"] += 1
         return plan_graph(graph, env=env), False
+
+    def _not_planned(self, exc: NotPlanned) -> None:
+        """Count a graph left unplanned; say why once per kind of reason."""
+        self.counters["graphs_not_planned"] += 1
+        self._note_once(f"not-planned:{exc.kind}", f"a graph runs unrewritten: {exc}")
 
     def _note_once(self, kind: str, message: str) -> None:
         if kind not in self._warned:
@@ -216,6 +235,11 @@ class Session:
         except model_graphs.NotRewritable as exc:
             self.counters["graphs_not_rewritten"] += 1
             self._note_once(f"not-rewritten:{str(exc)[:40]}", f"a graph runs unrewritten: {exc}")
+        if model is not None and len(model.gm.graph.nodes) > self.config.max_graph_nodes:
+            self._not_planned(NotPlanned("TOO_LARGE", (
+                f"it has {len(model.gm.graph.nodes)} nodes, over HYPATIA_MAX_GRAPH_NODES={self.config.max_graph_nodes} "
+                "(raise the limit to plan graphs this large)")))
+            model = None
         if model is not None:
             graph, fx_nodes = cap.capture(model.gm)
             wkey, workload = cap.graph_workload_key(example_inputs, phase)
@@ -224,7 +248,11 @@ class Session:
             ekey, env = environment.describe(cap.graph_device(graph), index)
             keys = (graph.key, wkey, ekey)
             label = compiled_model_name()
-            plan, from_daemon = self.plan(graph, keys, workload, env, label)
+            try:
+                plan, from_daemon = self.plan(graph, keys, workload, env, label)
+            except NotPlanned as exc:
+                self._not_planned(exc)
+                return self._executor(graphs, None, None, None)
             plan = self._validate(graph, fx_nodes, plan, keys, from_daemon)
             self.plans.append((phase, plan))
             self.plan_keys.append(keys)

@@ -7,7 +7,6 @@ The command-line shells only parse arguments and print; tests call these functio
 from __future__ import annotations
 
 import logging
-import logging.handlers
 import os
 import signal
 import subprocess
@@ -18,6 +17,7 @@ from typing import Any, Callable
 from hypatia.client.rpc import DaemonClient, DaemonUnavailable, VersionSkew
 from hypatia.config import Config, ensure_private_dir, read_daemon_pid
 from hypatia.daemon.lock import AlreadyRunning, PidLock, StoreLocked, read_holder, store_lock_path
+from hypatia.daemon.logs import configure_logging
 from hypatia.daemon.server import Server, StartFailed
 from hypatia.keys import admit_client, admitted, ensure_server_keys, revoke_client
 from hypatia.planner.plan import PlanFormatError
@@ -25,31 +25,10 @@ from hypatia.planner.store import Store, StoreError, UnreadableStore
 from hypatia.protocol import ErrorCode, RemoteError
 
 EXIT_ALREADY_RUNNING = 75
-LOG_BACKUPS = 3  # rotated logs kept beside hypatiad.log: .1 (newest) to .3
 
 
 class NotRunning(Exception):
     """No hypatiad is running for this runtime directory."""
-
-
-def configure_logging(config: Config, to_stderr: bool) -> None:
-    """The daemon's log: its file, rotated past ``HYPATIA_LOG_MAX_BYTES`` (and stderr in the
-    foreground)."""
-    handlers: list[logging.Handler] = [
-        logging.handlers.RotatingFileHandler(config.log_path, maxBytes=config.log_max_bytes, backupCount=LOG_BACKUPS)
-    ]
-    if to_stderr:
-        handlers.append(logging.StreamHandler())
-    logging.basicConfig(
-        level=getattr(logging, config.log_level, logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
-        handlers=handlers,
-        force=True,
-    )
-    # egglog logs every command of every program at INFO (tens of KB per plan); the log is for
-    # the daemon's own story unless debugging is asked for.
-    if config.log_level != "DEBUG":
-        logging.getLogger("egglog").setLevel(logging.WARNING)
 
 
 def run_foreground(config: Config, detached: bool = False) -> int:
@@ -134,11 +113,20 @@ def _refusal(config: Config) -> AlreadyRunning:
     return AlreadyRunning(pid, config.lock_path)
 
 
-def stop(config: Config, timeout_s: float = 30.0) -> int:
-    """SIGTERM the daemon, wait for it to drain and exit; returns its pid."""
+# `hypatiad stop` waits for the daemon's drain (HYPATIA_DRAIN_TIMEOUT_S) and this much longer,
+# for the workers to be killed and the store closed.
+STOP_MARGIN_S = 10.0
+
+
+def stop(config: Config, timeout_s: float | None = None) -> int:
+    """SIGTERM the daemon, wait for it to drain and exit; returns its pid. The wait is the
+    daemon's own drain timeout plus a margin, so a daemon that stops on time is never reported
+    as hung."""
     pid = read_daemon_pid(config)
     if pid is None:
         raise NotRunning(f"no hypatiad is running for {config.endpoint}")
+    if timeout_s is None:
+        timeout_s = config.drain_timeout_s + STOP_MARGIN_S
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -259,7 +247,8 @@ def tune(config: Config, graph_key: str = "", progress: Callable[[dict], None] |
     client = _daemon(config)
     try:
         batch = client.call("tune", {"graph_key": graph_key})
-        status = {"total": batch["queued"], "pending": batch["queued"], "done": 0, "failed": 0, "skipped": 0}
+        status = {"total": batch["queued"], "pending": batch["queued"], "done": 0, "failed": 0, "skipped": 0,
+                  "untunable": batch.get("untunable", 0)}
         while True:
             if progress is not None:
                 progress(status)

@@ -231,6 +231,10 @@ def format_stats(s: dict[str, Any]) -> str:
             ("tunings", f"{s['tuning']['tunings']} done, {s['tuning']['failed']} failed, {s['tuning']['skipped']} skipped, "
                         f"{s['tuning_inflight']} in flight, {s['tuning']['coalesced']} coalesced"
                         + ("" if s["tuning"]["background"] else " (background tuning off)")),
+            ("bounds", f"graphs up to {s['planning']['max_graph_nodes']} nodes ({s['planning']['graphs_too_large']} "
+                       f"refused), planning {s['planning']['deadline_s']} s ({s['planning']['past_deadline']} abandoned); "
+                       f"{s['tuning']['untunable']} plan(s) untunable, {s['tuning']['regions_over_budget']} region(s) "
+                       "over the tuning memory budget"),
             ("benchmark traces", f"{s['traces']} stored, {s['tuning']['traces_written']} written and "
                                  f"{s['tuning']['traces_reused']} reused since start"),
             ("validation", f"{s['validation']['region_verdicts']} region shapes judged; {s['validation']['passed']} "
@@ -275,7 +279,11 @@ def main(argv: list[str] | None = None) -> int:
             status = control.tune(config, args.key, progress=progress_bar())
             print(f"tuned {status['done']} plan(s); {status['failed']} failed, {status['skipped']} skipped "
                   "(see the daemon log for why)" if status["total"] else "nothing to tune: every stored plan"
-                  + (f" whose graph key starts with {args.key!r}" if args.key else "") + " is tuned")
+                  + (f" whose graph key starts with {args.key!r}" if args.key else "") + " is tuned"
+                  + (" or untunable" if status.get("untunable") else ""))
+            if status.get("untunable"):
+                print(f"{status['untunable']} plan(s) not tuned again: their tuning failed, died or exceeded its "
+                      "time or memory budget before (the daemon log says why)")
             return 0 if status["failed"] == 0 else 1
         if args.command == "flush":
             if not args.yes:

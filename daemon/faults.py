@@ -3,10 +3,12 @@
 ``fail_start`` exit before serving; ``slow_start=S`` sleep S seconds before binding;
 ``no_reply=METHOD`` drop requests of METHOD; ``crash=METHOD`` SIGKILL itself on METHOD;
 ``delay=METHOD:S`` sleep S seconds while handling METHOD (on the server thread, so every
-client waits); ``slow_plan=S`` every planning takes S seconds longer (on its worker thread,
-so requests pile up in flight while the server thread stays responsive); ``fail_tuning``
-every tuning raises; ``fail=METHOD`` the handler of METHOD raises (an internal error, as a
-bug would); ``protocol_version=N`` speak wire protocol N, as a daemon of another release would.
+client waits); ``slow_plan=S`` every planning takes S seconds longer (in its worker process,
+so requests pile up in flight while the server thread stays responsive, and a deadline or a
+stop kills it there); ``fail_tuning`` every tuning raises; ``slow_tuning=S`` every tuning takes
+S seconds longer (in the tuning worker); ``fail=METHOD`` the handler of METHOD raises (an
+internal error, as a bug would); ``protocol_version=N`` speak wire protocol N, as a daemon of
+another release would.
 """
 
 from __future__ import annotations
@@ -28,11 +30,12 @@ class Faults:
     slow_plan: float = 0.0
     protocol_version: int | None = None
     fail: frozenset[str] = frozenset()
+    slow_tuning: float = 0.0
 
     @classmethod
     def parse(cls, spec: str) -> "Faults":
         fail_start, slow_start, no_reply, crash, delay, fail_tuning = False, 0.0, set(), set(), {}, False
-        slow_plan, protocol_version, fail = 0.0, None, set()
+        slow_plan, protocol_version, fail, slow_tuning = 0.0, None, set(), 0.0
         for item in filter(None, (s.strip() for s in spec.split(","))):
             name, _, value = item.partition("=")
             if name == "fail_start":
@@ -52,12 +55,14 @@ class Faults:
                 slow_plan = float(value)
             elif name == "fail":
                 fail.add(value)
+            elif name == "slow_tuning":
+                slow_tuning = float(value)
             elif name == "protocol_version":
                 protocol_version = int(value)
             else:
                 raise ValueError(f"unknown fault {name!r} in HYPATIA_FAULTS")
         return cls(fail_start, slow_start, frozenset(no_reply), frozenset(crash), delay, fail_tuning,
-                   slow_plan, protocol_version, frozenset(fail))
+                   slow_plan, protocol_version, frozenset(fail), slow_tuning)
 
     def speak_protocol(self) -> None:
         """With ``protocol_version=N``, make this process frame, check and announce protocol N
@@ -71,12 +76,14 @@ class Faults:
         service.PROTOCOL_VERSION = self.protocol_version  # the handshake check and stats
 
     def planning(self) -> None:
-        """Called on the worker thread before each planning."""
+        """Called in the planning worker before each planning."""
         if self.slow_plan:
             time.sleep(self.slow_plan)
 
     def tuning(self) -> None:
-        """Called before each tuning."""
+        """Called in the tuning worker before each tuning."""
+        if self.slow_tuning:
+            time.sleep(self.slow_tuning)
         if self.fail_tuning:
             raise RuntimeError("fault injected: fail_tuning")
 

@@ -1,33 +1,42 @@
-"""Single-flight planning and tuning in hypatiad, and the worker pool's results.
+"""Single flight: who waits for which planning, tuning or remote-mode run, and what each gets
+when its job lands.
 
-The server thread keeps one planning flight per (keys, policy) and one tuning per keys; every
-identical request joins the flight in progress and gets the same answer. Workers and the tuner
-run the jobs and push their outcomes back over an inproc socket, which only the server thread
-reads (:meth:`Flights._collect_results`), so only it touches the ROUTER. A make_plan that starts or
-joins a flight is acknowledged at once and told every ``PROGRESS_EVERY_S`` that the work goes on
-(:meth:`Flights._progress`, from the server's heartbeat).
-
-:class:`Flights` is a part of :class:`hypatia.daemon.server.Server`, apart because it is one idea:
-it uses the server's sockets, services and pools.
+One planning flight per (graph, workload, environment, policy) and one tuning per plan, however
+many clients ask at once; every waiter gets the same answer. A planning that ran past the
+deadline is remembered, and its graph refused at once until a restart; a tuning that failed is
+recorded as untunable in the store. The server thread alone runs these methods (mixed into
+:class:`~hypatia.daemon.server.Server`, which provides ``service``, ``jobs``, ``_send`` and
+``_error``). A make_plan that starts or joins a flight is acknowledged at once and told every
+``PROGRESS_EVERY_S`` that the work goes on (:meth:`Flights._progress`, from the server's
+heartbeat), so that its client keeps waiting however loaded the host is.
 """
 
 from __future__ import annotations
 
-import logging
+import itertools
+from collections import OrderedDict
 
 import zmq
 
 from hypatia import limits
 from hypatia.daemon.service import PlanKeys, request_policy
-from hypatia.protocol import BadRequest, ErrorCode, encode_pending, encode_reply, pack, unpack
+from hypatia.planner import counters as planner_counters
+from hypatia.protocol import BadRequest, DeadlineExceeded, ErrorCode, encode_pending, encode_reply, unpack
 
-log = logging.getLogger("hypatia.daemon")
-
-RESULTS_ENDPOINT = "inproc://hypatiad-results"
+MAX_ABANDONED = 1024  # graphs whose planning ran past the deadline, refused at once until a restart
 
 
 class Flights:
-    """The flights of a :class:`~hypatia.daemon.server.Server` (server thread, except ``_run``)."""
+    def _init_flights(self) -> None:
+        self._flights: dict[tuple[PlanKeys, str], list[tuple[bytes, int]]] = {}
+        self._flight_ids = itertools.count(1)
+        self._flight_jobs: dict[int, tuple[PlanKeys, str, dict]] = {}
+        self._tuning: dict[PlanKeys, list[tuple[bytes, int]]] = {}  # queued or running, with waiters
+        self._tuning_jobs: dict[PlanKeys, dict | None] = {}
+        self._abandoned: OrderedDict[PlanKeys, str] = OrderedDict()
+        self._batches: dict[int, dict] = {}  # hypatia-ctl tune requests and their progress
+        self._batch_ids = itertools.count(1)
+        self._runs: dict[int, tuple[bytes, int]] = {}  # remote-mode runs on the worker pool, by flight id
 
     def _acknowledge(self, identity: bytes, rid: int, state: str) -> None:
         """Tell a make_plan's client at once that its plan is being made: it waits for it."""
@@ -42,14 +51,21 @@ class Flights:
                     if waiter is not None:
                         self._send(waiter[0], encode_pending(waiter[1], {"state": state}))
 
+    # -- flights (single-flight planning) -------------------------------------------------
     def _start_flight(self, identity: bytes, rid: int, body: dict) -> None:
         policy = request_policy(body, rid)
         keys, job = self.service.parse_make_plan(body, rid)
         recipe = self.service.lookup(keys, policy)
+        if recipe is None and policy == "EXPLORE" and self.service.untunable(keys):
+            self.service.counters["tunings_skipped_untunable"] += 1  # measuring failed before: the plan there is
+            policy = "HEURISTIC"
+            recipe = self.service.stored(keys)
         if recipe is not None:
             self.service.counters["coalesced"] += 1
             self._send(identity, encode_reply(rid, {"plan": recipe}))
             return
+        if keys in self._abandoned:
+            raise DeadlineExceeded(self._abandoned[keys], rid)
         if policy == "EXPLORE":  # measured before answering: a tuning flight with a waiter
             self._tune(keys, job, (identity, rid), policy)
             self._acknowledge(identity, rid, "tuning")
@@ -66,47 +82,24 @@ class Flights:
         self._flights[(keys, policy)] = waiters
         flight = next(self._flight_ids)
         self._flight_jobs[flight] = (keys, policy, job)
-        self.pool.submit(self._run, ["plan", flight], self._planning_job, keys, job, policy)
+        self.jobs.plan(flight, keys, job, policy)
 
-    def _tune(self, keys: PlanKeys, job: dict | None, waiter: tuple[bytes, int] | None = None, policy: str = "FASTEST") -> bool:
+    def _tune(self, keys: PlanKeys, job: dict | None, waiter: tuple[bytes, int] | None = None, policy: str = "FASTEST",
+              delay: float = 0.0) -> bool:
         """Queue a tuning of ``keys`` unless one is queued or running (single flight); returns
-        whether a new one was queued."""
+        whether a new one was queued. A ``delay`` holds it back that many seconds, or until its
+        client reports, so that it does not compete with the client's own compile."""
         waiters = self._tuning.get(keys)
         if waiters is not None:
             self.service.counters["tune_coalesced"] += 1
             if waiter is not None:
                 waiters.append(waiter)
+                self.jobs.release(keys)  # someone waits for it now
             return False
         self._tuning[keys] = [waiter] if waiter is not None else []
         self._tuning_jobs[keys] = job
-        self.tuner.submit(self._run, ["tune", keys], self._tuning_job, keys, job, "EXPLORE" if policy == "EXPLORE" else "FASTEST")
+        self.jobs.tune(keys, job, "EXPLORE" if policy == "EXPLORE" else "FASTEST", delay)
         return True
-
-    def _planning_job(self, keys: PlanKeys, job: dict, policy: str) -> dict:
-        self.faults.planning()
-        return self.service.make_plan(keys, job, policy)
-
-    def _tuning_job(self, keys: PlanKeys, job: dict | None, policy: str) -> dict:
-        self.faults.tuning()
-        return self.service.tune(keys, job, policy)
-
-    def _run(self, tag: list, fn, *args) -> None:
-        """Worker or tuner thread: run ``fn`` and hand the outcome to the server thread."""
-        try:
-            result = [*tag, True, fn(*args)]
-        except Exception as exc:
-            skipped = bool(getattr(exc, "skip", False))  # not a failure: the work is not ours to do
-            if skipped:
-                log.warning("%s %s skipped: %s", tag[0], str(tag[1])[:40], exc)
-            else:  # its waiters' error replies are not logged again
-                self.failures.failed(f"{tag[0]} job", type(exc).__name__, f"{str(tag[1])[:40]}: {exc}", logging.ERROR, exc)
-            result = [*tag, False, {"skipped": skipped, "error": f"{type(exc).__name__}: {exc}"}]
-        push = getattr(self._local, "push", None)
-        if push is None:
-            push = self._local.push = self.ctx.socket(zmq.PUSH)
-            push.setsockopt(zmq.LINGER, 0)
-            push.connect(RESULTS_ENDPOINT)
-        push.send(pack(result))
 
     def _collect_results(self) -> None:
         while True:
@@ -114,7 +107,8 @@ class Flights:
                 data = self.results.recv(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            kind, tag, ok, payload = unpack(data, 1 << 30)
+            kind, tag, ok, payload, counters = unpack(data, 1 << 30)
+            self._count(counters)
             if kind == "run":
                 self._finish_run(tag, ok, payload)
                 continue
@@ -123,8 +117,10 @@ class Flights:
                 waiters = self._flights.pop((keys, policy), [])
                 if ok:
                     self.service.planned(keys, payload)
-                    if self.service.wants_tuning(payload, policy) and not self.stopping:
-                        self._tune(keys, job)
+                    if self.service.wants_tuning(keys, payload, policy) and not self.stopping:
+                        self._tune(keys, job, delay=self.config.tune_delay_s)
+                elif payload["deadline"]:
+                    self._abandon(keys)
             else:
                 keys = tuple(tag)
                 waiters = [w for w in self._tuning.pop(keys, []) if w is not None]
@@ -134,6 +130,8 @@ class Flights:
                     self.service.planned(keys, payload, tuned=True)
                 else:
                     self.service.counters[f"tunings_{outcome}"] += 1
+                    if outcome == "failed" and not (payload["stopped"] or payload["transient"] or self.stopping):
+                        self.service.mark_untunable(keys, payload["error"])
                 for batch in self._batches.values():
                     if keys in batch["pending"]:
                         batch["pending"].discard(keys)
@@ -150,8 +148,29 @@ class Flights:
                 if ok or fallback is not None:
                     self.service.counters["plan_waits_served"] += 1  # every waiter was acknowledged
                     self._send(identity, encode_reply(rid, {"plan": payload if ok else fallback}))
+                elif kind == "plan" and payload["deadline"]:
+                    self._error(identity, rid, ErrorCode.DEADLINE_EXCEEDED, self._abandoned[keys], logged=True)
+                elif payload["stopped"]:
+                    self._error(identity, rid, ErrorCode.SHUTTING_DOWN, "hypatiad is shutting down; retry or plan locally",
+                                logged=True)
                 else:
                     self._error(identity, rid, ErrorCode.INTERNAL, f"{kind} failed: {payload['error']}", logged=True)
+
+    def _count(self, counters: dict) -> None:
+        """Add what a worker counted to the counters the stats read."""
+        for name, target in (("service", self.service.counters), ("planner", planner_counters.counters),
+                             ("store", self.service.store.counters)):
+            target.update(counters.get(name) or {})
+
+    def _abandon(self, keys: PlanKeys) -> None:
+        """A planning of ``keys`` ran past the deadline: refuse the graph at once until a restart."""
+        self.service.counters["plans_past_deadline"] += 1
+        self._abandoned[keys] = (
+            f"planning this graph ran past the daemon's deadline of {self.config.plan_deadline_s} s "
+            "(HYPATIA_PLAN_DEADLINE_S) and was abandoned; it runs unrewritten. Raise HYPATIA_PLAN_DEADLINE_S "
+            "for the daemon to plan it")
+        while len(self._abandoned) > MAX_ABANDONED:
+            self._abandoned.popitem(last=False)
 
     def _finish_run(self, flight: int, ok: bool, outcome: dict) -> None:
         """A worker finished a remote-mode run: count it and answer its client."""
@@ -162,9 +181,8 @@ class Flights:
         if outcome["ok"]:
             self._send(identity, encode_reply(rid, {"outputs": outcome["outputs"]}))
         elif not outcome.get("abandoned"):  # an abandoned run has nobody waiting for it
-            code = ErrorCode(outcome.get("code", ErrorCode.INTERNAL))
-            self._error(identity, rid, code, outcome.get("message", "the client gave up on this run"), "run",
-                        logged=code == ErrorCode.INTERNAL)
+            self._error(identity, rid, ErrorCode(outcome.get("code", ErrorCode.INTERNAL)),
+                        outcome.get("message", "the client gave up on this run"))
 
     # -- hypatia-ctl tune -------------------------------------------------------------------
     def _tune_batch(self, body: dict, rid: int) -> dict:
@@ -172,13 +190,17 @@ class Flights:
         prefix = limits.text(body, "graph_key", limits.MAX_KEY_CHARS, rid, default="")  # a key or its prefix
         keys = [(r["graph_key"], r["workload_key"], r["env_key"]) for r in self.service.store.plan_rows(untuned_only=True)
                 if r["graph_key"].startswith(prefix)]
+        untunable = [k for k in keys if self.service.untunable(k)]  # failed before: not tried again
+        keys = [k for k in keys if not self.service.untunable(k)]
         for k in keys:
             self._tune(k, None)
+            self.jobs.release(k)  # asked for now, even if a background tuning was waiting
         batch = next(self._batch_ids)
-        self._batches[batch] = {"total": len(keys), "pending": set(keys), "done": 0, "failed": 0, "skipped": 0}
+        self._batches[batch] = {"total": len(keys), "pending": set(keys), "done": 0, "failed": 0, "skipped": 0,
+                                "untunable": len(untunable)}
         while len(self._batches) > 64:
             self._batches.pop(next(iter(self._batches)))
-        return {"batch": batch, "queued": len(keys)}
+        return {"batch": batch, "queued": len(keys), "untunable": len(untunable)}
 
     def _batch_status(self, body: dict, rid: int) -> dict:
         number = limits.integer(body, "batch", 0, 2**63 - 1, rid, required=True)
@@ -186,3 +208,11 @@ class Flights:
         if batch is None:
             raise BadRequest(f"no tuning batch {number} (the daemon restarted, or it is too old)", rid)
         return {k: (len(v) if isinstance(v, set) else v) for k, v in batch.items()}
+
+    # -- stopping ---------------------------------------------------------------------------
+    def _cancel_waiters(self) -> None:
+        """Tell every client still waiting that the daemon is going (it plans locally)."""
+        waiting = [w for ws in (*self._flights.values(), *self._tuning.values()) for w in ws if w is not None]
+        for identity, rid in [*waiting, *self._runs.values()]:
+            self._error(identity, rid, ErrorCode.SHUTTING_DOWN,
+                        "hypatiad stopped before this request was done (HYPATIA_DRAIN_TIMEOUT_S); retry or plan locally")

@@ -1,10 +1,12 @@
 """hypatiad's server loop: a ZeroMQ ROUTER on the per-user ipc socket.
 
 Cheap requests (hello, ping, get_plan, report, stats, tune_status, flush) are answered on this
-thread; planning and remote-mode runs go to a small worker pool and tuning to one tuner thread,
-whose results come back over an inproc PULL socket, so that only this thread ever touches the
-ROUTER (the flights and their results: :mod:`hypatia.daemon.flights`). SIGTERM stops intake,
-drains the flights in progress (queued background tunings are dropped) and exits.
+thread; planning, tuning and remote-mode runs go to :mod:`hypatia.daemon.jobs` (threads, and
+worker processes under a deadline), whose results come back over an inproc PULL socket, so that
+only this thread ever touches the ROUTER; :mod:`hypatia.daemon.flights` keeps who waits for
+which job. SIGTERM stops intake and drains the flights in progress (queued background tunings
+are dropped) for up to HYPATIA_DRAIN_TIMEOUT_S; then the clients still waiting are told the
+daemon is shutting down, the workers are killed and the daemon exits.
 
 A client whose make_plan waits on a planning flight is told so at once and then every
 :data:`PROGRESS_EVERY_S` (a ``pending`` reply), so that it keeps waiting while this daemon is alive
@@ -17,13 +19,10 @@ that a client starts next takes over the store once it is gone.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 import signal
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import zmq
@@ -31,14 +30,15 @@ import zmq
 from hypatia import __version__, shm
 from hypatia.config import Config, ConfigError, ensure_private_dir
 from hypatia.daemon.failures import FailureLog
-from hypatia.daemon.flights import RESULTS_ENDPOINT, Flights
 from hypatia.daemon.faults import Faults
 from hypatia.daemon.lock import PidLock, SocketWatch, acquire_store_lock
 from hypatia.daemon.notify import sd_notify, watchdog_interval
 from hypatia.daemon.remote import RunService
 from hypatia.daemon.zap import COUNTERS as ZAP_COUNTERS, DOMAIN, TCP_DOMAIN, ZapHandler
 from hypatia.keys import KeysError, server_keys
-from hypatia.daemon.service import PlanKeys, PlanService, plan_keys, request_policy
+from hypatia.daemon.flights import Flights
+from hypatia.daemon.jobs import RESULTS_ENDPOINT, Jobs
+from hypatia.daemon.service import PlanService, plan_keys, request_policy
 from hypatia.planner.store import Store, StoreError
 from hypatia.protocol import (
     PROGRESS_EVERY_S,
@@ -55,7 +55,6 @@ log = logging.getLogger("hypatia.daemon")
 
 STATUS_EVERY_S = 5.0  # how often STATUS= is refreshed for systemctl status
 MAX_HANDSHAKEN_PEERS = 65536
-DRAIN_TIMEOUT_S = 60.0
 WATCH_EVERY_S = 1.0  # how often the daemon checks that its socket and lock file are still its own
 LOCAL, TCP = b"l", b"t"  # the first byte of a peer's identity inside the daemon: which socket it came in on
 
@@ -70,19 +69,11 @@ class Server(Flights):
         self.faults = Faults.parse(config.faults)
         self.workers = workers
         self.stopping = False
-        self._flights: dict[tuple[PlanKeys, str], list[tuple[bytes, int]]] = {}
-        self._flight_ids = itertools.count(1)
-        self._flight_jobs: dict[int, tuple[PlanKeys, str, dict]] = {}
-        self._tuning: dict[PlanKeys, list[tuple[bytes, int]]] = {}  # queued or running, with waiters
-        self._tuning_jobs: dict[PlanKeys, dict | None] = {}
-        self._batches: dict[int, dict] = {}  # hypatia-ctl tune requests and their progress
-        self._batch_ids = itertools.count(1)
         self._peers: dict[bytes, None] = {}
-        self._runs: dict[int, tuple[bytes, int]] = {}  # remote-mode runs on the worker pool, by flight id
-        self._local = threading.local()
         self.failures = FailureLog(log)
         self.daemon_id = shm.daemon_id(config.socket_path)
         self.watch: SocketWatch | None = None
+        self._init_flights()
 
     # -- lifecycle ------------------------------------------------------------------------
     def run(self) -> int:
@@ -101,11 +92,15 @@ class Server(Flights):
             if self.faults.slow_start:
                 time.sleep(self.faults.slow_start)
             self.faults.speak_protocol()
-            return self._serve(lock)
+            status = self._serve(lock)
         finally:
             if store_lock is not None:
                 store_lock.release()
             lock.release()
+        if self.jobs.stuck_threads:  # a thread nothing can interrupt must not hold the process past its drain
+            logging.shutdown()
+            os._exit(status)
+        return status
 
     def _serve(self, lock: PidLock) -> int:
         store = Store(self.config.store_location, retry_s=self.config.store_retry_s)
@@ -139,9 +134,7 @@ class Server(Flights):
             os.umask(old_umask)
         os.chmod(sock, 0o600)
         self.watch = SocketWatch(sock, lock)
-        pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="hypatiad-plan")
-        self.pool = pool
-        self.tuner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hypatiad-tune")
+        self.jobs = Jobs(self.config, ctx, self.workers, self.failures)
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         log.info("hypatiad %s serving %s (pid %d, store %s)", __version__, self.config.endpoint, os.getpid(), store.location)
         sd_notify(f"READY=1\nSTATUS=serving {self.config.endpoint}\nMAINPID={os.getpid()}")
@@ -151,8 +144,7 @@ class Server(Flights):
             sd_notify("STOPPING=1")
             for s, handler in previous.items():
                 signal.signal(s, handler)
-            pool.shutdown(wait=True, cancel_futures=True)
-            self.tuner.shutdown(wait=True, cancel_futures=True)
+            self.jobs.stop()  # what is still planning or tuning now is cancelled
             self.zap.stop()
             ctx.destroy(linger=500)  # let the last drained replies leave
             store.close()
@@ -216,6 +208,8 @@ class Server(Flights):
             sd_notify(self._status())
             self._next_status = now + STATUS_EVERY_S
         self.runs.tick(now)
+        if not self.stopping:
+            self.jobs.release_due(now)
         idle = self.config.idle_timeout_s
         busy = self._flights or self._tuning or self._runs
         if idle and not self.stopping and not busy and now - self._last_request > idle:
@@ -237,9 +231,11 @@ class Server(Flights):
             if self.stopping:
                 if not self._flights and not any(self._tuning.values()) and not self._runs:
                     return
-                drain_deadline = drain_deadline or time.monotonic() + DRAIN_TIMEOUT_S
+                drain_deadline = drain_deadline or time.monotonic() + self.config.drain_timeout_s
                 if time.monotonic() > drain_deadline:
-                    log.error("drain timed out with %d flight(s) unanswered", len(self._flights))
+                    log.error("drain timed out after %d s (HYPATIA_DRAIN_TIMEOUT_S) with %d flight(s) unanswered; "
+                              "cancelling them", self.config.drain_timeout_s, len(self._flights))
+                    self._cancel_waiters()
                     return
             try:
                 events = dict(poller.poll(100))
@@ -318,12 +314,16 @@ class Server(Flights):
             elif method == "get_plan":
                 result = self.service.get_plan(body, rid)
                 policy = request_policy(body, rid)
-                if self.service.wants_tuning(result["plan"], policy):
-                    self._tune(plan_keys(body, rid), None)
+                if self.service.wants_tuning(plan_keys(body, rid), result["plan"], policy):
+                    self._tune(plan_keys(body, rid), None, delay=self.config.tune_delay_s)
             elif method == "report":
                 result = self.service.report(body, rid)
+                if "verdicts" in body or "executor" in body:  # its client is done compiling: tune now
+                    self.jobs.release(plan_keys(body, rid))
             elif method == "stats":
                 result = self.service.stats(inflight=len(self._flights), tuning=len(self._tuning))
+                for section, values in self.jobs.stats().items():
+                    result[section] |= values
                 result["peers"] = {k: self.zap.counters[k] for k in ZAP_COUNTERS}
                 result["listen"] = self.config.listen or None
                 result |= self.runs.stats()
@@ -337,16 +337,20 @@ class Server(Flights):
                 job = self.runs.parse(body, rid)
                 flight = next(self._flight_ids)
                 self._runs[flight] = (identity, rid)
-                self.pool.submit(self._run, ["run", flight], self.runs.run, job)
+                self.jobs.run(flight, self.runs.run, job)
                 return
             elif method == "tune":
                 result = self._tune_batch(body, rid)
             elif method == "tune_status":
                 result = self._batch_status(body, rid)
             elif method == "flush":
-                if self._flights or self._tuning:
-                    raise Busy(f"{len(self._flights)} planning and {len(self._tuning)} tuning job(s) in flight; "
+                running = len(self._tuning) - len(self.jobs.waiting())
+                if self._flights or running:
+                    raise Busy(f"{len(self._flights)} planning and {running} tuning job(s) in flight; "
                                "retry when `hypatia-ctl stats` shows none", rid)
+                for keys in self.jobs.drop_waiting():  # not started: dropped with the plans they would tune
+                    self._tuning.pop(keys, None)
+                    self._tuning_jobs.pop(keys, None)
                 result = self.service.flush()
             else:  # decode_request only lets known methods through
                 raise ProtocolError(f"no handler for {method}", rid)

@@ -25,11 +25,11 @@ from hypatia.canonical import CanonicalGraph, GraphFormatError, environment_key,
 from hypatia.config import POLICIES, Config
 from hypatia.executors import UnknownCandidate, parse as parse_candidate
 from hypatia.planner import counters as planner_counters
-from hypatia.planner import paths, verdicts as region_verdicts
+from hypatia.planner import budget, paths, verdicts as region_verdicts
 from hypatia.planner.passes import candidates, finish
 from hypatia.planner.plan import ExecutorDecision, Plan
-from hypatia.planner.store import SCHEMA_VERSION, Store
-from hypatia.protocol import PROTOCOL_VERSION, BadRequest, VersionMismatch, require
+from hypatia.planner.store import SCHEMA_VERSION, Store, StoreError
+from hypatia.protocol import PROTOCOL_VERSION, BadRequest, TooLarge, VersionMismatch, require
 
 log = logging.getLogger("hypatia.daemon")
 
@@ -74,6 +74,10 @@ def model_label(value: Any, request_id: int) -> str:
     return "".join(c for c in value if c.isprintable())[:MAX_MODEL_LABEL]
 
 
+class GraphTooLarge(TooLarge):
+    """A make_plan graph has more nodes than ``HYPATIA_MAX_GRAPH_NODES``: refused unread."""
+
+
 class PlanService:
     def __init__(self, config: Config, store: Store):
         self.config = config
@@ -86,6 +90,7 @@ class PlanService:
         self._plans: OrderedDict[PlanKeys, dict] = OrderedDict()
         self._heuristic: OrderedDict[PlanKeys, dict] = OrderedDict()  # where the stored plan is tuned
         self._ceilings: dict[str, dict | None] = {}
+        self._untunable: dict[PlanKeys, str] = store.untunable()  # plans never tuned again here
 
     # -- handshake ------------------------------------------------------------------------
     def hello(self, body: dict, request_id: int) -> dict:
@@ -146,10 +151,29 @@ class PlanService:
         self.counters["plan_hits" if recipe is not None else "plan_misses"] += 1
         return {"plan": recipe}
 
-    def wants_tuning(self, recipe: dict | None, policy: str) -> bool:
+    def wants_tuning(self, keys: PlanKeys, recipe: dict | None, policy: str) -> bool:
         """Whether serving ``recipe`` under ``policy`` should start a background tuning."""
-        return (recipe is not None and not recipe.get("tuned") and policy != "HEURISTIC"
-                and self.config.background_tuning)
+        if recipe is None or recipe.get("tuned") or policy == "HEURISTIC" or not self.config.background_tuning:
+            return False
+        if self.untunable(keys):
+            self.counters["tunings_skipped_untunable"] += 1
+            return False
+        return True
+
+    def untunable(self, keys: PlanKeys) -> bool:
+        """Whether tuning this plan failed before in its environment (it is not tried again)."""
+        return keys in self._untunable
+
+    def mark_untunable(self, keys: PlanKeys, reason: str) -> None:
+        """Server thread: a tuning of ``keys`` failed, died, ran out of time or memory; no
+        daemon on this store tunes the plan again (its heuristic plan keeps serving)."""
+        self._untunable[keys] = reason
+        self.counters["plans_marked_untunable"] += 1
+        log.warning("plan %s is not tuned again in this environment: %s", keys[0][:16], reason)
+        try:
+            self.store.mark_untunable(keys, reason)
+        except StoreError as exc:  # kept in memory: this daemon still never retries it
+            log.error("could not record plan %s as untunable: %s", keys[0][:16], exc)
 
     def ceilings(self, env_key: str) -> dict | None:
         if self._ceilings.get(env_key) is None:
@@ -161,8 +185,15 @@ class PlanService:
     def parse_make_plan(self, body: dict, request_id: int) -> tuple[PlanKeys, dict]:
         """Validate a make_plan body on the server thread; the work itself is :meth:`make_plan`."""
         keys = plan_keys(body, request_id)
+        nodes = require(body, "graph", dict, request_id).get("nodes")
+        if isinstance(nodes, list) and len(nodes) > self.config.max_graph_nodes:
+            self.counters["graphs_too_large"] += 1
+            raise GraphTooLarge(
+                f"a graph of {len(nodes)} nodes is over this daemon's limit of {self.config.max_graph_nodes} "
+                "(HYPATIA_MAX_GRAPH_NODES); it is not planned and runs unrewritten. Raise HYPATIA_MAX_GRAPH_NODES "
+                "for the daemon and the clients to plan graphs this large", request_id)
         try:
-            graph = CanonicalGraph.from_wire(require(body, "graph", dict, request_id))
+            graph = CanonicalGraph.from_wire(body["graph"])
         except GraphFormatError as exc:
             raise BadRequest(f"graph: {exc}", request_id) from None
         if graph.key != keys[0]:
@@ -235,8 +266,12 @@ class PlanService:
             self.make_plan(keys, job, "HEURISTIC")
             current = self.store.get_plan(keys)
         report = tuner.TuneReport()
-        plan = tuner.tune(job["graph"], keys, job["environment"], self.store, policy=policy,
-                          budget_s=self.config.tune_budget_ms / 1000, report=report)
+        memory = budget.budget_bytes(self.config.tune_memory_mb, str(job["environment"].get("device_type", "cpu")))
+        try:
+            plan = tuner.tune(job["graph"], keys, job["environment"], self.store, policy=policy,
+                              budget_s=self.config.tune_budget_ms / 1000, memory_bytes=memory, report=report)
+        finally:
+            self.counters["regions_over_budget"] += len(report.over_budget)
         self._ceilings.pop(keys[2], None)
         plan = plan.superseding(current)
         self.store.replace_plan(keys, plan)
@@ -392,6 +427,18 @@ class PlanService:
                 "traces_reused": self.counters["traces_reused"],
                 "plans_from_shared_traces": self.counters["plans_from_shared_traces"],
                 "background": self.config.background_tuning,
+                "untunable": counts["untunable"],
+                "marked_untunable": self.counters["plans_marked_untunable"],
+                "skipped_untunable": self.counters["tunings_skipped_untunable"],
+                "regions_over_budget": self.counters["regions_over_budget"],
+                "memory_budget_mb": self.config.tune_memory_mb or None,
+                "delay_s": self.config.tune_delay_s,
+            },
+            "planning": {
+                "max_graph_nodes": self.config.max_graph_nodes,
+                "deadline_s": self.config.plan_deadline_s,
+                "graphs_too_large": self.counters["graphs_too_large"],
+                "past_deadline": self.counters["plans_past_deadline"],
             },
             "traces": counts["benchmark_traces"],
             "errors": dict(self.errors),

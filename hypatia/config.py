@@ -105,6 +105,14 @@ class Config:
     # so); 0: no longer than timeout_ms, as for any other reply.
     plan_wait_s: int = 60
     log_max_bytes: int = 10 * 1024 * 1024  # the daemon's log rotates past this size
+    # Bounds on what one request may cost the daemon: graph size, planning time, tuning memory
+    # (0: a quarter of the machine's memory, half of a GPU's), the delay before a background
+    # tuning, and how long a stopping daemon drains before it cancels what is left.
+    max_graph_nodes: int = 50_000
+    plan_deadline_s: int = 60
+    tune_memory_mb: int = 0
+    tune_delay_s: int = 5
+    drain_timeout_s: int = 20
 
     @property
     def socket_path(self) -> Path:
@@ -207,6 +215,11 @@ def load(env: Mapping[str, str] | None = None) -> Config:
         remote_max_output_mb=_int(env, "HYPATIA_REMOTE_MAX_OUTPUT_MB", 1024, minimum=1),
         plan_wait_s=_int(env, "HYPATIA_PLAN_WAIT_S", 60),
         log_max_bytes=_int(env, "HYPATIA_LOG_MAX_BYTES", 10 * 1024 * 1024, minimum=1024),
+        max_graph_nodes=_int(env, "HYPATIA_MAX_GRAPH_NODES", 50_000, minimum=1),
+        plan_deadline_s=_int(env, "HYPATIA_PLAN_DEADLINE_S", 60, minimum=1),
+        tune_memory_mb=_int(env, "HYPATIA_TUNE_MEMORY_MB", 0),
+        tune_delay_s=_int(env, "HYPATIA_TUNE_DELAY_S", 5),
+        drain_timeout_s=_int(env, "HYPATIA_DRAIN_TIMEOUT_S", 20, minimum=1),
     )
     if config.store_url and not config.store_url.startswith(("postgresql://", "postgres://")):
         raise ConfigError(

@@ -57,6 +57,7 @@ class ErrorCode(enum.IntEnum):
     NOT_HANDSHAKEN = 8
     BUSY = 9
     UNKNOWN_GRAPH = 10
+    DEADLINE_EXCEEDED = 11
 
 
 class ProtocolError(Exception):
@@ -109,6 +110,12 @@ class UnknownGraph(ProtocolError):
     """The keys name a graph or plan the daemon does not hold; send make_plan first."""
 
     code = ErrorCode.UNKNOWN_GRAPH
+
+
+class DeadlineExceeded(ProtocolError):
+    """Planning ran past the daemon's deadline (``HYPATIA_PLAN_DEADLINE_S``) and was abandoned."""
+
+    code = ErrorCode.DEADLINE_EXCEEDED
 
 
 class RemoteError(Exception):

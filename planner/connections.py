@@ -143,13 +143,17 @@ class StoreConnections:
     """Connections to the store at ``location`` (a SQLite path or a ``postgresql://`` URL);
     ``readonly`` for inspection only; ``retry_s``: how often an unwritable store tries again."""
 
-    def __init__(self, location: Path | str, readonly: bool = False, retry_s: float = 30.0):
+    def __init__(self, location: Path | str, readonly: bool = False, retry_s: float = 30.0, migrate: bool = True):
         self.postgres = is_postgres(location)
         self.path: Path | None = None if self.postgres else Path(location)
         self._target = str(location)
         # What logs, stats and messages show: a PostgreSQL URL loses its password.
         self.location = redact(self._target) if self.postgres else str(self.path)
         self.readonly = readonly
+        # migrate=False: a store its daemon opened and migrated already (a worker process), which
+        # this process never migrates, moves aside or repairs: a damage found here is the daemon's
+        # to repair, when its own next operation meets it
+        self.repairs = migrate
         self.retry_s = retry_s
         self.counters: Counter = Counter()
         self.use = UseLock()
@@ -163,7 +167,7 @@ class StoreConnections:
         self._open: list[Database] = []  # every thread's connection, so close() reaches them all
         self._open_lock = threading.Lock()
         try:
-            if readonly:
+            if readonly or not migrate:
                 self._open_to_read()
             else:
                 if self.path is not None:
@@ -269,7 +273,7 @@ class StoreConnections:
     def repair(self, generation: int, exc: UnreadableStore) -> bool:
         """Replace the damaged file that an operation of ``generation`` ran into; whether the
         operation should run again (it should not on a store that cannot be repaired here)."""
-        if self.readonly or self.path is None:
+        if self.readonly or self.path is None or not self.repairs:
             return False
         with self.use.exclusive():
             if self.generation != generation:

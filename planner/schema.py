@@ -15,7 +15,7 @@ import sqlite_utils
 
 TABLES = (
     "canonical_graphs", "implementations", "environments", "workloads", "benchmark_traces", "plans", "verdicts",
-    "quarantine", "region_verdicts",
+    "quarantine", "region_verdicts", "untunable",
 )
 
 
@@ -131,15 +131,25 @@ def _migrate_5(db: sqlite_utils.Database) -> None:
     )
 
 
-# -- schema 6: labels for people ---------------------------------------------------------------
+# -- schema 6: labels for people, and plans whose tuning failed -------------------------------
 # The class of the module Dynamo compiled a graph from (the first one seen: two models with the
 # same graph share it and its plans); shown by `hypatia-ctl plans`, never part of any key.
+# A tuning that failed, died, ran out of time or exceeded its memory budget in an environment is
+# never tried again there: a restarted daemon reads the untunable table instead of repeating it.
 def _migrate_6(db: sqlite_utils.Database) -> None:
     db["canonical_graphs"].add_column("model", str)
+    db["untunable"].create(
+        {"graph_key": str, "workload_key": str, "env_key": str, "reason": str, "created_at": str},
+        pk=("graph_key", "workload_key", "env_key"),
+    )
 
 
-_POSTGRES_6 = ("ALTER TABLE canonical_graphs ADD COLUMN model TEXT",)
-# -- end of schema 6 ----------------------------------------------------------------------------
+_POSTGRES_6 = (
+    "ALTER TABLE canonical_graphs ADD COLUMN model TEXT",
+    "CREATE TABLE untunable (graph_key TEXT, workload_key TEXT, env_key TEXT, reason TEXT, created_at TEXT, "
+    "PRIMARY KEY (graph_key, workload_key, env_key))",
+)
+# -- end of schema 6 ---------------------------------------------------------------------------
 
 
 # Schema version N is reached by running MIGRATIONS[N - 1]; append, never edit.

@@ -40,8 +40,9 @@ def _columns(names: Any) -> str:
 
 class Store(StoreConnections):
     """The plan store at ``location`` (a SQLite file path or a ``postgresql://`` URL);
-    ``readonly`` opens it for inspection only. How it opens, and what it does when its file is
-    damaged or cannot be written, is :class:`~hypatia.planner.connections.StoreConnections`."""
+    ``readonly`` opens it for inspection only; ``migrate=False`` opens one that its daemon has
+    opened and migrated already (a worker process). How it opens, and what it does when its file
+    is damaged or cannot be written, is :class:`~hypatia.planner.connections.StoreConnections`."""
 
     # -- the SQL both databases share -----------------------------------------------------
     @staticmethod
@@ -307,6 +308,20 @@ class Store(StoreConnections):
             self.counters["corrupt_rows"] += 1
             return None
 
+    @write
+    def mark_untunable(self, keys: tuple[str, str, str], reason: str) -> None:
+        """Record that tuning the plan of ``keys`` failed in its environment: never tried again."""
+        db = self._db()
+        with db.atomic():
+            self._upsert(db, "untunable", dict(zip(PLAN_PK, keys)) | {"reason": reason[:500], "created_at": _now()},
+                         PLAN_PK)
+
+    @operation
+    def untunable(self) -> dict[tuple[str, str, str], str]:
+        """Every plan marked untunable, with the reason."""
+        rows = self._db().execute("SELECT graph_key, workload_key, env_key, reason FROM untunable").fetchall()
+        return {(g, w, e): r for g, w, e, r in rows}
+
     @operation
     def plan_rows(self, untuned_only: bool = False) -> list[dict]:
         """One summary per stored plan, newest first."""
@@ -338,7 +353,7 @@ class Store(StoreConnections):
         counts = self.counts()
         db = self._db()
         with db.atomic():
-            for table in ("verdicts", "region_verdicts", "benchmark_traces", "plans", "implementations",
+            for table in ("untunable", "verdicts", "region_verdicts", "benchmark_traces", "plans", "implementations",
                           "canonical_graphs", "workloads", "environments", "quarantine"):
                 db.execute(f'DELETE FROM "{table}"')
         db.compact()

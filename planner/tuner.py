@@ -16,7 +16,7 @@ import torch
 
 from hypatia.canonical import CanonicalGraph
 from hypatia.kernels import load_kernel
-from hypatia.planner import costs, measure, paths, regions, verdicts
+from hypatia.planner import budget, costs, measure, paths, regions, verdicts
 from hypatia.planner.counters import counters
 from hypatia.planner.environment import describe
 from hypatia.planner.extract import Candidate
@@ -38,6 +38,7 @@ class TuneReport:
     measured: int = 0  # traces written now
     reused: int = 0  # traces found already measured
     unmeasurable: list[str] = field(default_factory=list)
+    over_budget: list[str] = field(default_factory=list)  # regions skipped for the memory budget
 
 
 def ensure_ceilings(store: Store, env_key: str, env: dict) -> dict:
@@ -85,9 +86,12 @@ def _measure_candidate(graph: CanonicalGraph, cand: Candidate, options: list[Reg
 
 
 def tune(graph: CanonicalGraph, keys: tuple[str, str, str], env: dict, store: Store, *, policy: str = "FASTEST",
-         budget_s: float = 0.1, report: TuneReport | None = None) -> Plan:
+         budget_s: float = 0.1, memory_bytes: int = 0, report: TuneReport | None = None) -> Plan:
     """Measure what is not yet measured for ``graph`` and return the plan the measurements
-    choose. Raises :class:`EnvironmentMismatch` when ``env`` is not this process's own."""
+    choose. A region whose inputs would take more than ``memory_bytes`` (0: no limit) is not
+    allocated; it keeps its heuristic choice, and when that leaves nothing measured the tuning
+    raises :class:`~hypatia.planner.budget.OverBudget`. Raises :class:`EnvironmentMismatch`
+    when ``env`` is not this process's own."""
     device_type = str(env.get("device_type", "cpu"))
     own_key, _ = describe(device_type, torch.cuda.current_device() if device_type == "cuda" and torch.cuda.is_available() else 0)
     if own_key != keys[2]:
@@ -108,6 +112,11 @@ def tune(graph: CanonicalGraph, keys: tuple[str, str, str], env: dict, store: St
         if all((rkey, w) in stored for w in wanted):
             report.reused += len(wanted)
             continue
+        need = budget.region_bytes(graph, cand.region)
+        if memory_bytes and need > memory_bytes:
+            report.over_budget.append(f"{cand.rule}@{cand.region.output} needs about {need / 2**20:.0f} MiB")
+            counters["tuning.over_budget"] += 1
+            continue
         try:
             new = _measure_candidate(graph, cand, options, budget_s)
         except regions.NotMeasurable as exc:
@@ -120,6 +129,10 @@ def tune(graph: CanonicalGraph, keys: tuple[str, str, str], env: dict, store: St
         rows += [r | {"graph_key": keys[0], "workload_key": keys[1], "env_key": keys[2]} for r in new]
         for r in new:
             stored[(rkey, r["implementation_id"])] = r | {"ok": bool(r["ok"])}
+    if report.over_budget and not rows and not report.reused:
+        raise budget.OverBudget(
+            f"{'; '.join(report.over_budget[:3])} to measure, over the tuning memory budget of "
+            f"{memory_bytes / 2**20:.0f} MiB (HYPATIA_TUNE_MEMORY_MB); the plan keeps its heuristic choices")
     store.put_traces(rows, list(impls.values()))
     store.put_region_verdicts(keys[2], verdicts.from_traces(rows))  # the accuracy checks validate the shapes
     report.measured += len(rows)

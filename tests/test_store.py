@@ -136,6 +136,21 @@ def test_flush_empties_every_table_and_keeps_the_schema(store_location):
     store.close()
 
 
+def test_an_untunable_plan_is_recorded_once_read_back_and_flushed(store_location):
+    """Schema 6: a plan whose tuning failed is marked with the reason (the last one wins)."""
+    store = Store(store_location)
+    graph, keys, env = sample()
+    put(store, graph, keys, env)
+    assert store.untunable() == {}
+    store.mark_untunable(keys, "first")
+    store.mark_untunable(keys, "tuning needs about 9 GiB, over the budget")
+    assert store.untunable() == {keys: "tuning needs about 9 GiB, over the budget"}
+    assert store.counts()["untunable"] == 1
+    store.flush()
+    assert store.untunable() == {}
+    store.close()
+
+
 def test_a_version_2_store_migrates_and_its_format_1_plans_still_serve(tmp_path):
     """Schemas 3 (the tuner's columns) and 4 (quarantine) are added in place; plans written
     before them, in recipe format 1, are read as untuned plans whose regions run on the device."""

@@ -296,7 +296,7 @@ def _client(home, policy: str, timeout: float = 180) -> dict:
 
 
 def _start(home, **env) -> None:
-    home.env.update({"HYPATIA_TUNE_BUDGET_MS": "10", **env})
+    home.env.update({"HYPATIA_TUNE_BUDGET_MS": "10", "HYPATIA_TUNE_DELAY_S": "0", **env})
     assert "started" in home.hypatiad("start").stdout
 
 
