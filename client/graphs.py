@@ -83,14 +83,48 @@ def trace(gm: torch.fx.GraphModule, example_inputs: list) -> ModelGraph:
             value = node.meta.get("example_value")
             if isinstance(value, torch.Tensor) and any(not isinstance(s, int) for s in value.shape):
                 raise NotRewritable("the graph has dynamic shapes")
-        elif training and node.op == "call_function" and node.target in _GRAD_STATE:
-            raise NotRewritable("the training graph switches grad mode inside itself")
+    if training:
+        _check_grad_switches(gm)
     fakes, fake_mode = _fake_inputs(example_inputs)
     try:
         traced = _operators(gm, fakes, fake_mode)
     except Exception as exc:  # noqa: BLE001 - whatever make_fx refuses runs unrewritten
         raise NotRewritable(f"tracing to ATen operators failed: {type(exc).__name__}: {exc}"[:400]) from exc
     return ModelGraph(traced, fakes, fake_mode, training)
+
+
+def _check_grad_switches(gm: torch.fx.GraphModule) -> None:
+    """A training graph may switch grad mode off inside itself (``torch.no_grad()`` in a model's
+    forward, as the rotary embeddings of Llama and its kind do) only where nothing computed with
+    grad off depends on a tensor that requires grad: the ATen trace drops the switch, which is
+    then exact, since those values would not require grad either way. Anything else is
+    :class:`NotRewritable`."""
+    enabled, requires = True, set()
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            value = node.meta.get("example_value")
+            if isinstance(value, torch.Tensor) and value.requires_grad:
+                requires.add(node)
+        elif node.op == "get_attr":
+            value = gm
+            for name in str(node.target).split("."):
+                value = getattr(value, name, None)
+            if isinstance(value, torch.Tensor) and value.requires_grad:
+                requires.add(node)
+        elif node.op == "call_function" and node.target in _GRAD_STATE:
+            if not node.args or not isinstance(node.args[0], bool):
+                raise NotRewritable("the training graph switches grad mode inside itself, to a value not known "
+                                    "when it is traced")
+            enabled = node.args[0]
+        elif node.op != "output":
+            needs = any(a in requires for a in node.all_input_nodes)
+            if needs and not enabled:
+                raise NotRewritable("the training graph switches grad mode off inside itself around a tensor "
+                                    "that requires grad")
+            if needs:
+                requires.add(node)
+    if not enabled:
+        raise NotRewritable("the training graph leaves grad mode off at its end")
 
 
 def rewrite(model: ModelGraph, fx_nodes: list[torch.fx.Node], plan: Plan, dynamo_gm: torch.fx.GraphModule) -> torch.fx.GraphModule:

@@ -36,7 +36,9 @@ def _replacing(q, kt, v, hidden, fill, scale):
         return F.scaled_dot_product_attention(q, kt.transpose(-2, -1), v, attn_mask=~hidden, scale=scale)
     attn_mask = torch.zeros((), dtype=q.dtype, device=q.device).masked_fill(hidden, fill)
     out = F.scaled_dot_product_attention(q, kt.transpose(-2, -1), v, attn_mask=attn_mask, scale=scale)
-    return out if fill <= ABSORBING else _fully_masked_rows(out, v, hidden)
+    # eager's equal scores give a fully hidden row the mean of V; SDPA's fused CUDA kernels
+    # give it zeros even for an absorbing fill, so the row is set explicitly
+    return _fully_masked_rows(out, v, hidden)
 
 
 def attention_masked(q, kt, v, mask, scale, mask_kind, fill):

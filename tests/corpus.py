@@ -26,8 +26,26 @@ import torch
 SEED = 0
 HALF = (torch.bfloat16, torch.float16)
 FP32_TOLERANCE = dict(rtol=1e-4, atol=1e-4)
-EAGER_FACTOR = 2.0  # a 16-bit result may be this many times as far from float32 as eager's
-MARGIN_ULPS = 2  # plus this many units in the last place at the float32 result's magnitude
+# A result may be this many times as far from the wider reference as eager's own: measured on an
+# H200, the gradients of conv nets with squeeze-excitation and of GPT-2 under Inductor land up to
+# 3.2x eager's error, since a fused region sums in another order (a wrong result is off by its
+# magnitude and fails by orders of magnitude more)
+EAGER_FACTOR = 4.0
+MARGIN_ULPS = 2  # plus this many units in the last place at the reference's magnitude
+# ... or this share of the reference's magnitude, where eager happens to land closer than its
+# dtype's rounding explains (a gradient through batch norm over a few values: measured up to
+# 1.5e-4 in float32 on an H200, both sides correct)
+RELATIVE_FLOOR = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 2e-2}
+
+# Training steps known to be less accurate than this on CUDA: open defects, kept visible as strict
+# expected failures (the test fails the day they pass, so the mark is removed then).
+CUDA_TRAINING_GAPS = {
+    ("regnet_y_400mf", torch.float32): "the stem's gradient lands 1% from float64 (0.118 at magnitude 11.1), "
+                                       "36x eager's error; not yet found which fused region",
+    ("regnet_y_400mf", torch.bfloat16): "the loss lands 4x further from float32 than eager's; as in float32",
+    ("t5", torch.bfloat16): "gradients land 6-9% from float32 where eager's are within 1% (SDPA's 16-bit backward "
+                            "on T5's unscaled scores, where eager takes the softmax in float32)",
+}
 VOCAB, SEQ, BATCH, IMAGE, TV_IMAGE = 128, 8, 2, 32, 64
 
 
@@ -126,21 +144,22 @@ MODELS: dict[str, Model] = {m.name: m for m in [
 ]}
 
 # The rules each model must fire, one line per model and phase: adding a rule to a model's
-# expected set is one edit of its line. Rules firing beyond these are allowed.
+# expected set is one edit of its line. Rules firing beyond these are allowed; "attention" is
+# any rule of the attention family.
 _ROTARY = frozenset({"rms_norm", "pointwise_chain"})
 EXPECTED_RULES: dict[tuple[str, str], frozenset[str]] = {
-    ("llama", "inference"): _ROTARY | {"attention_add_mask"},
-    ("llama", "training"): _ROTARY | {"attention_add_mask"},
-    ("mistral", "inference"): _ROTARY | {"attention_add_mask"},
-    ("mistral", "training"): _ROTARY | {"attention_add_mask"},
-    ("qwen2", "inference"): _ROTARY | {"attention_add_mask"},
-    ("qwen2", "training"): _ROTARY | {"attention_add_mask"},
-    ("gpt2", "inference"): frozenset({"attention_add_mask", "mlp_gelu_tanh"}),
-    ("gpt2", "training"): frozenset({"attention_add_mask", "mlp_gelu_tanh"}),
+    ("llama", "inference"): _ROTARY | {"attention"},
+    ("llama", "training"): _ROTARY | {"attention"},
+    ("mistral", "inference"): _ROTARY | {"attention"},
+    ("mistral", "training"): _ROTARY | {"attention"},
+    ("qwen2", "inference"): _ROTARY | {"attention"},
+    ("qwen2", "training"): _ROTARY | {"attention"},
+    ("gpt2", "inference"): frozenset({"attention", "mlp_gelu_tanh"}),
+    ("gpt2", "training"): frozenset({"attention", "mlp_gelu_tanh"}),
     ("bert", "inference"): frozenset({"attention", "mlp_gelu", "pointwise_chain"}),
     ("bert", "training"): frozenset({"attention", "mlp_gelu", "pointwise_chain"}),
-    ("t5", "inference"): frozenset({"attention_bias_mask", "rms_norm", "pointwise_chain"}),
-    ("t5", "training"): frozenset({"attention_bias_mask", "rms_norm", "pointwise_chain"}),
+    ("t5", "inference"): frozenset({"attention", "rms_norm", "pointwise_chain"}),
+    ("t5", "training"): frozenset({"attention", "rms_norm", "pointwise_chain"}),
     ("vit", "inference"): frozenset({"attention", "mlp_gelu"}),
     ("vit", "training"): frozenset({"attention", "mlp_gelu"}),
     ("hf_resnet", "inference"): frozenset({"conv_bn_relu", "conv_bn", "pointwise_chain"}),
@@ -196,11 +215,21 @@ def randomize_norms(model: torch.nn.Module, seed: int = SEED) -> None:
                 draw(module.bias, -0.2, 0.2)
 
 
+def draw_nothing(model: torch.nn.Module) -> None:
+    """A training step is compared with eager's, so nothing in it may draw random numbers:
+    dropout and torchvision's stochastic depth get p = 0 (a dropout that draws is never fused:
+    its random stream could not match eager's; ``tests/test_attention_models.py`` checks that)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd) or type(module).__name__ == "StochasticDepth":
+            module.p = 0.0
+
+
 def build(name: str, device: torch.device | str, dtype: torch.dtype) -> torch.nn.Module:
     """Model ``name`` with seeded random weights and randomized norms, on ``device`` in ``dtype``."""
     torch.manual_seed(SEED)
     model = MODELS[name].build()
     randomize_norms(model)
+    draw_nothing(model)
     return model.to(device=device, dtype=dtype)
 
 
@@ -217,17 +246,17 @@ def first_output(out: Any) -> torch.Tensor:
 
 
 def assert_as_accurate(what: str, actual: torch.Tensor, eager: torch.Tensor, reference: torch.Tensor) -> None:
-    """A 16-bit ``actual`` is no further from the float32 ``reference`` than ``eager`` (the
-    unfused ops in the same dtype) is, times EAGER_FACTOR, plus MARGIN_ULPS of the dtype at the
+    """``actual`` is no further from the wider ``reference`` than ``eager`` (the
+    unfused ops in the same dtype) is, times EAGER_FACTOR (or RELATIVE_FLOOR of its magnitude), plus MARGIN_ULPS of the dtype at the
     reference's magnitude. A wrong result (a missing scale, a stale fold) is off by the
     magnitude itself and fails."""
-    ref = reference.detach().float()
-    err = (actual.detach().float() - ref).abs().max().item()
-    own = (eager.detach().float() - ref).abs().max().item()
+    ref = reference.detach().double()
+    err = (actual.detach().double() - ref).abs().max().item()
+    own = (eager.detach().double() - ref).abs().max().item()
     scale = ref.abs().max().item()
-    bound = EAGER_FACTOR * own + MARGIN_ULPS * torch.finfo(actual.dtype).eps * scale
-    assert err <= bound, (f"{what}: max abs error {err:.3g} against float32, eager's in {actual.dtype} is {own:.3g} "
-                          f"(bound {bound:.3g}, magnitude {scale:.3g})")
+    bound = max(EAGER_FACTOR * own, RELATIVE_FLOOR[actual.dtype] * scale) + MARGIN_ULPS * torch.finfo(actual.dtype).eps * scale
+    assert err <= bound, (f"{what}: max abs error {err:.3g} against {reference.dtype}, eager's in {actual.dtype} is "
+                          f"{own:.3g} (bound {bound:.3g}, magnitude {scale:.3g})")
 
 
 def _compare(what: str, actual: torch.Tensor, eager: torch.Tensor, reference: torch.Tensor | None) -> None:
@@ -238,8 +267,8 @@ def _compare(what: str, actual: torch.Tensor, eager: torch.Tensor, reference: to
         assert_as_accurate(what, actual, eager, reference)
 
 
-def _widened(inputs: dict) -> dict:
-    return {k: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in inputs.items()}
+def _widened(inputs: dict, dtype: torch.dtype) -> dict:
+    return {k: v.to(dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in inputs.items()}
 
 
 def run(name: str, phase: str, device: str, dtype: torch.dtype) -> dict[str, int]:
@@ -251,13 +280,17 @@ def run(name: str, phase: str, device: str, dtype: torch.dtype) -> dict[str, int
 
     model = build(name, device, dtype)
     eager = copy.deepcopy(model)
-    reference = copy.deepcopy(model).float() if dtype in HALF else None
+    # 16-bit results are judged against the model in float32; a float32 training step against
+    # the model in float64, since a gradient through batch norm over a few values amplifies the
+    # rounding of any two correct orders of summation past a fixed tolerance
+    wide = torch.float32 if dtype in HALF else torch.float64 if phase == "training" else None
+    reference = copy.deepcopy(model).to(wide) if wide is not None else None
     for m in (model, eager, reference):
         if m is not None:
             m.train(phase == "training")
     inputs = MODELS[name].inputs(torch.device(device), dtype)
     compiled = torch.compile(model, backend="hypatia")
-    runs = [(compiled, inputs), (eager, inputs)] + ([(reference, _widened(inputs))] if reference is not None else [])
+    runs = [(compiled, inputs), (eager, inputs)] + ([(reference, _widened(inputs, wide))] if reference is not None else [])
     with torch.set_grad_enabled(phase == "training"):
         outputs = [first_output(m(**x)) for m, x in runs]
     ref_output = outputs[2] if reference is not None else None
@@ -280,6 +313,9 @@ def run(name: str, phase: str, device: str, dtype: torch.dtype) -> dict[str, int
     for _, plan in session().plans:
         for rule, n in plan.rules_fired.items():
             fired[rule] = fired.get(rule, 0) + n
-    missing = expected_rules(name, phase, dtype) - set(fired)
+    # "attention" stands for the family: which spelling a model's attention takes varies with
+    # its transformers release (tests/test_attention_models.py pins each spelling's rule)
+    missing = expected_rules(name, phase, dtype) - set(fired) - ({"attention"} if any(
+        r.startswith("attention") for r in fired) else set())
     assert not missing, f"{name} {phase}: expected rules {sorted(missing)} did not fire (fired: {fired})"
     return fired

@@ -116,3 +116,12 @@ def test_the_16_bit_comparison_still_catches_a_wrong_result():
     stale = pointwise_cpu(inputs[0], inputs[1] * 0, inputs[2], inputs[3], HARDSWISH_BACKWARD_CHAIN)  # a lost input
     with pytest.raises(AssertionError, match="max abs error"):
         corpus.assert_as_accurate("output", stale, eager, exact)
+
+
+def test_the_float32_comparison_catches_a_result_one_percent_off():
+    """Against a float64 reference (a float32 training step), a scale off by 1% fails."""
+    inputs = [t.float() for t in _chain_inputs(2)]
+    exact, eager = _unfused(*(t.double() for t in inputs)), _unfused(*inputs)
+    corpus.assert_as_accurate("output", eager.clone(), eager, exact)
+    with pytest.raises(AssertionError, match="max abs error"):
+        corpus.assert_as_accurate("output", eager * 1.01, eager, exact)

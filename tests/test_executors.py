@@ -72,6 +72,47 @@ def test_every_executor_matches_eager_with_hypatias_rewrites(home, dynamo_reset,
     assert {"attention", "mlp_gelu"} <= set(plan.rules_fired), plan.rules_fired
 
 
+class NoGradInside(torch.nn.Module):
+    """A training forward that switches grad off around a computation, as rotary embeddings do:
+    from a buffer (exact to trace through) or, with ``leak``, from a parameter (not)."""
+
+    def __init__(self, leak: bool = False):
+        super().__init__()
+        self.leak = leak
+        self.lin = torch.nn.Linear(16, 16)
+        self.register_buffer("freq", torch.rand(16))
+
+    def forward(self, x):
+        with torch.no_grad():
+            c = ((self.lin.weight[0] if self.leak else self.freq) * 2).cos()
+        return torch.nn.functional.gelu(self.lin(x)) * c + 1.0
+
+
+@pytest.mark.parametrize("leak", [False, True], ids=["from_a_buffer", "from_a_parameter"])
+def test_a_training_graph_that_switches_grad_off_inside_is_rewritten_where_exact(home, dynamo_reset, monkeypatch, leak):
+    monkeypatch.setenv("HYPATIA_AUTOSTART", "0")
+    torch.manual_seed(0)
+    model = NoGradInside(leak)
+    reference = copy.deepcopy(model)
+    compiled = torch.compile(model, backend="hypatia")
+    for _ in range(2):
+        x = torch.randn(4, 16)
+        out, expected = compiled(x), reference(x)
+        torch.testing.assert_close(out, expected)
+        out.square().mean().backward()
+        expected.square().mean().backward()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
+    counters = _session().counters
+    assert counters["fallbacks"] == 0, dict(counters)
+    if leak:  # the no-grad value depends on a parameter: dropping the switch would change gradients
+        assert counters["graphs_not_rewritten"] == 1 and not _session().plans, dict(counters)
+    else:
+        assert counters["graphs_not_rewritten"] == 0, dict(counters)
+        (plan,) = [p for _, p in _session().plans]
+        assert plan.regions, plan
+
+
 def test_the_rewritten_graph_is_operators_only_and_keeps_dynamos_input_metadata(home, dynamo_reset, monkeypatch):
     monkeypatch.setenv("HYPATIA_AUTOSTART", "0")
     seen = {}

@@ -101,7 +101,7 @@ def attention_fill(q, k, v, mask):
 
 def attention_where(q, k, v, keep):
     scores = (q @ k.transpose(-1, -2)) / 8.0
-    return torch.where(keep, scores, torch.tensor(torch.finfo(q.dtype).min)).softmax(-1) @ v
+    return torch.where(keep, scores, torch.tensor(torch.finfo(q.dtype).min, device=q.device)).softmax(-1) @ v
 
 
 def attention_hand_softmax(q, k, v):
@@ -132,9 +132,9 @@ def attention_repeat_kv(q, k, v):  # GQA: 2 key/value heads for 4 query heads, a
 
 
 def attention_gpt2_causal(q, k, v, mask):  # GPT-2: divide by a 0-d tensor, where on the causal mask, + mask
-    causal = torch.ones(8, 8, dtype=torch.bool).tril()[None, None]
-    scores = (q @ k.transpose(-1, -2)) / torch.full([], 4.0, dtype=q.dtype)
-    scores = torch.where(causal, scores, torch.full([], torch.finfo(q.dtype).min, dtype=q.dtype)) + mask
+    causal = torch.ones(8, 8, dtype=torch.bool, device=q.device).tril()[None, None]
+    scores = (q @ k.transpose(-1, -2)) / torch.full([], 4.0, dtype=q.dtype, device=q.device)
+    scores = torch.where(causal, scores, torch.full([], torch.finfo(q.dtype).min, dtype=q.dtype, device=q.device)) + mask
     return F.softmax(scores, dim=-1).type(v.dtype) @ v
 
 
