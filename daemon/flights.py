@@ -81,6 +81,8 @@ class Flights:
     def _plan_flight(self, keys: PlanKeys, policy: str, job: dict, waiters: list[tuple[bytes, int]]) -> None:
         self._flights[(keys, policy)] = waiters
         flight = next(self._flight_ids)
+        # the store as the job found it: a damage its worker reports is repaired once, not again
+        job = dict(job, store_generation=self.service.store.generation)
         self._flight_jobs[flight] = (keys, policy, job)
         self.jobs.plan(flight, keys, job, policy)
 
@@ -115,6 +117,13 @@ class Flights:
             if kind == "plan":
                 keys, policy, job = self._flight_jobs.pop(tag)
                 waiters = self._flights.pop((keys, policy), [])
+                if (not ok and payload["error"].startswith("UnreadableStore") and not job.get("after_repair")
+                        and not self.stopping):
+                    # the worker met a damaged store file, which only the daemon repairs: repair it
+                    # (moved aside, readable rows kept) and plan once more against the fresh one
+                    self.service.repair_store(payload["error"], job["store_generation"])
+                    self._plan_flight(keys, policy, dict(job, after_repair=True), waiters)
+                    continue
                 if ok:
                     self.service.planned(keys, payload)
                     if self.service.wants_tuning(keys, payload, policy) and not self.stopping:

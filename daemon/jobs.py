@@ -31,7 +31,7 @@ PlanKeys = tuple[str, str, str]
 
 def _request(op: str, keys: PlanKeys, job: dict | None, policy: str) -> dict:
     """A worker's request: the job without its parsed graph (the worker parses the wire form)."""
-    wire = None if job is None else {k: job[k] for k in ("wire", "workload", "environment")}
+    wire = None if job is None else {k: job[k] for k in ("wire", "workload", "environment", "model") if k in job}
     return {"op": op, "keys": list(keys), "job": wire, "policy": policy}
 
 

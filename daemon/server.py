@@ -208,6 +208,8 @@ class Server(Flights):
             sd_notify(self._status())
             self._next_status = now + STATUS_EVERY_S
         self.runs.tick(now)
+        if not self.service.store.writable:  # planning writes in worker processes: try here too
+            self.service.store.probe()
         if not self.stopping:
             self.jobs.release_due(now)
         idle = self.config.idle_timeout_s

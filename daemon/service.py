@@ -28,7 +28,7 @@ from hypatia.planner import counters as planner_counters
 from hypatia.planner import budget, paths, verdicts as region_verdicts
 from hypatia.planner.passes import candidates, finish
 from hypatia.planner.plan import ExecutorDecision, Plan
-from hypatia.planner.store import SCHEMA_VERSION, Store, StoreError
+from hypatia.planner.store import SCHEMA_VERSION, Store, StoreError, UnreadableStore
 from hypatia.protocol import PROTOCOL_VERSION, BadRequest, TooLarge, VersionMismatch, require
 
 log = logging.getLogger("hypatia.daemon")
@@ -279,6 +279,12 @@ class PlanService:
         self.counters["traces_written"] += report.measured
         self.counters["traces_reused"] += report.reused
         return plan.to_recipe()
+
+    def repair_store(self, found: str, generation: int) -> None:
+        """A worker process met a damaged store file while the store was at ``generation``:
+        repair it here, where the store is opened to be repaired, unless it was repaired since
+        (the worker follows to the fresh file at its next job)."""
+        self.store.repair(generation, UnreadableStore(found))
 
     def flush(self) -> dict:
         """Empty the store and the warm caches (server thread, with nothing in flight)."""

@@ -103,6 +103,15 @@ def handle(request: dict, service, faults) -> Any:
     return service.tune(keys, job, request["policy"])
 
 
+def _identity(store) -> tuple[int, int] | None:
+    """The SQLite file the store opened, as (device, inode); None for PostgreSQL or no file."""
+    try:
+        st = os.stat(store.path) if store.path is not None else None
+    except OSError:
+        return None
+    return None if st is None else (st.st_dev, st.st_ino)
+
+
 def main(argv: list[str]) -> int:
     kind = argv[0] if argv else ""
     if kind not in ("plan", "tune"):
@@ -131,7 +140,8 @@ def main(argv: list[str]) -> int:
     configure_logging(config, to_stderr=False, worker=True)
     log = logging.getLogger(f"hypatia.worker.{kind}")
     faults = Faults.parse(config.faults)
-    store = Store(config.store_location, migrate=False)  # the daemon's, migrated: never moved aside from here
+    store = Store(config.store_location, migrate=False, retry_s=config.store_retry_s)  # the daemon's, migrated: never moved aside from here
+    opened = _identity(store)
     service = PlanService(config, store)
     # what the first job would import, imported now: before the first request, not during it
     importlib.import_module("hypatia.planner.tuner" if kind == "tune" else "egglog.bindings")
@@ -142,12 +152,18 @@ def main(argv: list[str]) -> int:
         if request is None:
             store.close()
             return 0
+        if _identity(store) != opened:  # the daemon repaired a damaged file: follow it to the fresh one
+            store.close()
+            store = service.store = Store(config.store_location, migrate=False, retry_s=config.store_retry_s)
+            opened = _identity(store)
         before = _snapshot(service, store)
         try:
             reply = {"ok": True, "result": handle(request, service, faults)}
         except Exception as exc:  # noqa: BLE001 - every failure goes back to the daemon, which decides
             skip = bool(getattr(exc, "skip", False))
-            (log.warning if skip else log.exception)("%s %s failed: %s", request.get("op"), str(request.get("keys"))[:60], exc)
+            quiet = skip or isinstance(exc, StoreError)  # the store's own words say it all
+            (log.warning if skip else log.error if quiet else log.exception)(
+                "%s %s failed: %s", request.get("op"), str(request.get("keys"))[:60], exc)
             reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}", "skip": skip,
                      "transient": isinstance(exc, StoreError)}
         reply |= {"counters": _counters(before, service, store), "rss": rss_bytes()}

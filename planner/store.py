@@ -308,6 +308,24 @@ class Store(StoreConnections):
             self.counters["corrupt_rows"] += 1
             return None
 
+    def probe(self) -> None:
+        """For a daemon whose store cannot be written while its writes happen elsewhere (its
+        worker processes): when a retry is due, write nothing new (the schema version, set
+        again) to find out whether it can be written again. Not a dropped write when it fails."""
+        if self.writable or self.readonly or self.postgres or not self.ready_to_write():
+            return
+        try:
+            self._rewrite_version()
+        except UnwritableStore:
+            return
+        self.wrote()
+
+    @operation
+    def _rewrite_version(self) -> None:
+        db = self._db()
+        with db.atomic():
+            db.execute(f"PRAGMA user_version = {int(db.schema_version())}")
+
     @write
     def mark_untunable(self, keys: tuple[str, str, str], reason: str) -> None:
         """Record that tuning the plan of ``keys`` failed in its environment: never tried again."""

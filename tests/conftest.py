@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -13,7 +14,7 @@ import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import pytest
 
@@ -59,6 +60,23 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 10.0, interval: f
             return True
         time.sleep(interval)
     return predicate()
+
+
+@contextlib.contextmanager
+def daemon_of_its_own_home(**settings: str) -> Iterator[Config]:
+    """A real hypatiad in a fresh HYPATIA_HOME (no HYPATIA_* of this process, background tuning
+    off, plus ``settings``), for a module's tests; stopped when the block ends."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HYPATIA_")}
+    env |= {"HYPATIA_HOME": tempfile.mkdtemp(prefix="hy-", dir="/tmp"), "HYPATIA_BACKGROUND_TUNING": "0"} | settings
+    config = load(env)
+    subprocess.run([sys.executable, "-m", "hypatia.daemon", "start"], env=env, check=True, capture_output=True, timeout=120)
+    try:
+        yield config
+    finally:
+        pid = read_daemon_pid(config)
+        if pid is not None:
+            os.kill(pid, signal.SIGTERM)
+            assert wait_until(lambda: read_daemon_pid(config) is None, timeout=60), "a module's daemon did not stop"
 
 
 def free_port() -> int:

@@ -35,7 +35,7 @@ def test_a_flood_of_failing_requests_leaves_a_few_lines_and_no_traceback(home, d
     log = daemons.log()
     assert "Traceback" not in log
     pings = [line for line in log.splitlines() if "ping failed: RuntimeError: fault injected: fail=ping" in line]
-    plans = [line for line in log.splitlines() if "get_plan failed: BAD_REQUEST: field 'graph_key' has type int" in line]
+    plans = [line for line in log.splitlines() if "get_plan failed: BAD_REQUEST: field 'graph_key' must be a string, not int" in line]
     assert len(pings) == len(plans) == 9  # the 1st, 2nd, 4th, ... 256th
     assert all(" ERROR " in line for line in pings) and all(" WARNING " in line for line in plans)
     assert pings[0].endswith("fault injected: fail=ping")

@@ -7,17 +7,13 @@ from __future__ import annotations
 
 import itertools
 import os
-import signal
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 import zmq
 
-from conftest import daemon_stats, wait_until
+from conftest import daemon_of_its_own_home, daemon_stats
 from graphs import canonical
 from hypatia.canonical import workload_key
 from hypatia.client import capture as cap
@@ -80,17 +76,8 @@ def rss_bytes(pid: int) -> int:
 @pytest.fixture(scope="module")
 def daemon_config():
     """One daemon for this module (its requests are cheap and leave nothing behind)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HYPATIA_")}
-    env |= {"HYPATIA_HOME": tempfile.mkdtemp(prefix="hy-", dir="/tmp"), "HYPATIA_BACKGROUND_TUNING": "0"}
-    config = load(env)
-    subprocess.run([sys.executable, "-m", "hypatia.daemon", "start"], env=env, check=True, capture_output=True, timeout=120)
-    try:
+    with daemon_of_its_own_home() as config:
         yield config
-    finally:
-        pid = read_daemon_pid(config)
-        if pid is not None:
-            os.kill(pid, signal.SIGTERM)
-            wait_until(lambda: read_daemon_pid(config) is None, timeout=30)
 
 
 @pytest.fixture

@@ -95,7 +95,7 @@ def test_mlp_and_conv_net_run_in_the_daemon_and_match_eager(daemon):
     assert stats["shm"]["transfers"] == transfers
     assert stats["shm"]["segments_written"] == counters["shm_segments_received"] == 11
     assert stats["shm"]["bytes"] == counters["shm_bytes_sent"] + counters["shm_bytes_received"]
-    lines = {line[:20].strip(): line[20:] for line in daemon.ctl("stats").stdout.splitlines()}
+    lines = {line[:20].strip(): line[20:] for line in daemon.ctl("stats", "--all").stdout.splitlines()}
     assert lines["remote runs"].startswith("11 run, 0 failed")
     assert lines["shared memory"].startswith(f"{transfers} transfers")
 

@@ -8,22 +8,20 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import subprocess
 import sys
-import tempfile
 from typing import Iterator
 
 import pytest
 import torch
 
-from conftest import daemon_stats
+from conftest import daemon_of_its_own_home, daemon_stats
 from graphs import aten_graph
 from hypatia import shm
 from hypatia.canonical import workload_key
 from hypatia.client import capture as cap
 from hypatia.client.rpc import DaemonClient
-from hypatia.config import Config, load, read_daemon_pid
+from hypatia.config import Config
 from hypatia.planner import environment
 from hypatia.protocol import ErrorCode, RemoteError
 from remote_helpers import UID, clean_shm, wait_for  # noqa: F401  (a fixture)
@@ -83,18 +81,8 @@ class Registered:
 
 @contextlib.contextmanager
 def _daemon_of_its_own_home() -> Iterator[Config]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HYPATIA_")}
-    env["HYPATIA_HOME"] = tempfile.mkdtemp(prefix="hy-", dir="/tmp")
-    env |= {"HYPATIA_REMOTE_MAX_OUTPUT_MB": "1", "HYPATIA_BACKGROUND_TUNING": "0"}
-    config = load(env)
-    subprocess.run([sys.executable, "-m", "hypatia.daemon", "start"], env=env, check=True, capture_output=True, timeout=120)
-    try:
+    with daemon_of_its_own_home(HYPATIA_REMOTE_MAX_OUTPUT_MB="1") as config:
         yield config
-    finally:
-        pid = read_daemon_pid(config)
-        if pid is not None:
-            os.kill(pid, signal.SIGTERM)
-            wait_for(lambda: read_daemon_pid(config) is None, what="a daemon of this module to stop")
 
 
 @pytest.fixture(scope="module")
@@ -223,7 +211,7 @@ def test_a_zero_stride_descriptor_over_a_4_byte_segment_is_refused(shared):
     compute on and write). Refused before the daemon reads a byte."""
     pid, tag = os.getpid(), "stride0x1"
     keys = shared.register(lambda x: (torch.relu(x),), torch.empty(1 << 28))  # traced on fake tensors
-    name = shm.segment_name(pid, f"{tag}i0")
+    name = shm.segment_name(shared.daemon, pid, f"{tag}i0")
     shared.made.append(name)
     assert shm.put(torch.ones(1), name).nbytes == 4
     before = daemon_stats(shared.client.config)
@@ -242,7 +230,7 @@ def test_a_zero_stride_descriptor_over_a_4_byte_segment_is_refused(shared):
 def test_an_expanded_input_travels_contiguous_and_runs(shared):
     pid, tag = os.getpid(), "expanded1"
     x = shared.x[:1].expand(4, 8)  # stride (0, 1): sent as 4 rows
-    descs = [shm.put(t, shm.segment_name(pid, f"{tag}i{k}")) for k, t in enumerate((x, shared.w))]
+    descs = [shm.put(t, shm.segment_name(shared.daemon, pid, f"{tag}i{k}")) for k, t in enumerate((x, shared.w))]
     shared.made += [d.name for d in descs]
     assert descs[0].stride == (8, 1)
     (out,) = shared.run(pid, tag, [d.to_wire() for d in descs])["outputs"]
@@ -266,7 +254,7 @@ def test_a_run_past_the_output_limit_is_refused_before_it_allocates(shared, case
     pid, tag = os.getpid(), f"toolarge{list(TOO_LARGE).index(case)}"
     keys = shared.register(fn, x)
     before = daemon_stats(shared.client.config)
-    name = shm.segment_name(pid, f"{tag}i0")
+    name = shm.segment_name(shared.daemon, pid, f"{tag}i0")
     shared.made.append(name)
     with pytest.raises(RemoteError) as info:
         shared.run(pid, tag, [shm.put(x, name).to_wire()], keys)
@@ -285,7 +273,7 @@ def test_a_run_just_under_the_output_limit_is_served(shared):
     pid, tag = os.getpid(), "undercap1"
     x = torch.randn(1, 512)
     keys = shared.register(lambda x: (x.expand(500, 512).clone(),), x)  # 1,024,000 bytes: under 1 MiB
-    name = shm.segment_name(pid, f"{tag}i0")
+    name = shm.segment_name(shared.daemon, pid, f"{tag}i0")
     shared.made.append(name)
     (out,) = shared.run(pid, tag, [shm.put(x, name).to_wire()], keys)["outputs"]
     result = shm.read(shm.Descriptor.parse(out, pid, f"{tag}o"))
