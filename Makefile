@@ -30,7 +30,7 @@ demo: $(STAMP)
 	@echo "==> starting hypatiad, then compiling the example model in two processes"
 	@$(BIN)/hypatiad status >/dev/null || $(BIN)/hypatiad start
 	$(BIN)/python -m hypatia.client.demo
-	$(BIN)/python -m hypatia.client.demo
+	HYPATIA_SUMMARY=1 $(BIN)/python -m hypatia.client.demo
 	$(BIN)/hypatia-ctl stats
 
 test: $(STAMP)
