@@ -40,8 +40,9 @@ RELATIVE_FLOOR = {torch.float32: 1e-3, torch.float16: 2e-2, torch.bfloat16: 2e-2
 # Training steps known to be less accurate than this on CUDA: open defects, kept visible as strict
 # expected failures (the test fails the day they pass, so the mark is removed then).
 CUDA_TRAINING_GAPS = {
-    ("regnet_y_400mf", torch.float32): "the stem's gradient lands 1% from float64 (0.118 at magnitude 11.1), "
-                                       "36x eager's error; not yet found which fused region",
+    ("regnet_y_400mf", torch.float32): "the last block's batch-norm bias gradients land 14% from float64 (eager: "
+                                       "2e-4); its 32 pointwise_chain regions cause it, in either engine (NVRTC or "
+                                       "torch): with them dropped the step matches eager",
     ("regnet_y_400mf", torch.bfloat16): "the loss lands 4x further from float32 than eager's; as in float32",
     ("t5", torch.bfloat16): "gradients land 6-9% from float32 where eager's are within 1% (SDPA's 16-bit backward "
                             "on T5's unscaled scores, where eager takes the softmax in float32)",
