@@ -39,6 +39,16 @@ class Block(torch.nn.Module):
         return x + self.fc2(torch.nn.functional.gelu(self.fc1(x)))
 
 
+def _training_step_matches_eager(compiled, model, reference, x) -> None:
+    """One step: the output, then every parameter's gradient so far, equal to eager's."""
+    out, expected = compiled(x), reference(x)
+    torch.testing.assert_close(out, expected)
+    out.square().mean().backward()
+    expected.square().mean().backward()
+    for p, q in zip(model.parameters(), reference.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
+
+
 def _session():
     from hypatia.client.backend import session
 
@@ -60,12 +70,7 @@ def test_every_executor_matches_eager_with_hypatias_rewrites(home, dynamo_reset,
             with torch.no_grad():
                 torch.testing.assert_close(compiled(x), reference(x))
             continue
-        out, expected = compiled(x), reference(x)
-        torch.testing.assert_close(out, expected)
-        out.square().mean().backward()
-        expected.square().mean().backward()
-        for p, q in zip(model.parameters(), reference.parameters()):
-            torch.testing.assert_close(p.grad, q.grad)
+        _training_step_matches_eager(compiled, model, reference, x)
     counters = _session().counters
     assert counters[f"executor.{executor}"] == 1 and counters["fallbacks"] == 0, dict(counters)
     (plan,) = [p for _, p in _session().plans]
@@ -96,13 +101,7 @@ def test_a_training_graph_that_switches_grad_off_inside_is_rewritten_where_exact
     reference = copy.deepcopy(model)
     compiled = torch.compile(model, backend="hypatia")
     for _ in range(2):
-        x = torch.randn(4, 16)
-        out, expected = compiled(x), reference(x)
-        torch.testing.assert_close(out, expected)
-        out.square().mean().backward()
-        expected.square().mean().backward()
-    for p, q in zip(model.parameters(), reference.parameters()):
-        torch.testing.assert_close(p.grad, q.grad)
+        _training_step_matches_eager(compiled, model, reference, torch.randn(4, 16))
     counters = _session().counters
     assert counters["fallbacks"] == 0, dict(counters)
     if leak:  # the no-grad value depends on a parameter: dropping the switch would change gradients
