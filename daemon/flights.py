@@ -117,8 +117,7 @@ class Flights:
             if kind == "plan":
                 keys, policy, job = self._flight_jobs.pop(tag)
                 waiters = self._flights.pop((keys, policy), [])
-                if (not ok and payload["error"].startswith("UnreadableStore") and not job.get("after_repair")
-                        and not self.stopping):
+                if not ok and payload["damaged"] and not job.get("after_repair") and not self.stopping:
                     # the worker met a damaged store file, which only the daemon repairs: repair it
                     # (moved aside, readable rows kept) and plan once more against the fresh one
                     self.service.repair_store(payload["error"], job["store_generation"])

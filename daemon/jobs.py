@@ -104,7 +104,8 @@ class Jobs:
             error = str(exc) if isinstance(exc, WorkerFailed) else f"{type(exc).__name__}: {exc}"
             result = [*tag, False, {"skipped": skipped, "error": error, "deadline": isinstance(exc, JobDeadline),
                                     "stopped": isinstance(exc, WorkerStopped),
-                                    "transient": bool(getattr(exc, "transient", False))},
+                                    "transient": bool(getattr(exc, "transient", False)),
+                                    "damaged": bool(getattr(exc, "damaged", False))},
                       getattr(exc, "counters", {})]
         push = getattr(self._local, "push", None)
         if push is None:

@@ -37,7 +37,6 @@ log = logging.getLogger("hypatia.daemon")
 MAX_CACHED_PLANS = 100_000
 MAX_CLIENTS_LISTED = 4096
 MAX_CACHED_CEILINGS = 1024  # environments
-MAX_MODEL_LABEL = 100  # characters of the optional ``model`` label a make_plan may carry
 
 
 def request_policy(body: dict, request_id: int) -> str:
@@ -63,7 +62,7 @@ def model_label(value: Any, request_id: int) -> str:
         return ""
     if not isinstance(value, str):
         raise BadRequest("model must be a string (the class name of the compiled module)", request_id)
-    return "".join(c for c in value if c.isprintable())[:MAX_MODEL_LABEL]
+    return "".join(c for c in value if c.isprintable())[:limits.MAX_MODEL_LABEL_CHARS]
 
 
 class GraphTooLarge(TooLarge):

@@ -3,7 +3,7 @@
 The daemon starts it as ``python -m hypatia.daemon.worker KIND`` and talks to it over its stdin
 and stdout: frames of a 4-byte big-endian length and a msgpack body. The worker first sends
 ``{"ready": pid}``, then answers each request ``{"op", "keys", "job", "policy"}`` with
-``{"ok": True, "result", "counters", "rss"}`` or ``{"ok": False, "error", "skip", "transient",
+``{"ok": True, "result", "counters", "rss"}`` or ``{"ok": False, "error", "skip", "transient", "damaged",
 "counters", "rss"}``, and exits when its stdin closes. Isolation is the point: the daemon kills
 a worker that runs past its deadline or its memory, and a worker that dies takes nothing of the
 daemon with it. A tuning worker runs at a lower CPU priority than the clients it serves.
@@ -133,7 +133,7 @@ def main(argv: list[str]) -> int:
     from hypatia.daemon.logs import configure_logging
     from hypatia.daemon.faults import Faults
     from hypatia.daemon.service import PlanService
-    from hypatia.planner.databases import StoreError
+    from hypatia.planner.databases import StoreError, UnreadableStore
     from hypatia.planner.store import Store
 
     config = load()
@@ -165,7 +165,7 @@ def main(argv: list[str]) -> int:
             (log.warning if skip else log.error if quiet else log.exception)(
                 "%s %s failed: %s", request.get("op"), str(request.get("keys"))[:60], exc)
             reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}", "skip": skip,
-                     "transient": isinstance(exc, StoreError)}
+                     "transient": isinstance(exc, StoreError), "damaged": isinstance(exc, UnreadableStore)}
         reply |= {"counters": _counters(before, service, store), "rss": rss_bytes()}
         write_frame(channel, reply)
 

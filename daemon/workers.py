@@ -36,11 +36,13 @@ MAX_REPLY_BYTES = 1 << 30
 
 class WorkerFailed(Exception):
     """A job failed in its worker; the message says why. ``skip``: not ours to do (another
-    environment); ``transient``: the store failed, not the job; ``counters``: what it counted."""
+    environment); ``transient``: the store failed, not the job; ``damaged``: the store's file is
+    damaged, for the daemon to repair; ``counters``: what it counted."""
 
-    def __init__(self, message: str, *, skip: bool = False, transient: bool = False, counters: dict | None = None):
+    def __init__(self, message: str, *, skip: bool = False, transient: bool = False, damaged: bool = False,
+                 counters: dict | None = None):
         super().__init__(message)
-        self.skip, self.transient, self.counters = skip, transient, counters or {}
+        self.skip, self.transient, self.damaged, self.counters = skip, transient, damaged, counters or {}
 
 
 class WorkerDied(WorkerFailed):
@@ -221,7 +223,8 @@ class WorkerPool:
         if reply.get("ok"):
             return reply.get("result"), reply.get("counters") or {}
         raise WorkerFailed(str(reply.get("error", "the job failed")), skip=bool(reply.get("skip")),
-                           transient=bool(reply.get("transient")), counters=reply.get("counters"))
+                           transient=bool(reply.get("transient")), damaged=bool(reply.get("damaged")),
+                           counters=reply.get("counters"))
 
     def stop(self) -> None:
         """Kill every worker: an idle one at once, a busy one's process only, so that the thread

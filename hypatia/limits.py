@@ -31,6 +31,7 @@ MAX_FALLBACKS = 1_000_000  # per report
 MAX_VERDICTS = 10_000  # per report
 MAX_NAME_CHARS = 200  # a rule, kernel or implementation id a verdict names (stored)
 MAX_DETAIL_CHARS = 500  # a verdict's detail, an executor candidate's error (stored, cut)
+MAX_MODEL_LABEL_CHARS = 100  # a make_plan's optional label of the compiled module (kept with its graph, cut)
 MAX_EXECUTOR_TIMES = 16  # measured candidates per executor report
 MAX_REGION = 2**31 - 1  # a region is named by its output's node index
 

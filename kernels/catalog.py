@@ -47,12 +47,14 @@ ATTENTION = _table("attention", "attention", (
     (CPU, "sdpa_mask", "attention_masked", "aten::scaled_dot_product_attention with a mask", 1),
     (GPU, "sdpa", "attention", "aten::scaled_dot_product_attention (flash / memory-efficient)", 1),
     (GPU, "sdpa_mask", "attention_masked", "aten::scaled_dot_product_attention with a mask (memory-efficient)", 1),
-    (CPU, "sdpa_where", "attention_where", "aten::scaled_dot_product_attention, where() as an additive mask", 3),
-    (GPU, "sdpa_where", "attention_where", "aten::scaled_dot_product_attention, where() as an additive mask", 3),
-    (CPU, "sdpa_bias_mask", "attention_bias_mask", "aten::scaled_dot_product_attention, a bias and a mask as one additive mask", 2),
-    (GPU, "sdpa_bias_mask", "attention_bias_mask", "aten::scaled_dot_product_attention, a bias and a mask as one additive mask", 2),
-    (CPU, "sdpa_keep_add", "attention_keep_add", "aten::scaled_dot_product_attention, where() and a mask as one additive mask", 2),
-    (GPU, "sdpa_keep_add", "attention_keep_add", "aten::scaled_dot_product_attention, where() and a mask as one additive mask", 2),
+) + tuple(
+    (backend, sig, fn, f"aten::scaled_dot_product_attention, {how}", launches)
+    for sig, fn, how, launches in (
+        ("sdpa_where", "attention_where", "where() as an additive mask", 3),
+        ("sdpa_bias_mask", "attention_bias_mask", "a bias and a mask as one additive mask", 2),
+        ("sdpa_keep_add", "attention_keep_add", "where() and a mask as one additive mask", 2),
+    )
+    for backend in (CPU, GPU)
 ), places="aten")
 
 # Normalizations and softmax written out by hand -> ATen's fused kernels.
