@@ -189,12 +189,13 @@ class Plan:
         return replace(self, revision=self.revision + 1, executor=decision)
 
     def superseding(self, previous: "Plan | None") -> "Plan":
-        """This plan as the next revision after ``previous``, keeping the validation of the
-        regions both run with the same kernel in the same place."""
+        """This plan as the next revision after ``previous``: validated where it already says so
+        (its verdicts) or where ``previous`` validated the same kernel in the same place."""
         if previous is None:
             return self
         before = {(r.output, r.implementation) for r in previous.regions if r.output in previous.validated}
-        validated = tuple(sorted(r.output for r in self.regions if (r.output, r.implementation) in before))
+        kept = {r.output for r in self.regions if (r.output, r.implementation) in before}
+        validated = tuple(sorted(kept | set(self.validated)))
         same = [r.to_dict() for r in self.regions] == [r.to_dict() for r in previous.regions]  # the same rewrite
         return replace(self, revision=previous.revision + 1, validated=validated,
                        executor=previous.executor if same else None)

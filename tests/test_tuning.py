@@ -204,13 +204,15 @@ def test_format_1_recipes_are_still_read_and_bad_ones_refused():
             Plan.from_recipe(bad)
 
 
-def test_superseding_keeps_validation_only_where_the_implementation_is_the_same():
+def test_superseding_keeps_its_own_validation_and_the_old_where_the_implementation_is_the_same():
     a = Region("linear_relu", "k1", (0,), (), 5, (5,))
     b = Region("layer_norm", "k2", (5,), (), 9, (9,))
     old = Plan("g", (a, b), revision=2, validated=(5, 9))
     new = Plan("g", (a, Region("layer_norm", "k3", (5,), (), 9, (9,))), policy="FASTEST", tuned=True)
     sup = new.superseding(old)
     assert sup.revision == 3 and sup.validated == (5,)
+    # what the new plan's own verdicts validated stays validated (the tuner's accuracy checks)
+    assert replace(new, validated=(9,)).superseding(old).validated == (5, 9)
 
 
 # -- the tuner in-process: traces, ceilings once, reuse ----------------------------------------
