@@ -33,7 +33,7 @@ import torch.fx
 
 from hypatia.canonical import CanonicalGraph
 from hypatia.client import capture as cap
-from hypatia.client import executors, graphs as model_graphs, validate
+from hypatia.client import compiled as code, executors, graphs as model_graphs, validate
 from hypatia.client.explain import debug_fx_plan, fusion_summary
 from hypatia.client.torch_internals import compiled_model_name
 from hypatia.client.userwarn import warn
@@ -98,6 +98,8 @@ class Session:
         self.client = DaemonClient(self.config)
         self.counters: Counter = Counter()
         self.remote = RemoteRunner(self.config, self.client, self.counters) if self.config.mode == "remote" else None
+        self.sharing = code.CodeSharing(self.config, self.client, self.counters, self._note_once) \
+            if self.config.share_compiled else None
         self.plans: deque[tuple[str, Plan]] = deque(maxlen=256)  # (phase, plan) of recent compiles
         self.plan_keys: deque[tuple[str, str, str]] = deque(maxlen=256)  # their (graph, workload, env) keys
         self.choices: deque[dict] = deque(maxlen=256)  # measured executor choices (us)
@@ -228,7 +230,14 @@ class Session:
         phase = "training" if training else "inference"
         self.counters[f"graphs_{phase}"] += 1
         device = next((x.device.type for x in example_inputs if isinstance(x, torch.Tensor)), "cpu")
+        index = next((x.device.index or 0 for x in example_inputs
+                      if isinstance(x, torch.Tensor) and x.device.type == device), 0)
         graphs = executors.Graphs(gm, list(example_inputs), device, training)
+        source = self._source_key(gm, example_inputs, phase)
+        if source is not None and self.remote is None:
+            warm = self._warm_start(graphs, source, phase, index)
+            if warm is not None:
+                return warm
         plan, keys, model = None, None, None
         try:
             model = model_graphs.trace(gm, example_inputs)
@@ -243,8 +252,6 @@ class Session:
         if model is not None:
             graph, fx_nodes = cap.capture(model.gm)
             wkey, workload = cap.graph_workload_key(example_inputs, phase)
-            index = next((x.device.index or 0 for x in example_inputs
-                          if isinstance(x, torch.Tensor) and x.device.type == device), 0)
             ekey, env = environment.describe(cap.graph_device(graph), index)
             keys = (graph.key, wkey, ekey)
             label = compiled_model_name()
@@ -264,6 +271,8 @@ class Session:
                 graphs.rewritten, graphs.for_inductor = self._rewrites(model, fx_nodes, plan, gm)
                 if self.config.debug_fx:
                     log.warning("HYPATIA_DEBUG_FX %s graph after:\n%s", phase, graphs.rewritten().graph)
+            if source is not None:
+                graphs.share = self._sharer(keys, index, plan, source)
         local = self._executor(graphs, model, plan, keys)
         if self.remote is None or model is None or keys is None:
             return local
@@ -273,6 +282,54 @@ class Session:
         boxed_local = lambda args: local(*args)  # noqa: E731 - remote mode's calls are boxed
         remote = self.remote.wrap(graph, keys, registration, phase, example_inputs, output_type, boxed_local)
         return local if remote is boxed_local else (lambda *args: remote(list(args)))
+
+    # -- compiled code shared through the daemon -------------------------------------------
+    def _source_key(self, gm: torch.fx.GraphModule, example_inputs: list, phase: str) -> str | None:
+        """The s1- key of Dynamo's graph, its inputs and the compiler's settings, when compiled
+        code is shared and an Inductor executor may run (else None)."""
+        forced = self.config.executor
+        if self.sharing is None or (forced != "auto" and executors.parse(forced)[0] != "inductor"):
+            return None
+        if not self.sharing.usable():
+            return None
+        self._config_digest = code.config_digest()
+        workload = cap.graph_workload_key(example_inputs, phase)[0]
+        return code.source_key(code.dynamo_digest(gm), workload, self._config_digest)
+
+    def _warm_start(self, graphs: executors.Graphs, source: str, phase: str, index: int) -> Callable[..., Any] | None:
+        """Inductor's code for Dynamo's graph, started from the artifacts the daemon keeps for
+        it, with the executor its plan chose: no trace, key or rewrite of Hypatia's own."""
+        ekey, _ = environment.describe(graphs.device, index)
+        forced = "" if self.config.executor == "auto" else self.config.executor
+        reply = self.sharing.warm_start(source, ekey, index, forced)
+        if reply is None:
+            return None
+        try:
+            plan = Plan.from_recipe(reply["plan"])
+            candidate = reply["candidate"]
+            executor, captured = executors.parse(candidate)
+        except (PlanFormatError, KeyError, TypeError, executors.UnknownCandidate) as exc:
+            log.debug("warm start reply not usable: %s", exc)
+            return None
+        if self.config.policy == "EXPLORE" and not plan.tuned:
+            return None
+        self.counters["warm_starts"] += 1
+        self.counters[f"executor.{candidate}"] += 1
+        self.plans.append((phase, plan))
+        self.plan_keys.append(tuple(reply["keys"]))
+        return executors.build(candidate, graphs)
+
+    def _sharer(self, keys: tuple[str, str, str], index: int, plan: Plan, source: str) -> Callable:
+        """``share(candidate, direct, compile)`` for this graph's executors (see
+        :class:`~hypatia.client.executors.Graphs`)."""
+        visible = [r.to_dict() for r in plan.regions if transparent(r.kernel, r.placement)]
+
+        def share(candidate: str, direct: bool, compile: Callable[[], Callable[..., Any]]) -> Callable[..., Any]:
+            given = code.DYNAMO if direct else code.digest_of_regions(visible)
+            key = code.CompileKey(keys[0], keys[1], keys[2], candidate, index, self._config_digest, given, source)
+            return self.sharing.compile(key, compile)
+
+        return share
 
     @staticmethod
     def _rewrites(model: model_graphs.ModelGraph, fx_nodes: list, plan: Plan, gm: torch.fx.GraphModule):

@@ -12,7 +12,11 @@ public form (and one label for people):
 - cudagraph trees (``cudagraphify_impl``) for graphs that Inductor does not compile;
 - the Python dispatcher, under which AOTAutograd traces (and so must the model graph);
 - the frame Dynamo is compiling (``InstructionTranslator.current_tx``), whose module names the
-  model a plan is shown for in ``hypatia-ctl plans``.
+  model a plan is shown for in ``hypatia-ctl plans``;
+- the cache artifacts of one compile: ``torch.compiler.save_cache_artifacts`` gives everything
+  the process compiled so far, so the artifacts of one graph are recorded apart through the
+  artifact manager's ``with_fresh_cache`` (and handed back to the process-wide record), and
+  the settings that change compiled code through the config modules' ``save_config_portable``.
 
 Each is used only through a function here. :data:`TESTED` is the range of torch versions these
 were written and tested against; ``tests/test_torch_internals.py`` checks every symbol, so a torch
@@ -21,6 +25,7 @@ upgrade that moves one fails there, loudly, and nowhere else.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import warnings
@@ -78,6 +83,50 @@ def inductor_counters() -> dict[str, int]:
     from torch._dynamo.utils import counters
 
     return {k: int(v) for k, v in counters["inductor"].items() if "cache" in k}
+
+
+class Recorded:
+    """What :func:`recording_artifacts` recorded: the serialized artifacts (None when the compile
+    made none, e.g. Inductor's caches are off) and how many of each kind."""
+
+    content: bytes | None = None
+    kinds: dict[str, int]
+
+    def __init__(self) -> None:
+        self.kinds = {}
+
+
+@contextlib.contextmanager
+def recording_artifacts():
+    """Record the cache artifacts of what compiles inside (Inductor's FX graph entries with
+    their Triton kernels, AOTAutograd's entries) apart from the rest of the process; they are
+    also added to the process-wide record afterwards, so that a user's own
+    ``torch.compiler.save_cache_artifacts()`` still includes them."""
+    from torch.compiler._cache import CacheArtifactManager
+
+    check_torch()
+    recorded = Recorded()
+    with CacheArtifactManager.with_fresh_cache():
+        yield recorded
+        new = {kind: list(items) for kind, items in CacheArtifactManager._new_cache_artifacts.items()}
+        serialized = CacheArtifactManager.serialize()
+    if serialized is not None:
+        recorded.content = serialized[0]
+        recorded.kinds = {kind: len(keys) for kind, keys in serialized[1].artifacts.items()}
+    for kind, items in new.items():
+        for artifact in items:
+            if artifact not in CacheArtifactManager._seen_artifacts:
+                CacheArtifactManager._new_cache_artifacts[kind].append(artifact)
+                CacheArtifactManager._seen_artifacts.add(artifact)
+
+
+def compiler_settings() -> list:
+    """The settings of Inductor and AOTAutograd that change the code they generate (the
+    portable part of each config module), as plain data."""
+    import torch._functorch.config as functorch_config
+    import torch._inductor.config as inductor_config
+
+    return [inductor_config.save_config_portable(), functorch_config.save_config_portable()]
 
 
 # -- tracing as AOTAutograd traces --------------------------------------------------------------

@@ -179,6 +179,8 @@ def stats(config: Config) -> dict[str, Any]:
             implementations=counts["implementations"],
             plans=counts["plans"],
         )
+        count, size = store.artifact_totals()
+        result["artifacts"] = {"count": count, "bytes": size}
     finally:
         store.close()
     return result
@@ -260,13 +262,14 @@ def tune(config: Config, graph_key: str = "", progress: Callable[[dict], None] |
         client.close()
 
 
-def flush(config: Config) -> dict[str, int]:
-    """Empty the plan cache: through the daemon when it runs, else by removing the store file (or,
-    for a shared PostgreSQL store, its rows). Returns the number of rows per table deleted."""
+def flush(config: Config, artifacts_only: bool = False) -> dict[str, int]:
+    """Empty the plan cache (``artifacts_only``: only its compiled artifacts): through the daemon
+    when it runs, else by removing the store file (or, for a shared PostgreSQL store or the
+    artifacts alone, its rows). Returns the number of rows per table deleted."""
     if read_daemon_pid(config) is not None:
         client = DaemonClient(config, timeout_ms=max(config.timeout_ms, 10_000), retries=0)
         try:
-            return client.call("flush")["deleted"]
+            return client.call("flush", {"what": "artifacts"} if artifacts_only else {})["deleted"]
         except RemoteError as exc:
             if exc.code == ErrorCode.BUSY:
                 raise TimeoutError(f"the daemon is busy: {exc.remote_message}") from None
@@ -283,10 +286,12 @@ def flush(config: Config) -> dict[str, int]:
         lock.release()
         raise StoreLocked(holder, path, config.store_path, endpoint)
     try:
-        if config.store_url:
-            store = Store(config.store_url)
+        if config.store_url or artifacts_only:
+            if not config.store_url and not config.store_path.exists():
+                return {}
+            store = Store(config.store_location)
             try:
-                return store.flush()
+                return {"artifacts": store.flush_artifacts()} if artifacts_only else store.flush()
             finally:
                 store.close()
         try:

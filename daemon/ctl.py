@@ -46,9 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "if it is not running.")
     p.add_argument("--key", default="", help="only plans whose graph key starts with this")
     p = sub.add_parser("flush", help="empty the plan cache (asks for confirmation)",
-                       description="Delete every stored graph, plan, benchmark trace and verdict. Asks first "
-                       "unless --yes is given.")
+                       description="Delete every stored graph, plan, benchmark trace, verdict and compiled "
+                       "artifact; with --artifacts, the compiled artifacts alone (every later process compiles "
+                       "its graphs once more). Asks first unless --yes is given.")
     p.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
+    p.add_argument("--artifacts", action="store_true", help="delete only the compiled artifacts; plans and "
+                   "measurements stay")
     p = sub.add_parser("keys", help="CURVE keys for the optional TCP listener: show, admit or revoke clients",
                        description="Create the daemon's CURVE key pair if it has none and print its public key and "
                        "the admitted clients. With --client NAME, also create a key pair for a remote client, "
@@ -173,10 +176,17 @@ def format_stats_short(s: dict[str, Any]) -> str:
         ("fallbacks", f"{s['fallbacks']} graphs ran as eager PyTorch"),
         ("tuning", f"{tuning['tunings']} done, {tuning['failed']} failed, {s['tuning_inflight']} in flight"
                    + ("" if tuning["background"] else " (background tuning off)")),
+        ("compiled code", _compiled(s["artifacts"])),
         ("errors", f"{s['error_total']}" + (f" ({errors})" if errors else "")),
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows) + "\n(hypatia-ctl stats --all for every counter)"
+
+
+def _compiled(a: dict[str, Any]) -> str:
+    """The compiled artifacts the daemon keeps, and how they served."""
+    return (f"{a['count']} artifacts, {_fmt_bytes(a['bytes'])} of {_fmt_bytes(a['limit_bytes'])}; {a['hits']} served, "
+            f"{a['stored']} stored, {a['evicted']} evicted, {a['quarantined']} quarantined, {a['compiling']} compiling")
 
 
 def _store_state(store: dict[str, Any]) -> str:
@@ -220,6 +230,8 @@ def format_stats(s: dict[str, Any]) -> str:
     for name in ("graphs", "workloads", "environments", "implementations", "plans"):
         if name in s:
             rows.append((name, s[name]))
+    if not s.get("running") and "artifacts" in s:
+        rows.append(("compiled code", f"{s['artifacts']['count']} artifacts, {_fmt_bytes(s['artifacts']['bytes'])}"))
     if s.get("running"):
         rows += [
             ("fallbacks", s["fallbacks"]),
@@ -241,6 +253,10 @@ def format_stats(s: dict[str, Any]) -> str:
                            f"passed and {s['validation']['failed']} failed in clients' strict checks since start"),
             ("executor choices", f"{s['executors']['choices']} stored, {s['executors']['stale_reports']} reports for "
                                  "a superseded plan dropped"),
+            ("compiled code", _compiled(s["artifacts"])),
+            ("compiles shared", f"{s['artifacts']['compiles_granted']} compiled by one process for all, "
+                                f"{s['artifacts']['waits']} waits for another's compile, {s['artifacts']['takeovers']} "
+                                f"taken over from a silent compiler; {s['artifacts']['warm_hits']} warm starts"),
         ]
         if "remote" in s:
             r, m = s["remote"], s["shm"]
@@ -288,14 +304,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "flush":
             if not args.yes:
                 if not sys.stdin.isatty():
-                    print("hypatia-ctl: flush deletes every stored plan and measurement; "
-                          "run it with --yes to confirm when not at a terminal", file=sys.stderr)
+                    print("hypatia-ctl: flush deletes every stored " + ("compiled artifact" if args.artifacts else
+                          "plan and measurement") + "; run it with --yes to confirm when not at a terminal",
+                          file=sys.stderr)
                     return 2
-                answer = input(f"Delete every plan, graph and benchmark trace in {config.store_shown}? [y/N] ")
+                what = "compiled artifact" if args.artifacts else "plan, graph, benchmark trace and compiled artifact"
+                answer = input(f"Delete every {what} in {config.store_shown}? [y/N] ")
                 if answer.strip().lower() not in ("y", "yes"):
                     print("nothing deleted")
                     return 1
-            deleted = control.flush(config)
+            deleted = control.flush(config, artifacts_only=args.artifacts)
             print("flushed: " + (", ".join(f"{n} {t}" for t, n in sorted(deleted.items())) or "the store was empty"))
             return 0
         if args.command == "keys":

@@ -29,6 +29,7 @@ import zmq
 
 from hypatia import __version__, shm
 from hypatia.config import Config, ConfigError, ensure_private_dir
+from hypatia.daemon.compiles import Compiles
 from hypatia.daemon.failures import FailureLog
 from hypatia.daemon.faults import Faults
 from hypatia.daemon.lock import PidLock, SocketWatch, acquire_store_lock
@@ -57,6 +58,14 @@ STATUS_EVERY_S = 5.0  # how often STATUS= is refreshed for systemctl status
 MAX_HANDSHAKEN_PEERS = 65536
 WATCH_EVERY_S = 1.0  # how often the daemon checks that its socket and lock file are still its own
 LOCAL, TCP = b"l", b"t"  # the first byte of a peer's identity inside the daemon: which socket it came in on
+
+
+def flush_what(body: dict, request_id: int) -> str:
+    """What a flush deletes: "all" (the default) or "artifacts" (the compiled code alone)."""
+    what = body.get("what", "all")
+    if what not in ("all", "artifacts"):
+        raise BadRequest(f"flush what={str(what)[:40]!r}: give \"all\" or \"artifacts\"", request_id)
+    return what
 
 
 class StartFailed(Exception):
@@ -105,6 +114,7 @@ class Server(Flights):
     def _serve(self, lock: PidLock) -> int:
         store = Store(self.config.store_location, retry_s=self.config.store_retry_s)
         self.service = PlanService(self.config, store)
+        self.compiles = Compiles(self.config, store)
         self.runs = RunService(store, self.service.stored, self.daemon_id, self.failures,
                                self.config.remote_max_output_bytes)
         self.runs.tick(time.monotonic())  # segments of clients that died while no daemon ran
@@ -328,6 +338,7 @@ class Server(Flights):
                     result[section] |= values
                 result["peers"] = {k: self.zap.counters[k] for k in ZAP_COUNTERS}
                 result["listen"] = self.config.listen or None
+                result["artifacts"] = self.compiles.stats()
                 result |= self.runs.stats()
             elif method == "make_plan":
                 self._start_flight(identity, rid, body)
@@ -341,10 +352,22 @@ class Server(Flights):
                 self._runs[flight] = (identity, rid)
                 self.jobs.run(flight, self.runs.run, job)
                 return
+            elif method == "get_compiled":
+                result = self.compiles.get(body, rid)
+            elif method == "put_compiled":
+                result = self.compiles.put(body, rid, over_tcp=identity[:1] == TCP)
+            elif method == "compile_heartbeat":
+                result = self.compiles.heartbeat(body, rid)
+            elif method == "compile_release":
+                result = self.compiles.release(body, rid)
+            elif method == "warm_start":
+                result = self.compiles.warm_start(body, rid)
             elif method == "tune":
                 result = self._tune_batch(body, rid)
             elif method == "tune_status":
                 result = self._batch_status(body, rid)
+            elif method == "flush" and flush_what(body, rid) == "artifacts":  # the compiled code alone
+                result = {"deleted": {"artifacts": self.compiles.flush()}}
             elif method == "flush":
                 running = len(self._tuning) - len(self.jobs.waiting())
                 if self._flights or running:
@@ -353,6 +376,7 @@ class Server(Flights):
                 for keys in self.jobs.drop_waiting():  # not started: dropped with the plans they would tune
                     self._tuning.pop(keys, None)
                     self._tuning_jobs.pop(keys, None)
+                self.compiles.claims.clear()
                 result = self.service.flush()
             else:  # decode_request only lets known methods through
                 raise ProtocolError(f"no handler for {method}", rid)

@@ -113,6 +113,20 @@ class Config:
     tune_memory_mb: int = 0
     tune_delay_s: int = 5
     drain_timeout_s: int = 20
+    # Compiled code the daemon keeps and serves (Inductor's cache artifacts per graph): whether
+    # processes share it, the store's total limit (least recently used go past it), the largest
+    # one entry may be, how often a compiling process says it is alive, and how long a process
+    # waits for another's compile before compiling itself.
+    share_compiled: bool = True
+    compiled_cache_mb: int = 4096
+    compiled_entry_mb: int = 48
+    compile_heartbeat_s: int = 2
+    compile_wait_s: int = 600
+
+    @property
+    def compiled_entry_bytes(self) -> int:
+        """The largest artifact kept: the setting, and always room to spare in one message."""
+        return min(self.compiled_entry_mb << 20, self.max_message_bytes - (64 << 10))
 
     @property
     def socket_path(self) -> Path:
@@ -220,6 +234,11 @@ def load(env: Mapping[str, str] | None = None) -> Config:
         tune_memory_mb=_int(env, "HYPATIA_TUNE_MEMORY_MB", 0),
         tune_delay_s=_int(env, "HYPATIA_TUNE_DELAY_S", 5),
         drain_timeout_s=_int(env, "HYPATIA_DRAIN_TIMEOUT_S", 20, minimum=1),
+        share_compiled=_flag(env, "HYPATIA_SHARE_COMPILED", True),
+        compiled_cache_mb=_int(env, "HYPATIA_COMPILED_CACHE_MB", 4096, minimum=1),
+        compiled_entry_mb=_int(env, "HYPATIA_COMPILED_ENTRY_MB", 48, minimum=1),
+        compile_heartbeat_s=_int(env, "HYPATIA_COMPILE_HEARTBEAT_S", 2, minimum=1),
+        compile_wait_s=_int(env, "HYPATIA_COMPILE_WAIT_S", 600),
     )
     if config.store_url and not config.store_url.startswith(("postgresql://", "postgres://")):
         raise ConfigError(

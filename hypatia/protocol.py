@@ -21,13 +21,33 @@ import msgpack
 # region-keyed verdicts, workloads name their phase.
 # 3: "pending" interim replies to a make_plan being planned; the hello reply names the daemon
 # (``daemon``, an id of 8 characters of [0-9a-z]) and every shared-memory segment carries it.
-PROTOCOL_VERSION = 3
+# 4: compiled code: get_compiled, put_compiled, compile_heartbeat, compile_release, warm_start.
+PROTOCOL_VERSION = 4
 
 # How often the daemon tells a client waiting on planning that the work is still in progress.
 PROGRESS_EVERY_S = 0.5
 
 # Methods the daemon answers. `hello` must come first on every connection.
-METHODS = ("hello", "ping", "get_plan", "make_plan", "report", "stats", "tune", "tune_status", "flush", "run")
+METHODS = ("hello", "ping", "get_plan", "make_plan", "report", "stats", "tune", "tune_status", "flush", "run",
+           "get_compiled", "put_compiled", "compile_heartbeat", "compile_release", "warm_start")
+
+# Compiled code (hypatia/daemon/compiles.py). An artifact is the bytes of Inductor's caches for one
+# graph (``torch.compiler.save_cache_artifacts``), keyed by ``key`` (``c1-`` and 64 hex digits,
+# made by the client from the plan keys, the executor candidate, the device index, a digest of
+# the compiler's versions and settings and of what Inductor was given) and checked by ``digest``
+# (sha256 of ``content``).
+# - ``get_compiled`` {key, holder, claim}: {"artifact": {content, digest}} on a hit; on a miss with
+#   ``claim``, {"compile": true, "heartbeat_s": s} (this client compiles it: single flight) or
+#   {"wait": true, "holder": who, "retry_ms": ms} (another client is compiling it); {} otherwise.
+# - ``compile_heartbeat`` {holder, keys}: the holder is still compiling these; a claim with no
+#   heartbeat for three heartbeats is given to the next client that asks.
+# - ``put_compiled`` {key, holder, content, digest, graph_key, workload_key, env_key, candidate,
+#   device_index, source_key, direct}: stored (the claim is released); only from this
+#   host's own user (the private ipc socket), never over TCP.
+# - ``compile_release`` {key, holder}: the compile failed; the next client that asks compiles.
+# - ``warm_start`` {source_key, env_key, device_index, candidate}: the artifact a
+#   graph compiled straight from Dynamo's graph can start from without being traced again, with
+#   the candidate its plan chose and the plan: {"artifact", "candidate", "keys", "plan"} or {}.
 
 # `run` (remote mode): run a planned graph in the daemon on tensors passed through shared memory
 # (hypatia/shm.py). Body: ``graph_key``, ``workload_key``, ``env_key`` (a graph the daemon

@@ -15,7 +15,7 @@ import sqlite_utils
 
 TABLES = (
     "canonical_graphs", "implementations", "environments", "workloads", "benchmark_traces", "plans", "verdicts",
-    "quarantine", "region_verdicts", "untunable",
+    "quarantine", "region_verdicts", "untunable", "artifacts",
 )
 
 
@@ -152,9 +152,40 @@ _POSTGRES_6 = (
 # -- end of schema 6 ---------------------------------------------------------------------------
 
 
+# -- schema 7: compiled code ------------------------------------------------------------------
+# Inductor's cache artifacts for one graph, compiled once per host (or cluster) and served to
+# every later process. ``key`` is the client's c1- key (plan keys, executor candidate, device
+# index, compiler versions and settings, what Inductor was given); ``source_key`` names Dynamo's
+# graph and inputs, so that a graph compiled straight from Dynamo's graph (``direct``) starts
+# warm without being traced again.
+# ``digest`` (sha256 of ``content``) is checked before an artifact is handed out; ``last_used``
+# (seconds since the epoch) orders eviction past HYPATIA_COMPILED_CACHE_MB.
+def _migrate_7(db: sqlite_utils.Database) -> None:
+    db["artifacts"].create(
+        {
+            "key": str, "graph_key": str, "workload_key": str, "env_key": str, "candidate": str,
+            "device_index": int, "source_key": str, "direct": int, "digest": str, "size": int,
+            "content": bytes, "created_at": str, "last_used": float, "uses": int,
+        },
+        pk="key",
+    )
+    db["artifacts"].create_index(["source_key"])
+    db["artifacts"].create_index(["last_used"])
+
+
+_POSTGRES_7 = (
+    "CREATE TABLE artifacts (key TEXT PRIMARY KEY, graph_key TEXT, workload_key TEXT, env_key TEXT, candidate TEXT, "
+    "device_index INTEGER, source_key TEXT, direct INTEGER, digest TEXT, size INTEGER, "
+    "content BYTEA, created_at TEXT, last_used DOUBLE PRECISION, uses INTEGER)",
+    "CREATE INDEX idx_artifacts_source_key ON artifacts (source_key)",
+    "CREATE INDEX idx_artifacts_last_used ON artifacts (last_used)",
+)
+# -- end of schema 7 ---------------------------------------------------------------------------
+
+
 # Schema version N is reached by running MIGRATIONS[N - 1]; append, never edit.
 MIGRATIONS: tuple[Callable[[sqlite_utils.Database], None], ...] = (
-    _migrate_1, _migrate_2, _migrate_3, _migrate_4, _migrate_5, _migrate_6,
+    _migrate_1, _migrate_2, _migrate_3, _migrate_4, _migrate_5, _migrate_6, _migrate_7,
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -201,5 +232,6 @@ POSTGRES_MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "PRIMARY KEY (env_key, region_key, implementation_id))",
     ),
     _POSTGRES_6,
+    _POSTGRES_7,
 )
 assert len(POSTGRES_MIGRATIONS) == SCHEMA_VERSION, "every schema version needs its PostgreSQL migration"

@@ -18,6 +18,7 @@ from typing import Any
 import msgpack
 
 from hypatia.canonical import workload_phase
+from hypatia.planner.artifacts import ArtifactStore
 from hypatia.planner.connections import StoreConnections, operation, write
 from hypatia.planner.databases import Database, StoreError, UnreadableStore, UnwritableStore
 from hypatia.planner.plan import Plan, PlanFormatError, recipe_checksum, recipe_text, verified_plan
@@ -38,7 +39,7 @@ def _columns(names: Any) -> str:
     return ", ".join(f'"{n}"' for n in names)
 
 
-class Store(StoreConnections):
+class Store(ArtifactStore, StoreConnections):
     """The plan store at ``location`` (a SQLite file path or a ``postgresql://`` URL);
     ``readonly`` opens it for inspection only; ``migrate=False`` opens one that its daemon has
     opened and migrated already (a worker process). How it opens, and what it does when its file
@@ -371,7 +372,7 @@ class Store(StoreConnections):
         counts = self.counts()
         db = self._db()
         with db.atomic():
-            for table in ("untunable", "verdicts", "region_verdicts", "benchmark_traces", "plans", "implementations",
+            for table in ("artifacts", "untunable", "verdicts", "region_verdicts", "benchmark_traces", "plans", "implementations",
                           "canonical_graphs", "workloads", "environments", "quarantine"):
                 db.execute(f'DELETE FROM "{table}"')
         db.compact()

@@ -79,7 +79,7 @@ def test_plans_say_which_graph_and_model_and_stats_are_short_unless_all(daemon):
     short = command(daemon, "hypatia-ctl", "stats")
     assert short.returncode == 0, short.stderr
     labels = [line.split("  ")[0] for line in short.stdout.splitlines()[:-1]]
-    assert labels == ["daemon", "store", "plan cache", "plans", "fallbacks", "tuning", "errors"], short.stdout
+    assert labels == ["daemon", "store", "plan cache", "plans", "fallbacks", "tuning", "compiled code", "errors"], short.stdout
     assert "--all" in short.stdout.splitlines()[-1]
     stats = daemon.stats()
     assert f"({stats['plan_cache']['hits']} hits, {stats['plan_cache']['misses']} misses)" in short.stdout

@@ -181,7 +181,7 @@ def test_a_version_2_store_migrates_and_its_format_1_plans_still_serve(tmp_path)
     db.conn.close()
 
     store = Store(path)
-    assert store.query("PRAGMA user_version")[0][0] == SCHEMA_VERSION == 6
+    assert store.query("PRAGMA user_version")[0][0] == SCHEMA_VERSION == 7
     plan = store.get_plan(keys)
     assert plan is not None and not plan.tuned and plan.regions[0].placement == "device"
     assert [(r["tuned"], r["model"], r["graph"]) for r in store.plan_rows(untuned_only=True)] == [(False, None, None)]

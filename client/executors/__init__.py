@@ -38,6 +38,9 @@ class Graphs:
     rewritten: Callable[[], torch.fx.GraphModule] | None = None
     for_inductor: Callable[[], torch.fx.GraphModule] | None = None
     skipped: list[str] = field(default_factory=list)  # why torch's own CUDA graph checks refused
+    # share(candidate, direct, compile) -> compile() through the daemon's compiled code
+    # (direct: Inductor is given Dynamo's graph); None: every compile is this process's own
+    share: Callable[[str, bool, Callable[[], Callable[..., Any]]], Callable[..., Any]] | None = None
 
 
 def candidates(graphs: Graphs, refusal: str | None) -> list[str]:
@@ -53,7 +56,10 @@ def build(candidate: str, graphs: Graphs, args: list | None = None) -> Callable[
     executor, captured = parse(candidate)
     inputs = list(args) if args is not None else graphs.example_inputs
     if executor == "inductor":
-        return inductor.build(graphs, inputs, cudagraphs=captured)
+        if graphs.share is None:
+            return inductor.build(graphs, inputs, cudagraphs=captured)
+        return graphs.share(candidate, graphs.for_inductor is None,
+                            lambda: inductor.build(graphs, inputs, cudagraphs=captured))
     source = aten.graph(graphs) if executor == "aten" else eager.graph(graphs)
     if captured:
         return cudagraphs.capture(source, inputs, graphs.skipped.append)
