@@ -41,7 +41,7 @@ from hypatia.client.autostart import AutostartFailed, ensure_daemon
 from hypatia.client.choice import ExecutorChoice, Measured
 from hypatia.client.remote import RemoteRunner
 from hypatia.client.rpc import DaemonClient, DaemonGone, DaemonUnavailable, GaveUpWaiting, VersionSkew
-from hypatia.config import Config, load
+from hypatia.config import Config, load, read_daemon_pid
 from hypatia.kernels import transparent
 from hypatia.planner import Plan, plan_graph
 from hypatia.planner import environment
@@ -299,6 +299,8 @@ class Session:
     def _warm_start(self, graphs: executors.Graphs, source: str, phase: str, index: int) -> Callable[..., Any] | None:
         """Inductor's code for Dynamo's graph, started from the artifacts the daemon keeps for
         it, with the executor its plan chose: no trace, key or rewrite of Hypatia's own."""
+        if time.monotonic() < self._skip_daemon_until or (not self.config.remote and read_daemon_pid(self.config) is None):
+            return None  # no daemon to ask yet: the full path starts one (and nothing is stored yet)
         ekey, _ = environment.describe(graphs.device, index)
         forced = "" if self.config.executor == "auto" else self.config.executor
         reply = self.sharing.warm_start(source, ekey, index, forced)

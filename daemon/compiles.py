@@ -134,9 +134,7 @@ class Compiles:
             raise ArtifactRefused("the artifact's content does not match its digest (truncated or damaged on "
                                   "the way); it is not stored", rid)
         evicted = self.store.put_artifact(artifact, content, self.config.compiled_cache_mb << 20)
-        claim = self.claims.get(key)
-        if claim is not None and claim.holder == holder:
-            del self.claims[key]
+        self.claims.pop(key, None)  # stored: whoever else still compiles it is not waited for
         if evicted is None:  # the store cannot be written now (counted there): the next process compiles
             return {"stored": False}
         self.counters["stored"] += 1
@@ -209,9 +207,11 @@ class Compiles:
 
     def stats(self) -> dict:
         self._note_quarantines()
+        now = time.monotonic()
+        live = sum(1 for c in self.claims.values() if now - c.beat <= self.stall_s)  # the silent are not compiling
         count, size = self.store.artifact_totals()
         return {"count": count, "bytes": size, "limit_bytes": self.config.compiled_cache_mb << 20,
-                "compiling": len(self.claims)} | {name: self.counters[name] for name in COUNTERS}
+                "compiling": live} | {name: self.counters[name] for name in COUNTERS}
 
     def flush(self) -> int:
         self.claims.clear()

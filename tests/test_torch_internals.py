@@ -33,6 +33,10 @@ PRIVATE = [
     ("torch._guards", "detect_fake_mode", ()),
     ("torch._guards", "TracingContext", ()),
     ("torch._dynamo.symbolic_convert", "InstructionTranslator", ()),
+    ("torch.compiler._cache", "CacheArtifactManager", ()),
+    ("torch._inductor.config", "save_config_portable", ()),
+    ("torch._functorch.config", "save_config_portable", ()),
+    ("torch._functorch.config", "force_non_lazy_backward_lowering", ()),
 ]
 
 
@@ -73,3 +77,29 @@ def test_dynamo_graphs_carry_the_metadata_aot_autograd_reads():
     inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
     assert all(hasattr(n, "_dynamo_source") and "tensor_dict" in n.meta for n in inputs)
     assert torch_internals.static_input_indices(gm) == [0, 1]  # weight and bias, not the input
+
+
+def test_one_compile_s_artifacts_are_recorded_apart_and_still_in_the_process_record(tmp_path, monkeypatch):
+    """``recording_artifacts`` gives the artifacts of what compiles inside it, and the user's own
+    ``save_cache_artifacts`` still sees them afterwards."""
+    from torch.compiler._cache import CacheArtifactManager
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    for attr in ("_new_cache_artifacts", "_seen_artifacts"):
+        assert hasattr(CacheArtifactManager, attr)
+    CacheArtifactManager.clear()
+    torch._dynamo.reset()
+
+    def f(x):
+        return (x * 3).relu() + 1
+
+    with torch_internals.recording_artifacts() as recorded:
+        torch.compile(f, backend="inductor")(torch.randn(8))
+    assert recorded.content and recorded.kinds.get("inductor", 0) >= 1, recorded.kinds
+    assert recorded.kinds.get("aot_autograd", 0) == 1
+    whole = torch.compiler.save_cache_artifacts()
+    assert whole is not None and len(whole[1].inductor_artifacts) >= 1
+    with torch_internals.recording_artifacts() as nothing:
+        pass
+    assert nothing.content is None and nothing.kinds == {}
+    torch._dynamo.reset()

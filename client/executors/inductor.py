@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import torch._functorch.config
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from hypatia import __version__
@@ -70,6 +71,8 @@ def config_patches(cudagraphs: bool) -> dict[str, Any]:
 
 def build(graphs, inputs: list, cudagraphs: bool) -> Callable[..., Any]:
     """Inductor's compiled code for the rewritten graph (Dynamo's, when no rewrite is left for
-    Inductor)."""
+    Inductor). A training graph's backward is compiled here too, not at its first backward, so
+    that one compile holds all of a graph's code (what the daemon keeps and serves)."""
     gm = graphs.for_inductor() if graphs.for_inductor is not None else copy_of(graphs.dynamo, graphs.dynamo)
-    return inductor_compile(gm, inputs, config_patches(cudagraphs))
+    with torch._functorch.config.patch(force_non_lazy_backward_lowering=True):
+        return inductor_compile(gm, inputs, config_patches(cudagraphs))

@@ -1,0 +1,176 @@
+"""Compiled code shared through a real hypatiad by real processes: compiled once, loaded by the
+rest (even with an empty local Inductor cache), one compile for processes that miss at once, a
+dead or silent compiler taken over, and settings that change the code kept apart.
+
+Every process here has its own empty TORCHINDUCTOR_CACHE_DIR, so only the daemon can make one
+warm, and Inductor's own counters say whether it found its caches warm.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import daemon_stats, wait_until
+
+pytestmark = pytest.mark.timeout(600)
+
+# One model, compiled for inference and for a training step (two graphs), checked against
+# eager; the process prints its counters. WIDTH picks the graph (its shapes), so tests that must
+# not share a compile use different widths.
+MODEL = """
+import json, os, sys, torch
+WIDTH = int(os.environ.get("WIDTH", "24"))
+torch.manual_seed(0)
+m = torch.nn.Sequential(torch.nn.Linear(WIDTH, WIDTH), torch.nn.ReLU(), torch.nn.Linear(WIDTH, 4))
+x = torch.randn(3, WIDTH)
+{before}
+compiled = torch.compile(m, backend="hypatia")
+with torch.no_grad():
+    torch.testing.assert_close(compiled(x), m(x))
+if os.environ.get("TRAIN") == "1":
+    compiled(x).square().sum().backward()
+    grads = [p.grad.clone() for p in m.parameters()]
+    m.zero_grad()
+    m(x).square().sum().backward()
+    for got, want in zip(grads, [p.grad for p in m.parameters()]):
+        torch.testing.assert_close(got, want)
+from hypatia.client.backend import session
+from torch._dynamo.utils import counters
+inductor = {{k: v for g in ("inductor", "aot_autograd") for k, v in counters[g].items() if "cache" in k}}
+print(json.dumps({{"hypatia": dict(session().counters), "inductor": inductor{after}}}))
+"""
+
+
+def model(before: str = "", after: str = "") -> str:
+    return MODEL.format(before=before, after=after)
+
+
+def env_for(home, width: int = 24, train: bool = False, **extra: str) -> dict:
+    cache = tempfile.mkdtemp(prefix="ind-", dir=str(home.path))
+    return {"HYPATIA_EXECUTOR": "inductor", "TORCHINDUCTOR_CACHE_DIR": cache, "TORCHINDUCTOR_COMPILE_THREADS": "1",
+            "WIDTH": str(width), "TRAIN": "1" if train else "0"} | extra
+
+
+def run(home, code: str, env: dict) -> dict:
+    proc = home.python(code, timeout=300, extra_env=env)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def spawn(home, code: str, env: dict) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], env=home.env | env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+
+
+def finish(proc: subprocess.Popen) -> dict:
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def artifact_rows(home) -> list[tuple]:
+    from hypatia.planner.store import Store
+
+    store = Store(home.config.store_path, readonly=True)
+    try:
+        return store.query("SELECT candidate, device_index, direct, size FROM artifacts ORDER BY created_at")
+    finally:
+        store.close()
+
+
+def test_a_later_process_loads_the_compiled_code_and_starts_without_tracing(daemon):
+    """The first process compiles both graphs and sends them; a second process with an empty local
+    cache loads them (Inductor hits its FX graph and AOTAutograd caches) and, since Inductor was
+    given Dynamo's graphs unchanged, skips Hypatia's trace entirely. A process with another
+    code-changing Inductor setting gets none of them and compiles its own."""
+    first = run(daemon, model(after=', "user": 0 if (b := torch.compiler.save_cache_artifacts()) is None else len(b[0])'),
+                env_for(daemon, train=True))
+    assert first["hypatia"]["artifacts_compiled"] == 2, first
+    assert first["inductor"].get("fxgraph_cache_miss", 0) >= 2 and not first["inductor"].get("fxgraph_cache_hit")
+    assert first["user"] > 0  # the user's own save_cache_artifacts still sees what Hypatia compiled
+    rows = artifact_rows(daemon)
+    assert [(c, i, d) for c, i, d, _ in rows] == [("inductor", 0, 1), ("inductor", 0, 1)], rows
+
+    second = run(daemon, model(), env_for(daemon, train=True))
+    assert second["hypatia"].get("warm_starts") == 2, second
+    assert second["hypatia"]["artifacts_loaded"] == 2 and not second["hypatia"].get("artifacts_compiled")
+    assert "daemon_hits" not in second["hypatia"] and "daemon_misses" not in second["hypatia"]  # no trace, no keys
+    assert second["inductor"]["fxgraph_cache_hit"] >= 2 and not second["inductor"].get("fxgraph_cache_miss")
+    assert second["inductor"]["autograd_cache_hit"] == 2  # AOTAutograd did not trace again either
+
+    other = run(daemon, model(before="import torch._inductor.config as c; c.cpp.simdlen = 0"),
+                env_for(daemon, train=False))
+    assert other["hypatia"]["artifacts_compiled"] == 1 and not other["hypatia"].get("artifacts_loaded"), other
+    assert not other["inductor"].get("fxgraph_cache_hit")
+    stats = daemon.stats()["artifacts"]
+    assert stats["count"] == 3 and stats["stored"] == 3 and stats["warm_hits"] == 2 and stats["compiles_granted"] == 3
+    assert stats["bytes"] == sum(size for *_, size in artifact_rows(daemon))
+
+
+def test_processes_missing_at_once_compile_once(daemon):
+    """Three processes start together on a cold daemon: one compiles, the others wait for its
+    artifacts and load them."""
+    procs = [spawn(daemon, model(), env_for(daemon, width=20)) for _ in range(3)]
+    results = [finish(p) for p in procs]
+    counters = [r["hypatia"] for r in results]
+    assert sum(c.get("artifacts_compiled", 0) for c in counters) == 1, counters
+    assert sum(c.get("artifacts_loaded", 0) for c in counters) == 2, counters
+    assert sum(r["inductor"].get("fxgraph_cache_miss", 0) for r in results) == 1
+    stats = daemon_stats(daemon.config)["artifacts"]
+    assert stats["compiles_granted"] == 1 and stats["count"] == 1 and stats["takeovers"] == 0, stats
+
+
+# A process whose Inductor compile hangs after it claimed the graph (its heartbeat thread goes on).
+HANGS = model(before="""
+import time, hypatia.client.executors.inductor as inductor
+inductor.inductor_compile = lambda *a, **k: time.sleep(3600)
+""")
+
+
+@pytest.fixture
+def quick_heartbeat(home):
+    home.hypatiad("start", extra_env={"HYPATIA_COMPILE_HEARTBEAT_S": "1"})
+    return home
+
+
+def test_a_dead_compiler_is_taken_over_and_a_hung_one_waited_for_no_longer_than_the_limit(quick_heartbeat):
+    home = quick_heartbeat
+    hung = spawn(home, HANGS, env_for(home, width=28))
+    try:
+        assert wait_until(lambda: daemon_stats(home.config)["artifacts"]["compiling"] == 1, timeout=120)
+        # its heartbeat goes on: a waiter waits, up to its own limit, then compiles by itself
+        impatient = run(home, model(), env_for(home, width=28, HYPATIA_COMPILE_WAIT_S="4"))
+        assert impatient["hypatia"]["artifacts_waited"] == 1 and impatient["hypatia"]["artifacts_took_over"] == 1
+        assert impatient["hypatia"]["artifacts_compiled"] == 1, impatient
+    finally:
+        os.killpg(hung.pid, signal.SIGKILL)
+        hung.communicate()
+
+    dead = spawn(home, HANGS, env_for(home, width=36))
+    assert wait_until(lambda: daemon_stats(home.config)["artifacts"]["compiling"] == 1, timeout=120)
+    waits = daemon_stats(home.config)["artifacts"]["waits"]
+    waiter = spawn(home, model(), env_for(home, width=36))
+    assert wait_until(lambda: daemon_stats(home.config)["artifacts"]["waits"] > waits, timeout=120)
+    os.killpg(dead.pid, signal.SIGKILL)  # dies holding the claim: its heartbeat stops
+    dead.communicate()
+    result = finish(waiter)
+    assert result["hypatia"]["artifacts_waited"] == 1 and result["hypatia"]["artifacts_took_over"] == 1
+    assert result["hypatia"]["artifacts_compiled"] == 1, result
+    stats = daemon_stats(home.config)["artifacts"]
+    assert stats["takeovers"] == 1 and stats["compiling"] == 0 and stats["count"] == 2, stats
+
+
+def test_sharing_off_compiles_alone_and_stores_nothing(daemon):
+    result = run(daemon, model(), env_for(daemon, width=16, HYPATIA_SHARE_COMPILED="0"))
+    assert not any(k.startswith(("artifacts_", "warm_")) for k in result["hypatia"]), result
+    assert daemon.stats()["artifacts"]["count"] == 0
+    assert Path(daemon.config.store_path).exists()
