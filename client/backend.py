@@ -41,7 +41,7 @@ from hypatia.client.autostart import AutostartFailed, ensure_daemon
 from hypatia.client.choice import ExecutorChoice, Measured
 from hypatia.client.remote import RemoteRunner
 from hypatia.client.rpc import DaemonClient, DaemonGone, DaemonUnavailable, GaveUpWaiting, VersionSkew
-from hypatia.config import Config, load, read_daemon_pid
+from hypatia.config import Config, load
 from hypatia.kernels import transparent
 from hypatia.planner import Plan, plan_graph
 from hypatia.planner import environment
@@ -233,11 +233,14 @@ class Session:
         index = next((x.device.index or 0 for x in example_inputs
                       if isinstance(x, torch.Tensor) and x.device.type == device), 0)
         graphs = executors.Graphs(gm, list(example_inputs), device, training)
-        source = self._source_key(gm, example_inputs, phase)
-        if source is not None and self.remote is None:
-            warm = self._warm_start(graphs, source, phase, index)
+        source = self.sharing.source(gm, example_inputs, phase) if self.sharing is not None else None
+        if source is not None and self.remote is None and time.monotonic() >= self._skip_daemon_until:
+            warm = self.sharing.warm_start(graphs, source, index)
             if warm is not None:
-                return warm
+                compiled, warm_plan, warm_keys = warm
+                self.plans.append((phase, warm_plan))
+                self.plan_keys.append(warm_keys)
+                return compiled
         plan, keys, model = None, None, None
         try:
             model = model_graphs.trace(gm, example_inputs)
@@ -272,7 +275,7 @@ class Session:
                 if self.config.debug_fx:
                     log.warning("HYPATIA_DEBUG_FX %s graph after:\n%s", phase, graphs.rewritten().graph)
             if source is not None:
-                graphs.share = self._sharer(keys, index, plan, source)
+                graphs.share = self.sharing.sharer(keys, index, plan, source)
         local = self._executor(graphs, model, plan, keys)
         if self.remote is None or model is None or keys is None:
             return local
@@ -282,56 +285,6 @@ class Session:
         boxed_local = lambda args: local(*args)  # noqa: E731 - remote mode's calls are boxed
         remote = self.remote.wrap(graph, keys, registration, phase, example_inputs, output_type, boxed_local)
         return local if remote is boxed_local else (lambda *args: remote(list(args)))
-
-    # -- compiled code shared through the daemon -------------------------------------------
-    def _source_key(self, gm: torch.fx.GraphModule, example_inputs: list, phase: str) -> str | None:
-        """The s1- key of Dynamo's graph, its inputs and the compiler's settings, when compiled
-        code is shared and an Inductor executor may run (else None)."""
-        forced = self.config.executor
-        if self.sharing is None or (forced != "auto" and executors.parse(forced)[0] != "inductor"):
-            return None
-        if not self.sharing.usable():
-            return None
-        self._config_digest = code.config_digest()
-        workload = cap.graph_workload_key(example_inputs, phase)[0]
-        return code.source_key(code.dynamo_digest(gm), workload, self._config_digest)
-
-    def _warm_start(self, graphs: executors.Graphs, source: str, phase: str, index: int) -> Callable[..., Any] | None:
-        """Inductor's code for Dynamo's graph, started from the artifacts the daemon keeps for
-        it, with the executor its plan chose: no trace, key or rewrite of Hypatia's own."""
-        if time.monotonic() < self._skip_daemon_until or (not self.config.remote and read_daemon_pid(self.config) is None):
-            return None  # no daemon to ask yet: the full path starts one (and nothing is stored yet)
-        ekey, _ = environment.describe(graphs.device, index)
-        forced = "" if self.config.executor == "auto" else self.config.executor
-        reply = self.sharing.warm_start(source, ekey, index, forced)
-        if reply is None:
-            return None
-        try:
-            plan = Plan.from_recipe(reply["plan"])
-            candidate = reply["candidate"]
-            executor, captured = executors.parse(candidate)
-        except (PlanFormatError, KeyError, TypeError, executors.UnknownCandidate) as exc:
-            log.debug("warm start reply not usable: %s", exc)
-            return None
-        if self.config.policy == "EXPLORE" and not plan.tuned:
-            return None
-        self.counters["warm_starts"] += 1
-        self.counters[f"executor.{candidate}"] += 1
-        self.plans.append((phase, plan))
-        self.plan_keys.append(tuple(reply["keys"]))
-        return executors.build(candidate, graphs)
-
-    def _sharer(self, keys: tuple[str, str, str], index: int, plan: Plan, source: str) -> Callable:
-        """``share(candidate, direct, compile)`` for this graph's executors (see
-        :class:`~hypatia.client.executors.Graphs`)."""
-        visible = [r.to_dict() for r in plan.regions if transparent(r.kernel, r.placement)]
-
-        def share(candidate: str, direct: bool, compile: Callable[[], Callable[..., Any]]) -> Callable[..., Any]:
-            given = code.DYNAMO if direct else code.digest_of_regions(visible)
-            key = code.CompileKey(keys[0], keys[1], keys[2], candidate, index, self._config_digest, given, source)
-            return self.sharing.compile(key, compile)
-
-        return share
 
     @staticmethod
     def _rewrites(model: model_graphs.ModelGraph, fx_nodes: list, plan: Plan, gm: torch.fx.GraphModule):

@@ -39,11 +39,13 @@ import torch
 import torch.fx
 
 from hypatia import __version__
-from hypatia.client.capture import encode_arg, op_name, tensor_digest
+from hypatia.client.capture import encode_arg, graph_workload_key, op_name, tensor_digest
 from hypatia.client.rpc import DaemonClient
 from hypatia.client.torch_internals import compiler_settings, recording_artifacts
-from hypatia.config import Config
+from hypatia.config import Config, read_daemon_pid
+from hypatia.executors import parse as parse_candidate
 from hypatia.planner.artifacts import digest_of
+from hypatia.planner.plan import Plan
 
 log = logging.getLogger("hypatia.client")
 
@@ -110,13 +112,16 @@ class CompileKey:
                 "source_key": self.source_key, "direct": self.given == DYNAMO}
 
 
-def digest_of_regions(regions: list[dict]) -> str:
-    """What Inductor was given when the plan rewrote regions it sees: a digest of those regions."""
-    return _sha(regions)
-
-
 def source_key(dynamo: str, workload_key: str, config: str) -> str:
     return "s1-" + _sha([dynamo, workload_key, config])
+
+
+@dataclass(frozen=True)
+class Source:
+    """Dynamo's graph as the daemon knows it: its s1- key and the compiler digest in it."""
+
+    key: str
+    config: str
 
 
 class Heartbeat:
@@ -251,16 +256,54 @@ class CodeSharing:
         except Exception as exc:  # noqa: BLE001 - the claim then ends when its heartbeat does
             log.debug("could not release a compile claim: %s", exc)
 
-    # -- warm start --------------------------------------------------------------------------
-    def warm_start(self, source: str, env_key: str, device_index: int, forced: str) -> dict | None:
-        """The daemon's answer for a graph compiled straight from Dynamo's graph ``source``
-        (its artifact loaded already), or None."""
+    # -- one graph ---------------------------------------------------------------------------
+    def source(self, gm: torch.fx.GraphModule, example_inputs: list, phase: str) -> Source | None:
+        """Dynamo's graph ``gm`` named for the daemon (with the compiler's digest), when an
+        Inductor executor may run it and loading artifacts can help; else None."""
+        forced = self.config.executor
+        if (forced != "auto" and parse_candidate(forced)[0] != "inductor") or not self.usable():
+            return None
+        config = config_digest()
+        workload = graph_workload_key(example_inputs, phase)[0]
+        return Source(source_key(dynamo_digest(gm), workload, config), config)
+
+    def warm_start(self, graphs, source: Source, index: int) -> tuple[Callable, Plan, tuple[str, str, str]] | None:
+        """Inductor's code for Dynamo's graph, started from the artifacts the daemon keeps for it
+        with the executor its plan chose (or the one forced): no trace, key or rewrite of
+        Hypatia's own. Returns (compiled, plan, plan keys) or None (the full path then runs)."""
+        from hypatia.client import executors
+        from hypatia.planner import environment
+
+        if not self.config.remote and read_daemon_pid(self.config) is None:
+            return None  # no daemon yet: the full path starts one (and it has nothing stored)
+        env_key, _ = environment.describe(graphs.device, index)
+        forced = "" if self.config.executor == "auto" else self.config.executor
         try:
-            reply = self.client.call("warm_start", {"source_key": source, "env_key": env_key,
-                                                    "device_index": device_index, "candidate": forced})
+            reply = self.client.call("warm_start", {"source_key": source.key, "env_key": env_key,
+                                                    "device_index": index, "candidate": forced})
+            if not reply.get("artifact"):
+                return None
+            plan, candidate, keys = Plan.from_recipe(reply["plan"]), reply["candidate"], tuple(reply["keys"])
+            parse_candidate(candidate)
         except Exception as exc:  # noqa: BLE001 - the full path asks again, and falls back there
-            log.debug("warm start lookup failed: %s", exc)
+            log.debug("no warm start: %s", exc)
             return None
-        if not reply.get("artifact") or not self.load(reply["artifact"]):
+        if (self.config.policy == "EXPLORE" and not plan.tuned) or not self.load(reply["artifact"]):
             return None
-        return reply
+        self.counters["warm_starts"] += 1
+        self.counters[f"executor.{candidate}"] += 1
+        return executors.build(candidate, graphs), plan, keys
+
+    def sharer(self, keys: tuple[str, str, str], index: int, plan: Plan, source: Source) -> Callable:
+        """``share(candidate, direct, compile)`` for one graph's executors (see
+        :class:`~hypatia.client.executors.Graphs`)."""
+        from hypatia.kernels import transparent
+
+        visible = [r.to_dict() for r in plan.regions if transparent(r.kernel, r.placement)]
+
+        def share(candidate: str, direct: bool, compile: Callable[[], Callable]) -> Callable:
+            given = DYNAMO if direct else _sha(visible)
+            key = CompileKey(keys[0], keys[1], keys[2], candidate, index, source.config, given, source.key)
+            return self.compile(key, compile)
+
+        return share
