@@ -68,7 +68,10 @@ class Compiles:
         return STALLED_AFTER_BEATS * self.config.compile_heartbeat_s
 
     # -- the handlers ----------------------------------------------------------------------
-    def get(self, body: dict, rid: int) -> dict:
+    def get(self, body: dict, rid: int, over_tcp: bool = False) -> dict:
+        """``get_compiled``: the artifact, or on a miss with ``claim``, who compiles it. A client
+        over TCP (another host) may wait for a compile here but is never given one: its artifact
+        would be refused, and this host's processes would wait on a compile never shared."""
         key = _key(body, "key", ARTIFACT_KEY, rid)
         holder = limits.text(body, "holder", limits.MAX_HOST_CHARS + 16, rid, required=True)
         found = self.store.get_artifact(key)
@@ -80,10 +83,12 @@ class Compiles:
             return {}
         now = time.monotonic()
         claim = self.claims.get(key)
+        if claim is not None and claim.holder != holder and now - claim.beat <= self.stall_s:
+            self.counters["waits"] += 1
+            return {"wait": True, "holder": claim.holder, "retry_ms": 250}
+        if over_tcp:
+            return {}
         if claim is not None and claim.holder != holder:
-            if now - claim.beat <= self.stall_s:
-                self.counters["waits"] += 1
-                return {"wait": True, "holder": claim.holder, "retry_ms": 250}
             self.counters["takeovers"] += 1  # its holder went silent: the asker compiles
             log.info("compile of %s by %s had no heartbeat for %.0f s; %s compiles it", key[:16], claim.holder,
                      now - claim.beat, holder)

@@ -353,7 +353,7 @@ class Server(Flights):
                 self.jobs.run(flight, self.runs.run, job)
                 return
             elif method == "get_compiled":
-                result = self.compiles.get(body, rid)
+                result = self.compiles.get(body, rid, over_tcp=identity[:1] == TCP)
             elif method == "put_compiled":
                 result = self.compiles.put(body, rid, over_tcp=identity[:1] == TCP)
             elif method == "compile_heartbeat":
