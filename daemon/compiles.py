@@ -2,10 +2,11 @@
 
 A client that misses asks with ``claim``: the first is told to compile (it holds the claim and
 sends a heartbeat while it compiles), the others are told to wait and ask again. The holder's
-``put_compiled`` stores the artifact and ends the claim; every later ask is a hit. A claim whose
-holder stops beating (its process died, or hangs with its heartbeat thread) for three heartbeats
-is given to the next client that asks, so a waiter never waits on a dead compile; a waiter that
-has waited ``HYPATIA_COMPILE_WAIT_S`` compiles by itself whatever the daemon says.
+``put_compiled`` stores the artifact and ends the claim (a put refused ends it too: the next
+client that asks compiles); every later ask is a hit. A claim whose holder stops beating (its
+process died, or hangs with its heartbeat thread) for three heartbeats is given to the next
+client that asks, so a waiter never waits on a dead compile; a waiter that has waited
+``HYPATIA_COMPILE_WAIT_S`` compiles by itself whatever the daemon says.
 
 Artifacts are code. They are accepted only from this host's own user (the private ipc socket;
 never over TCP, whose clients are other hosts) and handed out only when their content still has
@@ -29,7 +30,7 @@ from hypatia.kernels.registry import UnknownKernel, transparent
 from hypatia.planner.artifacts import Artifact, digest_of
 from hypatia.planner.plan import PlanFormatError, Plan
 from hypatia.planner.store import Store
-from hypatia.protocol import BadRequest, TooLarge, require
+from hypatia.protocol import BadRequest, ProtocolError, TooLarge, require
 
 log = logging.getLogger("hypatia.daemon")
 
@@ -128,20 +129,22 @@ class Compiles:
             self.counters["refused"] += 1
             raise ArtifactRefused("compiled code is accepted only from this host's own user (the ipc socket); "
                                   "hosts share it through a shared PostgreSQL store (HYPATIA_STORE)", rid)
-        content = require(body, "content", bytes, rid)
-        if len(content) > self.config.compiled_entry_bytes:
-            self.counters["refused"] += 1
-            raise TooLarge(f"an artifact of {len(content)} bytes is over HYPATIA_COMPILED_ENTRY_MB "
-                           f"({self.config.compiled_entry_bytes} bytes)", rid)
-        artifact = self._artifact(body, key, content, rid)
-        if digest_of(content) != artifact.digest:
-            self.counters["refused"] += 1
-            raise ArtifactRefused("the artifact's content does not match its digest (truncated or damaged on "
-                                  "the way); it is not stored", rid)
+        try:
+            content = require(body, "content", bytes, rid)
+            if len(content) > self.config.compiled_entry_bytes:
+                self.counters["refused"] += 1
+                raise TooLarge(f"an artifact of {len(content)} bytes is over HYPATIA_COMPILED_ENTRY_MB "
+                               f"({self.config.compiled_entry_bytes} bytes)", rid)
+            artifact = self._artifact(body, key, content, rid)
+            if digest_of(content) != artifact.digest:
+                self.counters["refused"] += 1
+                raise ArtifactRefused("the artifact's content does not match its digest (truncated or damaged on "
+                                      "the way); it is not stored", rid)
+        except ProtocolError:
+            self._end_claim(key, holder)  # nothing to wait for: the next process that asks compiles
+            raise
         evicted = self.store.put_artifact(artifact, content, self.config.compiled_cache_mb << 20)
-        claim = self.claims.get(key)
-        if claim is not None and claim.holder == holder:
-            del self.claims[key]
+        self._end_claim(key, holder)
         if evicted is None:  # the store cannot be written now (counted there): the next process compiles
             return {"stored": False}
         self.counters["stored"] += 1
@@ -176,6 +179,11 @@ class Compiles:
         return {}
 
     # -- helpers ---------------------------------------------------------------------------
+    def _end_claim(self, key: str, holder: str) -> None:
+        claim = self.claims.get(key)
+        if claim is not None and claim.holder == holder:
+            del self.claims[key]
+
     def _served(self, artifact: Artifact, content: bytes) -> dict:
         self.counters["hits"] += 1
         self.store.touch_artifact(artifact.key)
