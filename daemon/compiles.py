@@ -2,10 +2,11 @@
 
 A client that misses asks with ``claim``: the first is told to compile (it holds the claim and
 sends a heartbeat while it compiles), the others are told to wait and ask again. The holder's
-``put_compiled`` stores the artifact and ends the claim; every later ask is a hit. A claim whose
-holder stops beating (its process died, or hangs with its heartbeat thread) for three heartbeats
-is given to the next client that asks, so a waiter never waits on a dead compile; a waiter that
-has waited ``HYPATIA_COMPILE_WAIT_S`` compiles by itself whatever the daemon says.
+``put_compiled`` stores the artifact and ends the claim (a put refused ends it too: the next
+client that asks compiles); every later ask is a hit. A claim whose holder stops beating (its
+process died, or hangs with its heartbeat thread) for three heartbeats is given to the next
+client that asks, so a waiter never waits on a dead compile; a waiter that has waited
+``HYPATIA_COMPILE_WAIT_S`` compiles by itself whatever the daemon says.
 
 Artifacts are code. They are accepted only from this host's own user (the private ipc socket;
 never over TCP, whose clients are other hosts) and handed out only when their content still has
@@ -29,7 +30,7 @@ from hypatia.kernels.registry import UnknownKernel, transparent
 from hypatia.planner.artifacts import Artifact, digest_of
 from hypatia.planner.plan import PlanFormatError, Plan
 from hypatia.planner.store import Store
-from hypatia.protocol import BadRequest, TooLarge, require
+from hypatia.protocol import BadRequest, ProtocolError, TooLarge, require
 
 log = logging.getLogger("hypatia.daemon")
 
@@ -68,7 +69,10 @@ class Compiles:
         return STALLED_AFTER_BEATS * self.config.compile_heartbeat_s
 
     # -- the handlers ----------------------------------------------------------------------
-    def get(self, body: dict, rid: int) -> dict:
+    def get(self, body: dict, rid: int, over_tcp: bool = False) -> dict:
+        """``get_compiled``: the artifact, or on a miss with ``claim``, who compiles it. A client
+        over TCP (another host) may wait for a compile here but is never given one: its artifact
+        would be refused, and this host's processes would wait on a compile never shared."""
         key = _key(body, "key", ARTIFACT_KEY, rid)
         holder = limits.text(body, "holder", limits.MAX_HOST_CHARS + 16, rid, required=True)
         found = self.store.get_artifact(key)
@@ -80,10 +84,12 @@ class Compiles:
             return {}
         now = time.monotonic()
         claim = self.claims.get(key)
+        if claim is not None and claim.holder != holder and now - claim.beat <= self.stall_s:
+            self.counters["waits"] += 1
+            return {"wait": True, "holder": claim.holder, "retry_ms": 250}
+        if over_tcp:
+            return {}
         if claim is not None and claim.holder != holder:
-            if now - claim.beat <= self.stall_s:
-                self.counters["waits"] += 1
-                return {"wait": True, "holder": claim.holder, "retry_ms": 250}
             self.counters["takeovers"] += 1  # its holder went silent: the asker compiles
             log.info("compile of %s by %s had no heartbeat for %.0f s; %s compiles it", key[:16], claim.holder,
                      now - claim.beat, holder)
@@ -94,8 +100,10 @@ class Compiles:
         self.counters["compiles_granted"] += 1
         return {"compile": True, "heartbeat_s": self.config.compile_heartbeat_s}
 
-    def heartbeat(self, body: dict, rid: int) -> dict:
+    def heartbeat(self, body: dict, rid: int, over_tcp: bool = False) -> dict:
         holder = limits.text(body, "holder", limits.MAX_HOST_CHARS + 16, rid, required=True)
+        if over_tcp:  # a TCP client never holds a claim: it may not keep one of this host's alive
+            return {"held": []}
         keys = body.get("keys")
         if not isinstance(keys, list) or len(keys) > MAX_HEARTBEAT_KEYS:
             raise BadRequest(f"keys must be a list of at most {MAX_HEARTBEAT_KEYS} artifact keys", rid)
@@ -107,9 +115,11 @@ class Compiles:
                 held.append(key)
         return {"held": held}
 
-    def release(self, body: dict, rid: int) -> dict:
+    def release(self, body: dict, rid: int, over_tcp: bool = False) -> dict:
         key = _key(body, "key", ARTIFACT_KEY, rid)
         holder = limits.text(body, "holder", limits.MAX_HOST_CHARS + 16, rid, required=True)
+        if over_tcp:  # nor end one
+            return {}
         claim = self.claims.get(key)
         if claim is not None and claim.holder == holder:
             del self.claims[key]
@@ -123,16 +133,20 @@ class Compiles:
             self.counters["refused"] += 1
             raise ArtifactRefused("compiled code is accepted only from this host's own user (the ipc socket); "
                                   "hosts share it through a shared PostgreSQL store (HYPATIA_STORE)", rid)
-        content = require(body, "content", bytes, rid)
-        if len(content) > self.config.compiled_entry_bytes:
-            self.counters["refused"] += 1
-            raise TooLarge(f"an artifact of {len(content)} bytes is over HYPATIA_COMPILED_ENTRY_MB "
-                           f"({self.config.compiled_entry_bytes} bytes)", rid)
-        artifact = self._artifact(body, key, content, rid)
-        if digest_of(content) != artifact.digest:
-            self.counters["refused"] += 1
-            raise ArtifactRefused("the artifact's content does not match its digest (truncated or damaged on "
-                                  "the way); it is not stored", rid)
+        try:
+            content = require(body, "content", bytes, rid)
+            if len(content) > self.config.compiled_entry_bytes:
+                self.counters["refused"] += 1
+                raise TooLarge(f"an artifact of {len(content)} bytes is over HYPATIA_COMPILED_ENTRY_MB "
+                               f"({self.config.compiled_entry_bytes} bytes)", rid)
+            artifact = self._artifact(body, key, content, rid)
+            if digest_of(content) != artifact.digest:
+                self.counters["refused"] += 1
+                raise ArtifactRefused("the artifact's content does not match its digest (truncated or damaged on "
+                                      "the way); it is not stored", rid)
+        except ProtocolError:
+            self._end_claim(key, holder)  # nothing to wait for: the next process that asks compiles
+            raise
         evicted = self.store.put_artifact(artifact, content, self.config.compiled_cache_mb << 20)
         self.claims.pop(key, None)  # stored: whoever else still compiles it is not waited for
         if evicted is None:  # the store cannot be written now (counted there): the next process compiles
@@ -169,6 +183,11 @@ class Compiles:
         return {}
 
     # -- helpers ---------------------------------------------------------------------------
+    def _end_claim(self, key: str, holder: str) -> None:
+        claim = self.claims.get(key)
+        if claim is not None and claim.holder == holder:
+            del self.claims[key]
+
     def _served(self, artifact: Artifact, content: bytes) -> dict:
         self.counters["hits"] += 1
         self.store.touch_artifact(artifact.key)

@@ -353,13 +353,13 @@ class Server(Flights):
                 self.jobs.run(flight, self.runs.run, job)
                 return
             elif method == "get_compiled":
-                result = self.compiles.get(body, rid)
+                result = self.compiles.get(body, rid, over_tcp=identity[:1] == TCP)
             elif method == "put_compiled":
                 result = self.compiles.put(body, rid, over_tcp=identity[:1] == TCP)
             elif method == "compile_heartbeat":
-                result = self.compiles.heartbeat(body, rid)
+                result = self.compiles.heartbeat(body, rid, over_tcp=identity[:1] == TCP)
             elif method == "compile_release":
-                result = self.compiles.release(body, rid)
+                result = self.compiles.release(body, rid, over_tcp=identity[:1] == TCP)
             elif method == "warm_start":
                 result = self.compiles.warm_start(body, rid)
             elif method == "tune":

@@ -38,12 +38,13 @@ METHODS = ("hello", "ping", "get_plan", "make_plan", "report", "stats", "tune", 
 # (sha256 of ``content``).
 # - ``get_compiled`` {key, holder, claim}: {"artifact": {content, digest}} on a hit; on a miss with
 #   ``claim``, {"compile": true, "heartbeat_s": s} (this client compiles it: single flight) or
-#   {"wait": true, "holder": who, "retry_ms": ms} (another client is compiling it); {} otherwise.
+#   {"wait": true, "holder": who, "retry_ms": ms} (another client is compiling it); {} otherwise,
+#   and to a client over TCP where it would be told to compile (its artifact would be refused).
 # - ``compile_heartbeat`` {holder, keys}: the holder is still compiling these; a claim with no
 #   heartbeat for three heartbeats is given to the next client that asks.
 # - ``put_compiled`` {key, holder, content, digest, graph_key, workload_key, env_key, candidate,
-#   device_index, source_key, direct}: stored (the claim is released); only from this
-#   host's own user (the private ipc socket), never over TCP.
+#   device_index, source_key, direct}: stored (the claim is released; a put refused ends the
+#   claim too); only from this host's own user (the private ipc socket), never over TCP.
 # - ``compile_release`` {key, holder}: the compile failed; the next client that asks compiles.
 # - ``warm_start`` {source_key, env_key, device_index, candidate}: the artifact a
 #   graph compiled straight from Dynamo's graph can start from without being traced again, with

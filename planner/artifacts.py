@@ -60,11 +60,10 @@ class ArtifactStore:
             raise ValueError(f"the artifact's content ({len(content)} bytes) does not match its digest and size")
         now = time.time()
         db = self._db()
-        with db.atomic():
-            db.execute("DELETE FROM artifacts WHERE key = ?", (artifact.key,))
-            self._insert(db, "artifacts", artifact.row() | {
+        with db.atomic():  # an upsert: daemons sharing a PostgreSQL store may store one key at once
+            self._upsert(db, "artifacts", artifact.row() | {
                 "content": content, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now)),
-                "last_used": now, "uses": 0})
+                "last_used": now, "uses": 0}, ("key",))
             evicted = self._evict(db, limit_bytes, keep=artifact.key)
         self.counters["artifacts_evicted"] += evicted
         return evicted

@@ -18,6 +18,7 @@ VALUES = st.recursive(LEAVES, lambda inner: st.one_of(st.lists(inner, max_size=5
                                                       st.dictionaries(st.one_of(st.text(max_size=10), INTS), inner, max_size=5)),
                       max_leaves=25)
 METHODS = st.sampled_from(["hello", "ping", "get_plan", "make_plan", "report", "stats", "tune", "tune_status", "flush", "run",
+                           "get_compiled", "put_compiled", "compile_heartbeat", "compile_release", "warm_start",
                            "", "shutdown", "__class__", "x" * 300])
 
 
