@@ -292,6 +292,8 @@ class CodeSharing:
             return None
         self.counters["warm_starts"] += 1
         self.counters[f"executor.{candidate}"] += 1
+        if not forced:
+            self.counters["executor_from_daemon"] += 1  # the plan's measured choice
         return executors.build(candidate, graphs), plan, keys
 
     def sharer(self, keys: tuple[str, str, str], index: int, plan: Plan, source: Source) -> Callable:
