@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from benchmarks.first_call import daemon_pid
+from benchmarks.fresh_process import daemon_pid
 from benchmarks.multiprocess import REPO, base_env, run_module
 from benchmarks.plan_requests import PlanRequest, distinct_requests, model_requests
 from benchmarks.workloads import by_name

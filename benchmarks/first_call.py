@@ -2,45 +2,57 @@
 
 Every measurement runs in its own Python subprocess so that nothing (imports, Dynamo state,
 in-memory caches) carries over; the child prints one JSON line with its own timings. On a GPU
-the models are GPT-2 small and BERT-base in bfloat16 (the issue's comparison: Hypatia's default
-first compile against Inductor's cold compile) and the hand-written transformer block in float32
+the models are GPT-2 small and BERT-base in bfloat16 (the issue's comparisons: Hypatia's default
+first compile against Inductor's cold compile, and a process that only the daemon can make warm
+against Inductor's warm cache and Dynamo alone) and the hand-written transformer block in float32
 with every configuration; on a CPU the transformer block (``--quick``: the small MLP).
+
+Only the daemon can make ``hypatia_daemon_warm`` and ``hypatia_new_host`` warm: each starts with
+an empty Inductor cache, against the daemon the ``hypatia_cold`` run filled (once it is idle) or
+a fresh daemon, with a runtime directory of its own, on a copy of that daemon's store.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import contextlib
-import json
-import os
 import shutil
-import signal
 import socket
-import subprocess
-import sys
 import tempfile
 import textwrap
 import time
 import uuid
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from benchmarks.compile_sharing import (absent_notes, client_counters, copy_store, daemon_artifacts, inductor_counters,
+                                        store_path)
+from benchmarks.fresh_process import ChildFailed, base_env, daemon_pid, hypatiad, run_child
+
 MODES = ("inference", "training")
 # The order of the table.
 CONFIGS = ("eager_backend", "aot_eager", "inductor_cold", "inductor_warm", "inductor_ro_cold", "inductor_redis_warm",
-           "hypatia_cold", "hypatia_warm")
-# The order of the runs: the issue's comparison (Hypatia's default first compile, a second
-# process, Inductor cold) for every workload first, so that a tight budget skips the rest.
-RUN_PASSES = (("hypatia_cold", "hypatia_warm", "inductor_cold"),
-              ("inductor_warm", "inductor_ro_cold", "eager_backend", "aot_eager", "inductor_redis_warm"))
+           "hypatia_cold", "hypatia_warm", "hypatia_daemon_warm", "hypatia_new_host")
+# The order of the runs: the issue's comparisons (Hypatia's default first compile, a second
+# process, the processes only the daemon makes warm, Inductor cold and warm, Dynamo alone) for
+# every workload first, so that a tight budget skips the rest.
+RUN_PASSES = (("hypatia_cold", "hypatia_warm", "hypatia_daemon_warm", "hypatia_new_host", "inductor_cold",
+               "inductor_warm", "eager_backend"),
+              ("inductor_ro_cold", "aot_eager", "inductor_redis_warm"))
+# The configurations that use the hypatia_cold run's daemon; it is stopped after a case's last.
+ON_COLD_DAEMON = frozenset({"hypatia_cold", "hypatia_warm", "hypatia_daemon_warm", "hypatia_new_host"})
+SHARED = ("eager_backend", "inductor_cold", "inductor_warm", "inductor_ro_cold", "inductor_redis_warm", "hypatia_cold",
+          "hypatia_warm", "hypatia_daemon_warm", "hypatia_new_host")
 # workload -> (dtype, the configurations measured on it)
 GPU_WORKLOADS = {
-    "gpt2_small": ("bfloat16", ("inductor_cold", "inductor_warm", "inductor_ro_cold", "hypatia_cold", "hypatia_warm")),
-    "bert_base": ("bfloat16", ("inductor_cold", "inductor_warm", "inductor_ro_cold", "hypatia_cold", "hypatia_warm")),
+    "gpt2_small": ("bfloat16", SHARED),
+    "bert_base": ("bfloat16", SHARED),
     "transformer_block": ("float32", CONFIGS),
 }
 CPU_WORKLOADS = {"transformer_block": ("float32", CONFIGS)}
-QUICK_WORKLOADS = {"mlp_small": ("float32", ("eager_backend", "aot_eager", "hypatia_cold", "hypatia_warm"))}
+QUICK_WORKLOADS = {"mlp_small": ("float32", ("eager_backend", "aot_eager", "hypatia_cold", "hypatia_warm",
+                                             "hypatia_daemon_warm", "hypatia_new_host"))}
+# --quick, a smoke run CI makes, measures these in training alone (forward and backward: both of
+# Inductor's caches), where each costs a cold Inductor compile until the daemon serves artifacts.
+QUICK_MODES = {"hypatia_daemon_warm": ("training",), "hypatia_new_host": ("training",)}
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
 Case = tuple[str, str]  # (workload, mode)
 
@@ -88,43 +100,6 @@ CHILD_CODE = textwrap.dedent(
 )
 
 
-class ChildFailed(Exception):
-    """A measuring subprocess exited badly, timed out or printed no JSON."""
-
-
-def base_env() -> dict:
-    """The parent's environment without settings that would steer caches or the daemon."""
-    drop = ("HYPATIA_", "TORCHINDUCTOR_", "TRITON_", "TORCH_COMPILE_")
-    # the client's patience is kept: a --quick run waits for the daemon however busy the machine
-    env = {k: v for k, v in os.environ.items() if not k.startswith(drop) or k == "HYPATIA_TIMEOUT_MS"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    return env
-
-
-def run_child(code: str, params: dict, env: dict, timeout: float) -> dict:
-    """Run ``code`` in a fresh interpreter and return its last stdout line as JSON, plus its wall time."""
-    start = time.perf_counter()
-    # A session of its own, so a timeout also ends the compile workers it forked, which would
-    # otherwise hold its pipes open (a daemon it autostarts lives in yet another session).
-    proc = subprocess.Popen([sys.executable, "-c", code, json.dumps(params)], cwd=REPO, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        raise ChildFailed(f"timed out after {timeout:.0f} s; stderr: {stderr[-800:]}") from None
-    total = time.perf_counter() - start
-    if proc.returncode != 0:
-        raise ChildFailed(f"exit {proc.returncode}: {stderr[-800:]}")
-    try:
-        result = json.loads(stdout.strip().splitlines()[-1])
-    except (IndexError, json.JSONDecodeError):
-        raise ChildFailed(f"no JSON line on stdout ({stdout[-200:]!r}); stderr: {stderr[-800:]}") from None
-    return result | {"total_process_s": round(total, 3)}
-
-
 def redis_problem() -> str | None:
     """Why the Redis remote cache cannot be measured here, or None when it can."""
     try:
@@ -162,6 +137,8 @@ class FirstCall:
         self.hypatia_cache: dict[Case, Path] = {}  # the Inductor cache the hypatia_cold run filled
         self.hypatia_cold_time: dict[Case, float] = {}
         self.homes: dict[Case, Path] = {}  # HYPATIA_HOME of the cold daemon
+        self.idle_waits: dict[Case, float | None] = {}  # seconds the cold daemon took to become idle
+        self.new_hosts: list[Path] = []  # HYPATIA_HOME of each hypatia_new_host daemon
         self.tag = uuid.uuid4().hex[:12]
         self._redis_problem: str | None | bool = False  # False: not checked yet
 
@@ -235,17 +212,13 @@ class FirstCall:
         from_daemon = counters.get("local_plans", 0) == 0 and asked > 0
         if not from_daemon:
             self.notes.append(f"hypatia_cold/{case[0]}/{case[1]}: plans did not come from the daemon: {counters}")
-        return row | {"plans_from_daemon": from_daemon, "daemon_autostarted": daemon_pid(home) is not None}
+        return row | {"plans_from_daemon": from_daemon, "daemon_autostarted": daemon_pid(home) is not None,
+                      "artifacts": client_counters(counters)} | self._daemon_artifacts("hypatia_cold", case, home)
 
     def hypatia_warm(self, case: Case) -> dict:
         """A second process right after the first: the same daemon and the same Inductor cache."""
-        home = self.homes.get(case)
-        if home is None or daemon_pid(home) is None:
-            raise RuntimeError("the daemon of the hypatia_cold run is not running")
-        try:
-            row = self.child("hypatia", case, {"HYPATIA_HOME": str(home)}, self.hypatia_cache[case])
-        finally:
-            self.stop_daemon(case)  # its background tuning must not compete with the next runs
+        home = self.cold_daemon(case)
+        row = self.child("hypatia", case, {"HYPATIA_HOME": str(home)}, self.hypatia_cache[case])
         counters = row.get("hypatia_counters", {})
         if counters.get("daemon_hits", 0) == 0:
             self.notes.append(f"hypatia_warm/{case[0]}/{case[1]}: daemon_hits == 0, the warm process got no plan "
@@ -257,7 +230,81 @@ class FirstCall:
         if cold:
             row["vs_cold"] = round(row["time_to_first_call_s"] / cold, 3)
         return row | {"plans_from_daemon": counters.get("local_plans", 0) == 0 and counters.get("daemon_hits", 0) > 0,
-                      "populated_by": "hypatia_cold"}
+                      "populated_by": "hypatia_cold", "artifacts": client_counters(counters)}
+
+    def hypatia_daemon_warm(self, case: Case) -> dict:
+        """A later process with an empty Inductor cache against the hypatia_cold run's daemon,
+        once that daemon is idle: only what the daemon keeps can make it warm."""
+        home = self.cold_daemon(case)
+        waited = self.settle(case)
+        row = self.child("hypatia", case, {"HYPATIA_HOME": str(home)})
+        return row | self._shared("hypatia_daemon_warm", case, row, home) | {
+            "daemon_idle_wait_s": waited, "populated_by": "hypatia_cold", "cache_dir_was_empty": True}
+
+    def hypatia_new_host(self, case: Case) -> dict:
+        """A new host sharing the store another daemon filled: a fresh daemon (a HYPATIA_HOME, so
+        a runtime directory, of its own) on a copy of the hypatia_cold daemon's store, started
+        before the process, and an empty Inductor cache."""
+        source = self.homes.get(case)
+        if source is None:
+            raise RuntimeError("needs the store of the hypatia_cold run, which did not complete")
+        waited = self.settle(case) if daemon_pid(source) is not None else self.idle_waits.get(case)
+        self.stop_daemon(case)  # stopped, it has drained: everything it kept is in its store
+        home = Path(tempfile.mkdtemp(prefix="n", dir=self.scratch))
+        self.new_hosts.append(home)
+        copied = copy_store(store_path(source), store_path(home))
+        started = hypatiad("start", home)
+        if started.returncode != 0:
+            raise RuntimeError(f"hypatiad start on the copied store exited {started.returncode}: "
+                               f"{(started.stderr or started.stdout)[-600:]}")
+        try:
+            row = self.child("hypatia", case, {"HYPATIA_HOME": str(home)})
+            shared = self._shared("hypatia_new_host", case, row, home)
+        finally:
+            self._stop(home, f"the new-host daemon of {case[0]}/{case[1]}")
+        return row | shared | {"daemon_idle_wait_s": waited, "store_copied_bytes": copied,
+                               "populated_by": "hypatia_cold", "cache_dir_was_empty": True}
+
+    def cold_daemon(self, case: Case) -> Path:
+        """The HYPATIA_HOME of the hypatia_cold run's daemon, which must still be running."""
+        home = self.homes.get(case)
+        if home is None or daemon_pid(home) is None:
+            raise RuntimeError("the daemon of the hypatia_cold run is not running")
+        return home
+
+    def settle(self, case: Case) -> float | None:
+        """Wait (once per case) until the hypatia_cold daemon plans and tunes nothing, as a later
+        process on the host would find it; the seconds waited, None where it did not settle."""
+        if case not in self.idle_waits:
+            from benchmarks.hypatia_runs import DaemonNotIdle, wait_for_daemon
+            from hypatia.config import load
+
+            try:
+                self.idle_waits[case] = wait_for_daemon(config=load({"HYPATIA_HOME": str(self.homes[case])}))
+            except DaemonNotIdle as exc:
+                self.idle_waits[case] = None
+                self.notes.append(f"{case[0]}/{case[1]}: the hypatia_cold daemon was still busy when the later "
+                                  f"processes ran: {exc}")
+        return self.idle_waits[case]
+
+    def _daemon_artifacts(self, config: str, case: Case, home: Path) -> dict:
+        try:
+            return {"daemon_artifacts": daemon_artifacts(home)}
+        except Exception as exc:  # noqa: BLE001 - a figure missing, not the row
+            self.notes.append(f"{config}/{case[0]}/{case[1]}: could not read the daemon's stats: {exc}")
+            return {}
+
+    def _shared(self, config: str, case: Case, row: dict, home: Path) -> dict:
+        """The fields (and notes) of a row only the daemon could make warm: what the process loaded,
+        what Inductor's caches hit, and what the daemon counted."""
+        artifacts = client_counters(row.get("hypatia_counters", {}))
+        inductor = inductor_counters(row.get("cache_counters", {}))
+        name = f"{config}/{case[0]}/{case[1]}"
+        if artifacts is not None and artifacts["artifacts_loaded"] + artifacts["warm_starts"] == 0:
+            self.notes.append(f"{name}: loaded no artifacts from the daemon and skipped no trace: {artifacts}")
+        if _hits(inductor) == 0:
+            self.notes.append(f"{name}: no FX graph or AOTAutograd cache hit, Inductor compiled every graph again")
+        return {"artifacts": artifacts, "inductor_cache": inductor} | self._daemon_artifacts(config, case, home)
 
     def _check_warm(self, config: str, case: Case, row: dict) -> None:
         counters = row.get("cache_counters", {})
@@ -286,32 +333,30 @@ class FirstCall:
             return row | {"error": str(exc) if isinstance(exc, ChildFailed) else f"{type(exc).__name__}: {exc}"}
 
     def stop_daemon(self, case: Case) -> None:
-        home = self.homes.get(case)
-        if home is None or daemon_pid(home) is None:
+        """Stop the hypatia_cold run's daemon of ``case``, if it runs: its background tuning must
+        not compete with the runs that follow."""
+        if case in self.homes:
+            self._stop(self.homes[case], f"the hypatiad of {case[0]}/{case[1]}")
+
+    def _stop(self, home: Path, what: str) -> None:
+        if daemon_pid(home) is None:
             return
-        env = base_env() | {"HYPATIA_HOME": str(home)}
-        proc = subprocess.run([sys.executable, "-m", "hypatia.daemon", "stop"], cwd=REPO, env=env,
-                              capture_output=True, text=True, timeout=60)
+        proc = hypatiad("stop", home)
         if proc.returncode != 0:
-            self.notes.append(f"could not stop the hypatiad of {case[0]}/{case[1]} ({home}): {proc.stderr[-300:]}")
+            self.notes.append(f"could not stop {what} ({home}): {proc.stderr[-300:]}")
 
     def cleanup(self) -> None:
-        """Stop the daemons the cold runs started and remove the scratch directory."""
+        """Stop the daemons the runs started and remove the scratch directory."""
         for case in self.homes:
             self.stop_daemon(case)
+        for home in self.new_hosts:
+            self._stop(home, "a new-host daemon")
         shutil.rmtree(self.scratch, ignore_errors=True)
 
 
 def _local_cache_env() -> dict:
     # Already the default since torch 2.4; explicit so a changed default cannot make "warm" cold.
     return {"TORCHINDUCTOR_FX_GRAPH_CACHE": "1", "TORCHINDUCTOR_AUTOGRAD_CACHE": "1"}
-
-
-def daemon_pid(home: Path) -> int | None:
-    """The pid of the hypatiad serving ``home``, or None."""
-    from hypatia.config import load, read_daemon_pid
-
-    return read_daemon_pid(load({"HYPATIA_HOME": str(home)}))
 
 
 def workloads_for(device: str, quick: bool, only: list[str] | None = None) -> dict[str, tuple[str, tuple[str, ...]]]:
@@ -341,9 +386,11 @@ def run(device: str, quick: bool, budget_s: float, only: list[str] | None = None
         for configs in RUN_PASSES:
             for workload, (_, measured) in workloads.items():
                 for mode in (m for m in MODES if modes is None or m in modes):
-                    for config in configs:
-                        if config in measured:
-                            rows[workload, config, mode] = bench.measure(config, (workload, mode), started, budget_s)
+                    chosen = [c for c in configs if c in measured and (not quick or mode in QUICK_MODES.get(c, MODES))]
+                    for i, config in enumerate(chosen):
+                        rows[workload, config, mode] = bench.measure(config, (workload, mode), started, budget_s)
+                        if not ON_COLD_DAEMON.intersection(chosen[i + 1:]):
+                            bench.stop_daemon((workload, mode))
     finally:
         bench.cleanup()
     described = ", ".join(f"{w} ({dt}, batch {bench.batch[w]})" for w, (dt, _) in workloads.items())
@@ -355,7 +402,13 @@ def run(device: str, quick: bool, budget_s: float, only: list[str] | None = None
         "hypatia_cold is the default first compile: default settings, no daemon running (the process starts one) and "
         "an empty Inductor cache; hypatia_warm is a second process started right after it, with the same daemon and "
         "Inductor cache (where the daemon's background tuning finished in between, it gets the tuned plan)",
+        "only the daemon can make these warm, each with an empty Inductor cache: hypatia_daemon_warm is a later "
+        "process against the hypatia_cold daemon once it is idle (daemon_idle_wait_s); hypatia_new_host is a new host "
+        "sharing the store another daemon filled: a fresh daemon (HYPATIA_HOME and runtime directory of its own) on a "
+        "copy of the hypatia_cold daemon's store (SQLite's backup API, after that daemon stopped), started before the "
+        "process; the goal for both: no slower than inductor_warm and than 1.2 x eager_backend",
     ]
+    notes += absent_notes(list(rows.values()), lambda r: f"{r['config']}/{r['workload']}/{r['mode']}")
     names = list(workloads)
     ordered = sorted(rows, key=lambda k: (names.index(k[0]), CONFIGS.index(k[1]), MODES.index(k[2])))
     return {"rows": [rows[k] for k in ordered], "notes": notes}

@@ -12,9 +12,12 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
+
+if TYPE_CHECKING:
+    from hypatia.config import Config
 
 # The HYPATIA_* settings of each Hypatia backend of the suite; a session reads them when it starts.
 SETTINGS = {
@@ -44,24 +47,25 @@ def new_session(backend: str) -> None:
     reset_session()
 
 
-def daemon_stats() -> dict[str, Any]:
-    """The stats of the daemon this process's session talks to."""
+def daemon_stats(config: Config | None = None) -> dict[str, Any]:
+    """The stats of the daemon ``config`` names (default: the one this process's session talks to)."""
     from hypatia.client.rpc import DaemonClient
     from hypatia.config import load
 
-    client = DaemonClient(load(), timeout_ms=30_000, retries=0)
+    client = DaemonClient(config or load(), timeout_ms=30_000, retries=0)
     try:
         return client.call("stats")
     finally:
         client.close()
 
 
-def wait_for_daemon(timeout_s: float = DAEMON_IDLE_TIMEOUT_S, poll_s: float = 0.1) -> float:
-    """Wait until the daemon plans and tunes nothing; returns the seconds waited. Raises
-    :class:`DaemonNotIdle` after ``timeout_s``."""
+def wait_for_daemon(timeout_s: float = DAEMON_IDLE_TIMEOUT_S, poll_s: float = 0.1,
+                    config: Config | None = None) -> float:
+    """Wait until the daemon (of ``config``, default this process's) plans and tunes nothing;
+    returns the seconds waited. Raises :class:`DaemonNotIdle` after ``timeout_s``."""
     started = time.monotonic()
     while True:
-        stats = daemon_stats()
+        stats = daemon_stats(config)
         if stats["inflight"] == 0 and stats["tuning_inflight"] == 0:
             return round(time.monotonic() - started, 3)
         if time.monotonic() - started > timeout_s:

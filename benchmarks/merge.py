@@ -18,7 +18,7 @@ IDENTITY = {
     "first_call": ("workload", "config", "mode"),
     "daemon": ("figure", "nodes"),
     "clients": ("kind", "clients"),
-    "multiprocess": ("processes", "workload"),
+    "multiprocess": ("backend", "processes", "workload"),
 }
 # Identity fields a skipped row may lack: it then stands for every row that has the rest.
 WILDCARDS = ("backend",)

@@ -89,6 +89,12 @@ def test_quick_run_produces_report_json_and_chart(tmp_path):
         assert "error" not in cold and "error" not in warm, (cold, warm)
         assert cold["time_to_first_call_s"] > 0 and cold["plans_from_daemon"], cold
         assert warm["time_to_first_call_s"] > 0 and warm["hypatia_counters"]["daemon_hits"] > 0, warm
+    for config in ("hypatia_daemon_warm", "hypatia_new_host"):  # measured in training alone with --quick
+        r = find(results, "first_call", workload="mlp_small", config=config, mode="training")
+        assert "error" not in r and r["time_to_first_call_s"] > 0 and r["cache_dir_was_empty"], r
+        assert r["hypatia_counters"]["daemon_hits"] > 0 and "artifacts" in r and "inductor_cache" in r, r
+    assert find(results, "first_call", workload="mlp_small", config="hypatia_new_host", mode="training")[
+        "store_copied_bytes"] > 0
 
     clients = sections["clients"]["rows"]
     for kind in ("get_plan_hit", "make_plan_miss"):
@@ -98,8 +104,10 @@ def test_quick_run_produces_report_json_and_chart(tmp_path):
             assert kind != "get_plan_hit" or "error" not in r, r
     assert {r["kind"] for r in clients} == {"get_plan_hit", "make_plan_miss"}, clients
 
-    multi = find(results, "multiprocess", processes=2)
+    multi = find(results, "multiprocess", backend="hypatia", processes=2)
     assert multi["planned_per_graph"] == 1.0, multi
+    plain = find(results, "multiprocess", backend="inductor", processes=2)
+    assert "error" not in plain and plain["inductor_graphs"] >= 1 and plain["compiles_per_graph"] >= 1.0, plain
 
     assert (out / "speedup.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = (out / "results.md").read_text()
@@ -107,6 +115,7 @@ def test_quick_run_produces_report_json_and_chart(tmp_path):
     assert "## Targets" in text and "hypatia >= max(eager, inductor)" in text and "geomean(hypatia) >= 1.1" in text
     assert "## Fusion families" in text and "Hypatia as a user gets it" in text
     assert "## Many clients, one daemon" in text and "## Many processes, one cold daemon" in text
+    assert "First calls only the daemon made warm" in text and "compiles per graph" in text
     assert "## Runtime" in proc.stdout
 
 
@@ -140,15 +149,22 @@ def test_the_report_renders_skipped_and_failed_rows_of_every_section(tmp_path):
         "first_call": {"rows": [{"config": "hypatia_warm", "mode": "inference", "workload": "mlp_small", "dtype": "float32",
                                  "skipped": "time budget"},
                                 {"config": "hypatia_cold", "mode": "inference", "workload": "mlp_small", "dtype": "float32",
-                                 "error": "ChildFailed"}], "notes": []},
+                                 "error": "ChildFailed"},
+                                {"config": "hypatia_daemon_warm", "mode": "training", "workload": "mlp_small",
+                                 "dtype": "float32", "error": "RuntimeError: the daemon is not running"},
+                                {"config": "hypatia_new_host", "mode": "training", "workload": "mlp_small", "dtype": "float32",
+                                 "time_to_first_call_s": 3.0, "artifacts": None, "daemon_artifacts": None}], "notes": []},
         "daemon": {"rows": [], "notes": ["section failed: TimeoutError: stats"]},
         "clients": {"rows": [{"kind": "make_plan_miss", "clients": 4, "skipped": "time budget"},
                              {"kind": "group", "clients": 1, "error": "RuntimeError: boom"}], "notes": []},
-        "multiprocess": {"rows": [{"processes": 2, "workload": "mlp_small", "skipped": "time budget"}], "notes": []},
+        "multiprocess": {"rows": [{"processes": 2, "workload": "mlp_small", "skipped": "time budget"},
+                                  {"backend": "inductor", "processes": 2, "workload": "mlp_small", "error": "boom"}],
+                         "notes": []},
     }
     paths = report.write(_results("AMD EPYC", sections, quick=True, budget_s=None), tmp_path)
     text = paths["markdown"].read_text()
     assert text.count("time budget") == 5 and "section failed: TimeoutError" in text
+    assert "| mlp_small/training/hypatia_new_host | 3 | - | - | not judged | not counted | 0 / 0 | not kept |" in text
 
 
 CLIENTS_DRIVER = """
@@ -260,3 +276,64 @@ def test_merge_combines_split_runs_into_one_report(tmp_path):
     refused = subprocess.run([sys.executable, "-m", "benchmarks", "--merge", str(paths[0]), str(other), "--out",
                               str(tmp_path / "refused")], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "different machines" in refused.stderr, refused.stderr
+
+
+def test_the_report_judges_first_calls_only_the_daemon_made_warm(tmp_path):
+    """hypatia_daemon_warm and hypatia_new_host are set against inductor_warm and eager_backend of
+    their workload and mode, with what the process loaded; many-process groups show compiles per
+    graph for both backends."""
+    counted = {"artifacts_compiled": 0, "artifacts_loaded": 2, "artifacts_waited": 0, "artifacts_took_over": 0,
+               "warm_starts": 1}
+    first = [{"workload": "gpt2_small", "dtype": "bfloat16", "mode": "training", "config": c, "time_to_first_call_s": t}
+             for c, t in (("inductor_warm", 6.0), ("eager_backend", 4.0))]
+    first += [
+        {"workload": "gpt2_small", "dtype": "bfloat16", "mode": "training", "config": "hypatia_daemon_warm",
+         "time_to_first_call_s": 4.5, "artifacts": counted, "daemon_artifacts": {"hits": 2, "misses": 0},
+         "inductor_cache": {"fxgraph_cache_hit": 2, "autograd_cache_hit": 1}},
+        {"workload": "gpt2_small", "dtype": "bfloat16", "mode": "training", "config": "hypatia_new_host",
+         "time_to_first_call_s": 7.0, "artifacts": counted, "daemon_artifacts": {"hits": 2, "misses": 0},
+         "inductor_cache": {"fxgraph_cache_hit": 2, "autograd_cache_hit": 1}},
+    ]
+    group = {"workload": "transformer_block", "mode": "training"}
+    multi = [group | {"backend": "hypatia", "processes": 4, "wall_s": 20.0, "compiles_per_graph": 1.0,
+                      "artifacts_compiled_per_graph": 1.0, "graphs": 1, "plans_made": 1, "planned_per_graph": 1.0,
+                      "artifacts": counted | {"artifacts_waited": 3, "artifacts_loaded": 3}},
+             group | {"backend": "inductor", "processes": 4, "wall_s": 40.0, "compiles_per_graph": 4.0}]
+    results = _results("NVIDIA H200", {"first_call": {"rows": first, "notes": []},
+                                       "multiprocess": {"rows": multi, "notes": []}})
+    text = report.write(results, tmp_path)["markdown"].read_text()
+    judged = results["summary"]["targets"]["first_call_daemon_warm"]
+    assert judged["gpt2_small/training/hypatia_daemon_warm"] == {
+        "time_s": 4.5, "inductor_warm_s": 6.0, "eager_backend_s": 4.0, "vs_inductor_warm": 0.75,
+        "vs_eager_backend": 1.125, "met": True}
+    assert judged["gpt2_small/training/hypatia_new_host"]["met"] is False  # slower than inductor_warm
+    assert "| gpt2_small/training/hypatia_daemon_warm | 4.5 | 0.75 | 1.125 | met | 2 / 1 | 2 / 1 | 2 / 0 |" in text
+    assert "gpt2_small/training/hypatia_new_host 7 s, 1.167x inductor_warm, 1.75x eager_backend (NOT met)" in text
+    assert "| hypatia | 4 | transformer_block | 20 | - | 1 | 1 | 3 / 3 / 0 |" in text
+    assert "| inductor | 4 | transformer_block | 40 | - | 4 | - | - |" in text
+    assert results["summary"]["multiprocess_compiles_per_graph"] == {"hypatia": {"4": 1.0}, "inductor": {"4": 4.0}}
+
+
+def test_a_new_host_gets_a_consistent_copy_of_a_store_in_use(tmp_path):
+    """The store is copied through SQLite's backup API: a WAL store with a writer still open is
+    copied whole, and a missing store is an error rather than an empty copy."""
+    import sqlite3
+
+    from benchmarks.compile_sharing import copy_store
+
+    source = tmp_path / "a" / "hypatia.sqlite"
+    source.parent.mkdir()
+    writer = sqlite3.connect(source)
+    writer.execute("PRAGMA journal_mode=WAL")
+    writer.execute("CREATE TABLE plans (k TEXT)")
+    writer.executemany("INSERT INTO plans VALUES (?)", [(str(i),) for i in range(100)])
+    writer.commit()
+    try:
+        assert copy_store(source, tmp_path / "b" / "cache" / "hypatia.sqlite") > 0
+    finally:
+        writer.close()
+    copy = sqlite3.connect(tmp_path / "b" / "cache" / "hypatia.sqlite")
+    assert copy.execute("SELECT count(*) FROM plans").fetchone() == (100,)
+    copy.close()
+    with pytest.raises(FileNotFoundError, match="no store"):
+        copy_store(tmp_path / "none.sqlite", tmp_path / "c.sqlite")
