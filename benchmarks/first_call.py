@@ -32,11 +32,11 @@ MODES = ("inference", "training")
 CONFIGS = ("eager_backend", "aot_eager", "inductor_cold", "inductor_warm", "inductor_ro_cold", "inductor_redis_warm",
            "hypatia_cold", "hypatia_warm", "hypatia_daemon_warm", "hypatia_new_host")
 # The order of the runs: the issue's comparisons (Hypatia's default first compile, a second
-# process, the processes only the daemon makes warm, Inductor cold and warm, Dynamo alone) for
+# process, the processes only the daemon makes warm, Inductor cold, warm and from Redis, Dynamo alone) for
 # every workload first, so that a tight budget skips the rest.
 RUN_PASSES = (("hypatia_cold", "hypatia_warm", "hypatia_daemon_warm", "hypatia_new_host", "inductor_cold",
-               "inductor_warm", "eager_backend"),
-              ("inductor_ro_cold", "aot_eager", "inductor_redis_warm"))
+               "inductor_warm", "eager_backend", "inductor_redis_warm"),
+              ("inductor_ro_cold", "aot_eager"))
 # The configurations that use the hypatia_cold run's daemon; it is stopped after a case's last.
 ON_COLD_DAEMON = frozenset({"hypatia_cold", "hypatia_warm", "hypatia_daemon_warm", "hypatia_new_host"})
 SHARED = ("eager_backend", "inductor_cold", "inductor_warm", "inductor_ro_cold", "inductor_redis_warm", "hypatia_cold",
@@ -55,6 +55,10 @@ QUICK_WORKLOADS = {"mlp_small": ("float32", ("eager_backend", "aot_eager", "hypa
 QUICK_MODES = {"hypatia_daemon_warm": ("training",), "hypatia_new_host": ("training",)}
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
 Case = tuple[str, str]  # (workload, mode)
+# Calls the cold Hypatia process makes after its timed first call, as a job would: enough for the
+# executor choice (3 warm-up and 10 timed calls for each of at most six candidates) to be measured
+# and stored, so that later processes start from it.
+SETTLE_CALLS = 80
 
 CHILD_CODE = textwrap.dedent(
     """
@@ -95,6 +99,15 @@ CHILD_CODE = textwrap.dedent(
         from hypatia.client.backend import session
         result["hypatia_counters"] = dict(session().counters)
         result["plans_tuned"] = sum(plan.tuned for _, plan in session().plans)
+    # after the first call, more calls as a job makes them: the executor choice is measured on
+    # them and reported, so a later process builds only the chosen executor (not timed)
+    for _ in range(p.get("settle_calls", 0)):
+        if training:
+            loss_of(compiled(*inputs)).backward()
+        else:
+            with torch.no_grad():
+                compiled(*inputs)
+    sync()
     print(json.dumps(result))
     """
 )
@@ -143,14 +156,15 @@ class FirstCall:
         self._redis_problem: str | None | bool = False  # False: not checked yet
 
     def child(self, backend: str, case: Case, extra_env: dict, cache_dir: Path | None = None,
-              compile_mode: str | None = None) -> dict:
+              compile_mode: str | None = None, settle_calls: int = 0) -> dict:
         # Every child gets its own Inductor cache unless it is meant to share one, so no
         # measurement sees what another left in the default /tmp/torchinductor_$USER.
         cache_dir = cache_dir or Path(tempfile.mkdtemp(prefix="c", dir=self.scratch))
         env = base_env() | {"TORCHINDUCTOR_CACHE_DIR": str(cache_dir), "TRITON_CACHE_DIR": str(cache_dir / "triton")}
         workload, mode = case
         params = {"backend": backend, "mode": mode, "workload": workload, "batch": self.batch[workload],
-                  "device": self.device, "dtype": self.workloads[workload][0], "compile_mode": compile_mode}
+                  "device": self.device, "dtype": self.workloads[workload][0], "compile_mode": compile_mode,
+                  "settle_calls": settle_calls}
         return run_child(CHILD_CODE, params, env | extra_env, self.timeout)
 
     # -- configurations: each returns the fields of one row ---------------------------------
@@ -205,7 +219,7 @@ class FirstCall:
         home = Path(tempfile.mkdtemp(prefix="h", dir=self.scratch))
         cache = Path(tempfile.mkdtemp(prefix="j", dir=self.scratch))
         self.homes[case], self.hypatia_cache[case] = home, cache
-        row = self.child("hypatia", case, {"HYPATIA_HOME": str(home)}, cache)
+        row = self.child("hypatia", case, {"HYPATIA_HOME": str(home)}, cache, settle_calls=SETTLE_CALLS)
         self.hypatia_cold_time[case] = row["time_to_first_call_s"]
         counters = row.get("hypatia_counters", {})
         asked = counters.get("daemon_hits", 0) + counters.get("daemon_misses", 0)

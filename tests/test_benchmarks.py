@@ -92,7 +92,10 @@ def test_quick_run_produces_report_json_and_chart(tmp_path):
     for config in ("hypatia_daemon_warm", "hypatia_new_host"):  # measured in training alone with --quick
         r = find(results, "first_call", workload="mlp_small", config=config, mode="training")
         assert "error" not in r and r["time_to_first_call_s"] > 0 and r["cache_dir_was_empty"], r
-        assert r["hypatia_counters"]["daemon_hits"] > 0 and "artifacts" in r and "inductor_cache" in r, r
+        counters = r["hypatia_counters"]
+        assert counters.get("daemon_hits", 0) + counters.get("warm_starts", 0) > 0 and "inductor_cache" in r, r
+        if any(k.startswith("executor.inductor") for k in counters):  # the daemon's code, not a compile
+            assert counters.get("artifacts_loaded", 0) >= 1 and not counters.get("artifacts_compiled"), r
     assert find(results, "first_call", workload="mlp_small", config="hypatia_new_host", mode="training")[
         "store_copied_bytes"] > 0
 
@@ -106,8 +109,7 @@ def test_quick_run_produces_report_json_and_chart(tmp_path):
 
     multi = find(results, "multiprocess", backend="hypatia", processes=2)
     assert multi["planned_per_graph"] == 1.0, multi
-    plain = find(results, "multiprocess", backend="inductor", processes=2)
-    assert "error" not in plain and plain["inductor_graphs"] >= 1 and plain["compiles_per_graph"] >= 1.0, plain
+    assert multi["artifacts_compiled_per_graph"] == 1.0 and multi["compiles_per_graph"] == 1.0, multi  # one compile
 
     assert (out / "speedup.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = (out / "results.md").read_text()
