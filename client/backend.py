@@ -35,7 +35,7 @@ from hypatia.canonical import CanonicalGraph
 from hypatia.client import capture as cap
 from hypatia.client import compiled as code, executors, graphs as model_graphs, validate
 from hypatia.client.explain import debug_fx_plan, fusion_summary
-from hypatia.client.torch_internals import compiled_model_name
+from hypatia.client.torch_internals import compiled_model_name, dynamo_tracing_context
 from hypatia.client.userwarn import warn
 from hypatia.client.autostart import AutostartFailed, ensure_daemon
 from hypatia.client.choice import ExecutorChoice, Measured
@@ -232,7 +232,7 @@ class Session:
         device = next((x.device.type for x in example_inputs if isinstance(x, torch.Tensor)), "cpu")
         index = next((x.device.index or 0 for x in example_inputs
                       if isinstance(x, torch.Tensor) and x.device.type == device), 0)
-        graphs = executors.Graphs(gm, list(example_inputs), device, training)
+        graphs = executors.Graphs(gm, list(example_inputs), device, training, tracing=dynamo_tracing_context())
         source = self.sharing.source(gm, example_inputs, phase) if self.sharing is not None else None
         if source is not None and self.remote is None and time.monotonic() >= self._skip_daemon_until:
             warm = self.sharing.warm_start(graphs, source, index)

@@ -13,6 +13,8 @@ public form (and one label for people):
 - the Python dispatcher, under which AOTAutograd traces (and so must the model graph);
 - the frame Dynamo is compiling (``InstructionTranslator.current_tx``), whose module names the
   model a plan is shown for in ``hypatia-ctl plans``;
+- Dynamo's tracing context, re-entered for an Inductor compile made after Dynamo's (its caches
+  need the context's shape environment);
 - the cache artifacts of one compile: ``torch.compiler.save_cache_artifacts`` gives everything
   the process compiled so far, so the artifacts of one graph are recorded apart through the
   artifact manager's ``with_fresh_cache`` (and handed back to the process-wide record), and
@@ -118,6 +120,25 @@ def recording_artifacts():
             if artifact not in CacheArtifactManager._seen_artifacts:
                 CacheArtifactManager._new_cache_artifacts[kind].append(artifact)
                 CacheArtifactManager._seen_artifacts.add(artifact)
+
+
+def dynamo_tracing_context() -> Any:
+    """The tracing context of the graph Dynamo is compiling (None outside a compile)."""
+    from torch._guards import TracingContext
+
+    return TracingContext.try_get()
+
+
+def within_tracing_context(context: Any):
+    """Re-enter Dynamo's tracing ``context`` for a compile made after Dynamo's own (an executor
+    candidate built on a later call): Inductor's FX graph and AOTAutograd caches need its shape
+    environment, and bypass themselves without it (so that compile's code could not be shared).
+    A no-op inside a compile, or without a context."""
+    from torch._guards import TracingContext, tracing
+
+    if context is None or TracingContext.try_get() is not None:
+        return contextlib.nullcontext()
+    return tracing(context)
 
 
 def compiler_settings() -> list:

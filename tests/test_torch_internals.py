@@ -32,6 +32,7 @@ PRIVATE = [
     ("torch._dynamo.utils", "counters", ()),
     ("torch._guards", "detect_fake_mode", ()),
     ("torch._guards", "TracingContext", ()),
+    ("torch._guards", "tracing", ()),
     ("torch._dynamo.symbolic_convert", "InstructionTranslator", ()),
     ("torch.compiler._cache", "CacheArtifactManager", ()),
     ("torch._inductor.config", "save_config_portable", ()),
@@ -102,4 +103,36 @@ def test_one_compile_s_artifacts_are_recorded_apart_and_still_in_the_process_rec
     with torch_internals.recording_artifacts() as nothing:
         pass
     assert nothing.content is None and nothing.kinds == {}
+    torch._dynamo.reset()
+
+
+def test_a_candidate_compiled_after_dynamo_s_compile_is_cached_like_one_compiled_during_it(tmp_path, monkeypatch):
+    """An executor candidate built on a later call (outside Dynamo's compile) re-enters Dynamo's
+    tracing context: without it Inductor's caches bypass themselves and there is nothing to share."""
+    from hypatia.client import executors
+    from hypatia.client.executors import inductor
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    torch._dynamo.reset()
+    seen = {}
+
+    def backend(gm, example_inputs):
+        seen.update(gm=gm, inputs=list(example_inputs), tracing=torch_internals.dynamo_tracing_context())
+        return gm.forward
+
+    m = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU())
+    x = torch.randn(2, 8)
+    with torch.no_grad():
+        torch.compile(m, backend=backend)(x)
+        assert seen["tracing"] is not None and torch_internals.dynamo_tracing_context() is None
+        graphs = executors.Graphs(seen["gm"], seen["inputs"], "cpu", False, tracing=seen["tracing"])
+        with torch_internals.recording_artifacts() as recorded:
+            compiled = inductor.build(graphs, seen["inputs"], cudagraphs=False)
+        assert recorded.kinds.get("inductor") == 1 and recorded.kinds.get("aot_autograd") == 1, recorded.kinds
+        out = compiled(*seen["inputs"])
+        torch.testing.assert_close(out[0] if isinstance(out, (list, tuple)) else out, m(x))
+        without = executors.Graphs(seen["gm"], seen["inputs"], "cpu", False)  # what happened before
+        with torch_internals.recording_artifacts() as bypassed:
+            inductor.build(without, seen["inputs"], cudagraphs=False)
+        assert bypassed.content is None
     torch._dynamo.reset()

@@ -41,6 +41,7 @@ class Graphs:
     # share(candidate, direct, compile) -> compile() through the daemon's compiled code
     # (direct: Inductor is given Dynamo's graph); None: every compile is this process's own
     share: Callable[[str, bool, Callable[[], Callable[..., Any]]], Callable[..., Any]] | None = None
+    tracing: Any = None  # Dynamo's tracing context, for compiles made after Dynamo's own
 
 
 def candidates(graphs: Graphs, refusal: str | None) -> list[str]:

@@ -25,7 +25,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from hypatia import __version__
 from hypatia.client.graphs import copy_of
-from hypatia.client.torch_internals import inductor_compile
+from hypatia.client.torch_internals import inductor_compile, within_tracing_context
 
 counters: Counter = Counter()
 
@@ -72,7 +72,8 @@ def config_patches(cudagraphs: bool) -> dict[str, Any]:
 def build(graphs, inputs: list, cudagraphs: bool) -> Callable[..., Any]:
     """Inductor's compiled code for the rewritten graph (Dynamo's, when no rewrite is left for
     Inductor). A training graph's backward is compiled here too, not at its first backward, so
-    that one compile holds all of a graph's code (what the daemon keeps and serves)."""
+    that one compile holds all of a graph's code (what the daemon keeps and serves); a candidate
+    built on a later call compiles in Dynamo's tracing context, so Inductor's caches keep it."""
     gm = graphs.for_inductor() if graphs.for_inductor is not None else copy_of(graphs.dynamo, graphs.dynamo)
-    with torch._functorch.config.patch(force_non_lazy_backward_lowering=True):
+    with torch._functorch.config.patch(force_non_lazy_backward_lowering=True), within_tracing_context(graphs.tracing):
         return inductor_compile(gm, inputs, config_patches(cudagraphs))
