@@ -255,8 +255,9 @@ def format_stats(s: dict[str, Any]) -> str:
                                  "a superseded plan dropped"),
             ("compiled code", _compiled(s["artifacts"])),
             ("compiles shared", f"{s['artifacts']['compiles_granted']} compiled by one process for all, "
-                                f"{s['artifacts']['waits']} waits for another's compile, {s['artifacts']['takeovers']} "
-                                f"taken over from a silent compiler; {s['artifacts']['warm_hits']} warm starts"),
+                                f"{s['artifacts']['waits']} asks told to wait for another's compile, "
+                                f"{s['artifacts']['takeovers']} taken over from a silent compiler; "
+                                f"{s['artifacts']['warm_hits']} warm starts"),
         ]
         if "remote" in s:
             r, m = s["remote"], s["shm"]

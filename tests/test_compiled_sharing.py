@@ -143,7 +143,7 @@ def test_a_compiler_that_dies_holding_the_claim_is_taken_over(quick_heartbeat):
     dead = spawn(home, HANGS, env_for(home, width=28))
     assert wait_until(lambda: daemon_stats(home.config)["artifacts"]["compiling"] == 1, timeout=120)
     waiter = spawn(home, model(), env_for(home, width=28))
-    assert wait_until(lambda: daemon_stats(home.config)["artifacts"]["waits"] >= 3, timeout=120)  # it waits
+    assert wait_until(lambda: daemon_stats(home.config)["artifacts"]["waits"] >= 3, timeout=120)  # it asks, and waits
     os.killpg(dead.pid, signal.SIGKILL)  # dies holding the claim: its heartbeat stops
     dead.communicate()
     result = finish(waiter)
