@@ -274,7 +274,7 @@ class Session:
                 graphs.rewritten, graphs.for_inductor = self._rewrites(model, fx_nodes, plan, gm)
                 if self.config.debug_fx:
                     log.warning("HYPATIA_DEBUG_FX %s graph after:\n%s", phase, graphs.rewritten().graph)
-            if source is not None:
+            if source is not None and from_daemon:  # a daemon that answered is there to share with
                 graphs.share = self.sharing.sharer(keys, index, plan, source)
         local = self._executor(graphs, model, plan, keys)
         if self.remote is None or model is None or keys is None:

@@ -215,7 +215,11 @@ class CodeSharing:
         if not isinstance(content, bytes) or digest_of(content) != artifact.get("digest"):
             self.counters["artifacts_damaged"] += 1
             return False
-        info = torch.compiler.load_cache_artifacts(content)
+        try:
+            info = torch.compiler.load_cache_artifacts(content)
+        except Exception as exc:  # noqa: BLE001 - e.g. the local cache directory cannot be written
+            log.debug("could not load compiled artifacts: %s", exc)
+            info = None
         if info is None:
             self.counters["artifacts_unloadable"] += 1
             return False
