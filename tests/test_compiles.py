@@ -351,7 +351,7 @@ def test_stats_show_the_compiled_code(home):
     shown = "2 artifacts, 4.0 KiB of 4.0 GiB; 1 served, 2 stored, 0 evicted, 0 quarantined, 1 compiling"
     assert shown in lines["compiled code"]
     full = home.ctl("stats", "--all").stdout
-    assert "1 compiled by one process for all, 0 waits for another's compile, 0 taken over" in full
+    assert "1 compiled by one process for all, 0 asks told to wait for another's compile, 0 taken over" in full
     home.hypatiad("stop")
     lines = {line.split("  ")[0]: line for line in home.ctl("stats").stdout.splitlines()}
     assert lines["compiled code"].endswith("  2 artifacts, 4.0 KiB")  # read from the store
