@@ -211,11 +211,11 @@ def test_the_key_changes_with_every_code_changing_setting_and_version(monkeypatc
 
     base = compiled.config_digest()
     assert compiled.config_digest() == base
-    for module, name, value in ((inductor_config.cpp, "simdlen", 0), (inductor_config, "max_autotune", True),
+    # the config modules' own patch (monkeypatch's undo would delete a config entry)
+    for config, name, value in ((inductor_config, "cpp.simdlen", 0), (inductor_config, "max_autotune", True),
                                 (functorch_config, "activation_memory_budget", 0.5)):
-        monkeypatch.setattr(module, name, value)
-        assert compiled.config_digest() != base, name
-        monkeypatch.undo()
+        with config.patch({name: value}):
+            assert compiled.config_digest() != base, name
         assert compiled.config_digest() == base
     monkeypatch.setattr(torch, "__version__", "9.9.9")
     assert compiled.config_digest() != base
