@@ -83,11 +83,15 @@ CHILD_CODE = textwrap.dedent(
         kwargs = {"mode": p["compile_mode"]} if p.get("compile_mode") else {}
     start = time.perf_counter()
     compiled = torch.compile(model, **kwargs)
-    if training:
-        loss_of(compiled(*inputs)).backward()
-    else:
-        with torch.no_grad():
-            compiled(*inputs)
+
+    def step():
+        if training:
+            loss_of(compiled(*inputs)).backward()
+        else:
+            with torch.no_grad():
+                compiled(*inputs)
+
+    step()
     sync()
     result = {"time_to_first_call_s": time.perf_counter() - start, "import_s": import_s}
     if p["backend"] in ("inductor", "hypatia"):
@@ -102,11 +106,7 @@ CHILD_CODE = textwrap.dedent(
     # after the first call, more calls as a job makes them: the executor choice is measured on
     # them and reported, so a later process builds only the chosen executor (not timed)
     for _ in range(p.get("settle_calls", 0)):
-        if training:
-            loss_of(compiled(*inputs)).backward()
-        else:
-            with torch.no_grad():
-                compiled(*inputs)
+        step()
     sync()
     print(json.dumps(result))
     """

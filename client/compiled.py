@@ -42,7 +42,7 @@ from hypatia import __version__
 from hypatia.client.capture import encode_arg, graph_workload_key, op_name, tensor_digest
 from hypatia.client.rpc import DaemonClient
 from hypatia.client.torch_internals import compiler_settings, recording_artifacts
-from hypatia.config import Config, read_daemon_pid
+from hypatia.config import Config
 from hypatia.executors import parse as parse_candidate
 from hypatia.planner.artifacts import digest_of
 from hypatia.planner.plan import Plan
@@ -278,8 +278,6 @@ class CodeSharing:
         from hypatia.client import executors
         from hypatia.planner import environment
 
-        if not self.config.remote and read_daemon_pid(self.config) is None:
-            return None  # no daemon yet: the full path starts one (and it has nothing stored)
         env_key, _ = environment.describe(graphs.device, index)
         forced = "" if self.config.executor == "auto" else self.config.executor
         try:
@@ -289,8 +287,8 @@ class CodeSharing:
                 return None
             plan, candidate, keys = Plan.from_recipe(reply["plan"]), reply["candidate"], tuple(reply["keys"])
             parse_candidate(candidate)
-        except Exception as exc:  # noqa: BLE001 - the full path asks again, and falls back there
-            log.debug("no warm start: %s", exc)
+        except Exception as exc:  # noqa: BLE001 - no daemon yet (DaemonGone at once), ...: the full path
+            log.debug("no warm start: %s", exc)  # starts one, asks again and falls back there
             return None
         if (self.config.policy == "EXPLORE" and not plan.tuned) or not self.load(reply["artifact"]):
             return None

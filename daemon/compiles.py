@@ -28,7 +28,7 @@ from hypatia.config import Config
 from hypatia.executors import UnknownCandidate, parse as parse_candidate
 from hypatia.kernels.registry import UnknownKernel, transparent
 from hypatia.planner.artifacts import Artifact, digest_of
-from hypatia.planner.plan import PlanFormatError, Plan
+from hypatia.planner.plan import Plan
 from hypatia.planner.store import Store
 from hypatia.protocol import BadRequest, ProtocolError, TooLarge, require
 
@@ -41,7 +41,7 @@ MAX_CLAIMS = 4096  # compiles in progress the daemon keeps track of
 MAX_DEVICE_INDEX = 1 << 16
 MAX_HEARTBEAT_KEYS = 256
 STALLED_AFTER_BEATS = 3
-COUNTERS = ("hits", "misses", "stored", "evicted", "quarantined", "refused", "compiles_granted", "waits", "takeovers",
+COUNTERS = ("hits", "misses", "stored", "evicted", "refused", "compiles_granted", "waits", "takeovers",
             "released", "warm_hits", "warm_misses")
 
 
@@ -78,7 +78,6 @@ class Compiles:
         found = self.store.get_artifact(key)
         if found is not None:
             return {"artifact": self._served(*found)}
-        self._note_quarantines()
         self.counters["misses"] += 1
         if not body.get("claim"):
             return {}
@@ -166,15 +165,14 @@ class Compiles:
         device_index = limits.integer(body, "device_index", 0, MAX_DEVICE_INDEX, rid, required=True)
         forced = limits.text(body, "candidate", limits.MAX_NAME_CHARS, rid, default="")
         for artifact in self.store.direct_artifacts(source, env_key, device_index):
-            plan = self._plan(artifact)
+            plan = self.store.get_plan((artifact.graph_key, artifact.workload_key, artifact.env_key))
             if plan is None or _inductor_sees_regions(plan):
                 continue  # the plan now rewrites what Inductor is given: compiled anew on the full path
             wanted = forced or (plan.executor.chosen if plan.executor is not None else "")
             if artifact.candidate != wanted:
                 continue
             found = self.store.get_artifact(artifact.key)
-            if found is None:
-                self._note_quarantines()
+            if found is None:  # quarantined just now
                 continue
             self.counters["warm_hits"] += 1
             return {"artifact": self._served(*found), "candidate": artifact.candidate,
@@ -192,15 +190,6 @@ class Compiles:
         self.counters["hits"] += 1
         self.store.touch_artifact(artifact.key)
         return {"content": content, "digest": artifact.digest, "candidate": artifact.candidate}
-
-    def _note_quarantines(self) -> None:
-        self.counters["quarantined"] = self.store.counters["artifacts_quarantined"]
-
-    def _plan(self, artifact: Artifact) -> Plan | None:
-        try:
-            return self.store.get_plan((artifact.graph_key, artifact.workload_key, artifact.env_key))
-        except PlanFormatError:
-            return None
 
     def _artifact(self, body: dict, key: str, content: bytes, rid: int) -> Artifact:
         candidate = limits.text(body, "candidate", limits.MAX_NAME_CHARS, rid, required=True)
@@ -225,12 +214,12 @@ class Compiles:
         )
 
     def stats(self) -> dict:
-        self._note_quarantines()
         now = time.monotonic()
         live = sum(1 for c in self.claims.values() if now - c.beat <= self.stall_s)  # the silent are not compiling
         count, size = self.store.artifact_totals()
         return {"count": count, "bytes": size, "limit_bytes": self.config.compiled_cache_mb << 20,
-                "compiling": live} | {name: self.counters[name] for name in COUNTERS}
+                "compiling": live, "quarantined": self.store.counters["artifacts_quarantined"]} | {
+                    name: self.counters[name] for name in COUNTERS}
 
     def flush(self) -> int:
         self.claims.clear()
