@@ -14,7 +14,9 @@ public form (and one label for people):
 - the frame Dynamo is compiling (``InstructionTranslator.current_tx``), whose module names the
   model a plan is shown for in ``hypatia-ctl plans``;
 - Dynamo's tracing context, re-entered for an Inductor compile made after Dynamo's (its caches
-  need the context's shape environment);
+  need the context's shape environment), with the context's fake mode told the static sizes
+  Dynamo traced the inputs with (``example_value`` in a placeholder's metadata), so that it
+  compiles, and is keyed, as the compile made during Dynamo's;
 - the cache artifacts of one compile: ``torch.compiler.save_cache_artifacts`` gives everything
   the process compiled so far, so the artifacts of one graph are recorded apart through the
   artifact manager's ``with_fresh_cache`` (and handed back to the process-wide record), and
@@ -139,6 +141,32 @@ def within_tracing_context(context: Any):
     if context is None or TracingContext.try_get() is not None:
         return contextlib.nullcontext()
     return tracing(context)
+
+
+def remember_static_fakes(gm: torch.fx.GraphModule, context: Any, inputs: Sequence[Any]) -> list:
+    """Make ``context``'s fake mode remember a fake with the static sizes Dynamo traced for each
+    tensor of ``inputs`` (the inputs of a compile made after Dynamo's), and return those fakes:
+    the caller holds them for the compile, since the fake mode holds its fakes weakly. AOTAutograd
+    fakes the real inputs it is given through that memory; where an input's fake is gone by then
+    (collected since Dynamo's compile), it makes one afresh with symbolic sizes, and the compile
+    would generate dynamic-shape code under other keys. The compile is still given the real
+    tensors: AOTAutograd's own cache key is made from them. An input Dynamo traced with symbolic
+    sizes (``example_value`` in a placeholder's metadata), or that is not what it traced, is left
+    alone."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    fake_mode = getattr(context, "fake_mode", None)
+    if len(placeholders) != len(inputs) or fake_mode is None:
+        return []
+    fakes = []
+    for node, value in zip(placeholders, inputs):
+        traced = node.meta.get("example_value")
+        if (isinstance(value, torch.Tensor) and not isinstance(value, FakeTensor) and isinstance(traced, FakeTensor)
+                and all(isinstance(d, int) for d in (*traced.shape, *traced.stride(), traced.storage_offset()))
+                and traced.shape == value.shape and traced.dtype == value.dtype and traced.device == value.device):
+            fakes.append(fake_mode.from_tensor(value, static_shapes=True))
+    return fakes
 
 
 def compiler_settings() -> list:

@@ -33,6 +33,7 @@ PRIVATE = [
     ("torch._guards", "detect_fake_mode", ()),
     ("torch._guards", "TracingContext", ()),
     ("torch._guards", "tracing", ()),
+    ("torch._subclasses.fake_tensor", "FakeTensor", ()),
     ("torch._dynamo.symbolic_convert", "InstructionTranslator", ()),
     ("torch.compiler._cache", "CacheArtifactManager", ()),
     ("torch._inductor.config", "save_config_portable", ()),
@@ -135,4 +136,76 @@ def test_a_candidate_compiled_after_dynamo_s_compile_is_cached_like_one_compiled
         with torch_internals.recording_artifacts() as bypassed:
             inductor.build(without, seen["inputs"], cudagraphs=False)
         assert bypassed.content is None
+    torch._dynamo.reset()
+
+
+def test_a_later_candidate_fakes_its_inputs_as_dynamo_traced_them_and_hits_the_compile_made_during_dynamo_s(
+        tmp_path, monkeypatch):
+    """A candidate compiled on a later call, after the fake mode has let go of the fakes of
+    Dynamo's compile (it holds them weakly; on the GPU, with torch 2.11, they were gone and the
+    candidate's code came out dynamic, under other keys), still compiles its inputs with the
+    static sizes Dynamo traced, not with symbolic ones AOTAutograd would make afresh: it is the
+    very compile made during Dynamo's and hits both of its cache entries."""
+    from torch._dynamo.utils import counters
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    from hypatia.client import executors
+    from hypatia.client.executors import inductor
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    torch._dynamo.reset()
+    counters.clear()
+    seen = {}
+
+    def backend(gm, example_inputs):
+        context = torch_internals.dynamo_tracing_context()
+        seen.update(gm=gm, inputs=list(example_inputs), tracing=context)
+        return inductor.build(executors.Graphs(gm, list(example_inputs), "cpu", False, tracing=context),
+                              list(example_inputs), cudagraphs=False)
+
+    def forget(context):  # the state a later call can find: the fakes of Dynamo's compile collected
+        context.fake_mode.fake_tensor_converter.tensor_memo.clear()  # (held weakly), and the tensors'
+        context.tensor_to_context.clear()  # symbolic contexts gone
+
+    def static(fake) -> bool:
+        return all(isinstance(d, int) for d in (*fake.shape, *fake.stride()))
+
+    m = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 4))
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        torch.compile(m, backend=backend)(x)
+        assert counters["aot_autograd"]["autograd_cache_miss"] == 1 and counters["inductor"]["fxgraph_cache_miss"] == 1
+        gm, inputs, context = seen["gm"], seen["inputs"], seen["tracing"]
+        forget(context)
+        assert not static(context.fake_mode.from_tensor(inputs[0]))  # the condition: afresh, symbolic
+        forget(context)
+        fakes = torch_internals.remember_static_fakes(gm, context, inputs)
+        assert len(fakes) == len(inputs) == 5
+        assert all(isinstance(f, FakeTensor) and f.fake_mode is context.fake_mode and static(f) for f in fakes)
+        assert all(context.fake_mode.from_tensor(t) is f for t, f in zip(inputs, fakes))
+        # a tensor that is not what Dynamo traced (another shape), or no fake mode: left alone
+        other = list(inputs)
+        other[next(k for k, t in enumerate(inputs) if t.shape == x.shape)] = torch.randn(5, 8)
+        assert len(torch_internals.remember_static_fakes(gm, context, other)) == 4
+
+        class Elsewhere:
+            fake_mode = None
+
+        assert torch_internals.remember_static_fakes(gm, Elsewhere(), inputs) == []
+        del fakes
+        graphs = executors.Graphs(gm, inputs, "cpu", False, tracing=context)
+        forget(context)
+        compiled = inductor.build(graphs, inputs, cudagraphs=False)
+        assert counters["aot_autograd"]["autograd_cache_hit"] == 1 and counters["aot_autograd"]["autograd_cache_miss"] == 1
+        assert counters["inductor"]["fxgraph_cache_hit"] == 1 and counters["inductor"]["fxgraph_cache_miss"] == 1
+        out = compiled(*inputs)
+        torch.testing.assert_close(out[0] if isinstance(out, (list, tuple)) else out, m(x))
+        # AOTAutograd traced again (its cache off; some torch versions key it by the fakes it made):
+        # the graph it gives Inductor has the static sizes, so Inductor's own entry is hit too
+        forget(context)
+        with torch._functorch.config.patch(enable_autograd_cache=False):
+            compiled = inductor.build(graphs, inputs, cudagraphs=False)
+        assert counters["inductor"]["fxgraph_cache_hit"] == 2 and counters["inductor"]["fxgraph_cache_miss"] == 1
+        out = compiled(*inputs)
+        torch.testing.assert_close(out[0] if isinstance(out, (list, tuple)) else out, m(x))
     torch._dynamo.reset()

@@ -25,7 +25,8 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from hypatia import __version__
 from hypatia.client.graphs import copy_of
-from hypatia.client.torch_internals import inductor_compile, within_tracing_context
+from hypatia.client.torch_internals import (dynamo_tracing_context, inductor_compile, remember_static_fakes,
+                                           within_tracing_context)
 
 counters: Counter = Counter()
 
@@ -73,7 +74,13 @@ def build(graphs, inputs: list, cudagraphs: bool) -> Callable[..., Any]:
     """Inductor's compiled code for the rewritten graph (Dynamo's, when no rewrite is left for
     Inductor). A training graph's backward is compiled here too, not at its first backward, so
     that one compile holds all of a graph's code (what the daemon keeps and serves); a candidate
-    built on a later call compiles in Dynamo's tracing context, so Inductor's caches keep it."""
+    built on a later call compiles in Dynamo's tracing context, its inputs faked with the static
+    sizes Dynamo traced, so that it is the same compile under the same keys as one made during
+    Dynamo's."""
     gm = graphs.for_inductor() if graphs.for_inductor is not None else copy_of(graphs.dynamo, graphs.dynamo)
+    later = graphs.tracing is not None and dynamo_tracing_context() is None  # a candidate built on a later call
+    held = remember_static_fakes(graphs.dynamo, graphs.tracing, inputs) if later else []
     with torch._functorch.config.patch(force_non_lazy_backward_lowering=True), within_tracing_context(graphs.tracing):
-        return inductor_compile(gm, inputs, config_patches(cudagraphs))
+        compiled = inductor_compile(gm, inputs, config_patches(cudagraphs))
+    del held  # the fake mode's memory of them was needed for the compile alone
+    return compiled
