@@ -276,6 +276,10 @@ class Session:
                     log.warning("HYPATIA_DEBUG_FX %s graph after:\n%s", phase, graphs.rewritten().graph)
             if source is not None and from_daemon:  # a daemon that answered is there to share with
                 graphs.share = self.sharing.sharer(keys, index, plan, source)
+                if index:
+                    self._note_once("compiled-index", f"compiled code is shared per device index (Inductor's code "
+                                    f"names cuda:{index}); ranks that each see their GPU as cuda:0 (torchrun "
+                                    "--virtual-local-rank) share one compile for the host")
         local = self._executor(graphs, model, plan, keys)
         if self.remote is None or model is None or keys is None:
             return local
