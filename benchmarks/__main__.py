@@ -48,7 +48,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="soft time budget for the whole run: cases past it are listed as skipped (default: none "
                    "with --quick, 390 s on a GPU, 3600 s on a CPU)")
     p.add_argument("--out", type=Path, default=None, help="output directory (default benchmarks/out/<time>)")
-    p.add_argument("--progress", type=Path, default=None, help="append each runtime case's rows to this JSON-lines file as measured")
+    p.add_argument("--progress", type=Path, default=None, help="append the rows of the runtime, first_call and multiprocess sections to this "
+                   "JSON-lines file as they are measured (a run cut short keeps them)")
     p.add_argument("--save-results", action="store_true", help="also copy results.json to benchmarks/results/")
     p.add_argument("--merge", type=Path, nargs="+", metavar="FILE", default=None,
                    help="measure nothing: combine these results.json files (runs of one machine) into one report")
@@ -194,11 +195,11 @@ def main(argv: list[str] | None = None) -> int:
                 elif name == "first_call":
                     from benchmarks import first_call
 
-                    data = first_call.run(device, args.quick, section_budget, only, modes=modes)
+                    data = first_call.run(device, args.quick, section_budget, only, modes=modes, progress=args.progress)
                 else:
                     from benchmarks import multiprocess
 
-                    data = multiprocess.run(device, args.quick, section_budget)
+                    data = multiprocess.run(device, args.quick, section_budget, progress=args.progress)
             except Exception as exc:  # a broken section is reported, the others still run
                 data = {"rows": [], "notes": [f"section failed: {type(exc).__name__}: {exc}"]}
             data["elapsed_s"] = round(time.monotonic() - t0, 1)

@@ -26,6 +26,7 @@ from pathlib import Path
 from benchmarks.compile_sharing import (absent_notes, client_counters, copy_store, daemon_artifacts, inductor_counters,
                                         store_path)
 from benchmarks.fresh_process import ChildFailed, base_env, daemon_pid, hypatiad, run_child
+from benchmarks.rows import append_row
 
 MODES = ("inference", "training")
 # The order of the table.
@@ -381,9 +382,10 @@ def workloads_for(device: str, quick: bool, only: list[str] | None = None) -> di
 
 
 def run(device: str, quick: bool, budget_s: float, only: list[str] | None = None,
-        modes: list[str] | None = None) -> dict:
+        modes: list[str] | None = None, progress=None) -> dict:
     """Measure time to first call for every workload, configuration and mode; rows past
-    ``budget_s`` are skipped. ``only`` narrows the workloads, ``modes`` the modes."""
+    ``budget_s`` are skipped. ``only`` narrows the workloads, ``modes`` the modes; ``progress`` (a
+    path) gets each row as a JSON line as it is measured, so a run cut short keeps what it made."""
     from benchmarks.workloads import by_name
 
     started = time.monotonic()
@@ -403,6 +405,7 @@ def run(device: str, quick: bool, budget_s: float, only: list[str] | None = None
                     chosen = [c for c in configs if c in measured and (not quick or mode in QUICK_MODES.get(c, MODES))]
                     for i, config in enumerate(chosen):
                         rows[workload, config, mode] = bench.measure(config, (workload, mode), started, budget_s)
+                        append_row(progress, rows[workload, config, mode])
                         if not ON_COLD_DAEMON.intersection(chosen[i + 1:]):
                             bench.stop_daemon((workload, mode))
     finally:

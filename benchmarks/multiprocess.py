@@ -24,6 +24,7 @@ from pathlib import Path
 
 from benchmarks.compile_sharing import CLIENT_COUNTERS, absent_notes, client_counters
 from benchmarks.fresh_process import base_env as clean_env, daemon_pid
+from benchmarks.rows import append_row
 
 REPO = Path(__file__).resolve().parent.parent
 BACKENDS = ("hypatia", "inductor")
@@ -193,9 +194,10 @@ def _notes(row: dict) -> list[str]:
     return notes
 
 
-def run(device: str, quick: bool, budget_s: float) -> dict:
+def run(device: str, quick: bool, budget_s: float, progress=None) -> dict:
     """Measure N concurrent processes (and the 1-process baseline) of each backend: Hypatia
-    against one cold daemon each group, Inductor sharing one cache directory each group."""
+    against one cold daemon each group, Inductor sharing one cache directory each group.
+    ``progress`` (a path) gets each row as a JSON line as it is measured."""
     from benchmarks.workloads import by_name
 
     started = time.monotonic()
@@ -229,6 +231,7 @@ def run(device: str, quick: bool, budget_s: float) -> dict:
             row["wall_vs_one"] = round(row["wall_s"] / base, 3) if base and row.get("wall_s") else None
             notes += _notes(row)
             rows.append(row)
+            append_row(progress, row)
     counts = QUICK_COUNTS if quick else COUNTS
     for backend in BACKENDS:
         if backend not in one:

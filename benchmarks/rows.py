@@ -1,8 +1,17 @@
-"""Finding one row of a results file, and saying why it is not there when it is not."""
+"""Rows of a results file: written as they are measured, and found again (with why, when not)."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
+
+
+def append_row(progress: Path | str | None, row: Any) -> None:
+    """Append ``row`` (a row, or a case's rows) to the JSON-lines file ``progress``, if given."""
+    if progress is not None:
+        with open(progress, "a") as f:
+            f.write(json.dumps(row, default=str) + "\n")
 
 
 class MissingRow(LookupError):

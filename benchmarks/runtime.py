@@ -16,13 +16,13 @@ from __future__ import annotations
 import copy
 import gc
 import importlib.util
-import json
 import time
 from typing import Any
 
 import torch
 
 from benchmarks import hypatia_runs
+from benchmarks.rows import append_row
 from benchmarks.timing import measure
 from benchmarks.workloads import QUICK_WORKLOADS, WORKLOADS, Workload, loss_of, primary_output
 
@@ -248,9 +248,7 @@ def run(device: str, quick: bool, budget_s: float, only: list[str] | None = None
                 longest[w.name] = max(longest.get(w.name, 0.0), time.monotonic() - start - elapsed)
                 rows.extend(case)
                 notes.extend(_hypatia_notes(case))
-                if progress is not None:
-                    with open(progress, "a") as f:
-                        f.write(json.dumps(case, default=str) + "\n")
+                append_row(progress, case)
     notes.append("hypatia_first: the plan a first process gets, under Inductor (HYPATIA_EXECUTOR=inductor), timed after "
                  "the daemon finished tuning it in the background (tuning_wait_s)")
     notes.append("hypatia: default policy and executor choice in a later process (a fresh client session and a fresh "

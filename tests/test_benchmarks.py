@@ -29,12 +29,20 @@ def test_quick_run_produces_report_json_and_chart(tmp_path):
     the machine is, and a row that is still missing fails here naming the row and why."""
     out = tmp_path / "bench"
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--quick", "--out", str(out)],
+        [sys.executable, "-m", "benchmarks", "--quick", "--out", str(out), "--progress", str(tmp_path / "rows.jsonl")],
         cwd=ROOT, capture_output=True, text=True, timeout=1480,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     sections = results["sections"]
+    # every row of the sections that take long was also written as it was measured
+    written = [json.loads(line) for line in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    def same(a: list, b: list) -> bool:
+        return sorted(json.dumps(r, sort_keys=True) for r in a) == sorted(json.dumps(r, sort_keys=True) for r in b)
+
+    assert same([row for line in written if isinstance(line, list) for row in line], sections["runtime"]["rows"])
+    assert same([r for r in written if isinstance(r, dict) and "config" in r], sections["first_call"]["rows"])
+    assert same([r for r in written if isinstance(r, dict) and "processes" in r], sections["multiprocess"]["rows"])
     assert set(sections) == {"daemon", "clients", "runtime", "families", "first_call", "multiprocess"}
     assert results["meta"]["budget_s"] is None
     for name, section in sections.items():
