@@ -199,13 +199,17 @@ _HANDLES = itertools.count(1)
 
 @torch.library.custom_op("hypatia_adapter::run", mutates_args=())
 def run(inputs: list[torch.Tensor], handle: int) -> torch.Tensor:
-    """A region placed on an adapter: what the adapter compiled, called on the region's inputs."""
+    """A region placed on an adapter: what the adapter compiled, called on the region's inputs;
+    its result is copied to their device and the layout the graph expects where it differs."""
     entry = _COMPILED[handle]
     out = entry.fn(*inputs)
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != entry.shape or out.dtype != entry.dtype:
         got = f"{tuple(out.shape)} {out.dtype}" if isinstance(out, torch.Tensor) else type(out).__name__
         raise AdapterError(f"an adapter's region returned {got}, the graph expects {entry.shape} {entry.dtype}")
-    if any(out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() for x in inputs):
+    device = inputs[0].device
+    if out.device != device or tuple(out.stride()) != entry.stride:  # the graph's later views expect its layout
+        out = torch.empty_strided(entry.shape, entry.stride, dtype=entry.dtype, device=device).copy_(out)
+    elif any(out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() for x in inputs):
         out = out.clone()  # an operator's result may not alias its inputs
     return out
 

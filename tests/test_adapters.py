@@ -160,6 +160,48 @@ def test_the_first_adapter_that_fits_runs_a_region(hypatiad):
     assert [(v["adapter"], v["kind"]) for v in session().violations] == [("narrow", "op")]
 
 
+class Columns(MockAdapter):
+    """Returns each region's result laid out column-major, as another accelerator might."""
+
+    def compile(self, gm, example_inputs):
+        run = super().compile(gm, example_inputs)
+        return lambda *args: run(*args).t().contiguous().t()
+
+
+class Refuses(MockAdapter):
+    def compile(self, gm, example_inputs):
+        raise RuntimeError("this accelerator cannot compile it")
+
+
+class WrongShape(MockAdapter):
+    def compile(self, gm, example_inputs):
+        return lambda *args: gm(*args)[:1]
+
+
+def test_an_adapter_result_laid_out_otherwise_is_copied_to_the_graphs_layout(hypatiad):
+    model, x = model_and_input()
+    adapter = register_adapter(Columns())
+    run_inference(model, x)
+    assert set(placements().values()) == {"mock"} and adapter.stats["calls"] == 2
+    assert session().counters["fallbacks"] == 0
+
+
+def test_an_adapter_that_cannot_compile_leaves_the_region_as_planned(hypatiad):
+    model, x = model_and_input()
+    register_adapter(Refuses())
+    run_inference(model, x)
+    assert set(placements().values()) == {"device"}
+    assert adapter_counters() == {"compile_failed": 2}
+
+
+def test_an_adapter_returning_another_shape_makes_the_graph_run_eager(hypatiad):
+    model, x = model_and_input()
+    register_adapter(WrongShape())
+    with pytest.warns(Warning, match="the graph expects"):
+        run_inference(model, x)
+    assert session().counters["fallbacks"] == 1
+
+
 def test_no_adapter_changes_nothing_and_unregistering_restores_it(hypatiad):
     model, x = model_and_input()
     before = run_inference(model, x)
