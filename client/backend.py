@@ -32,7 +32,7 @@ import torch
 import torch.fx
 
 from hypatia.canonical import CanonicalGraph
-from hypatia.client import capture as cap
+from hypatia.client import adapters as accel, capture as cap
 from hypatia.client import compiled as code, executors, graphs as model_graphs, validate
 from hypatia.client.explain import debug_fx_plan, fusion_summary
 from hypatia.client.torch_internals import compiled_model_name, dynamo_tracing_context
@@ -103,6 +103,7 @@ class Session:
         self.plans: deque[tuple[str, Plan]] = deque(maxlen=256)  # (phase, plan) of recent compiles
         self.plan_keys: deque[tuple[str, str, str]] = deque(maxlen=256)  # their (graph, workload, env) keys
         self.choices: deque[dict] = deque(maxlen=256)  # measured executor choices (us)
+        self.violations: list[dict] = []  # accelerator adapters' constraint violations (Violation.to_dict)
         self._warned: set[str] = set()
         self._skip_daemon_until = 0.0
         self._lock = threading.Lock()
@@ -233,7 +234,8 @@ class Session:
         index = next((x.device.index or 0 for x in example_inputs
                       if isinstance(x, torch.Tensor) and x.device.type == device), 0)
         graphs = executors.Graphs(gm, list(example_inputs), device, training, tracing=dynamo_tracing_context())
-        source = self.sharing.source(gm, example_inputs, phase) if self.sharing is not None else None
+        # code compiled with adapter regions calls this process's adapters: it is not shared
+        source = self.sharing.source(gm, example_inputs, phase) if self.sharing is not None and not accel.adapters() else None
         if source is not None and self.remote is None and time.monotonic() >= self._skip_daemon_until:
             warm = self.sharing.warm_start(graphs, source, index)
             if warm is not None:
@@ -264,6 +266,9 @@ class Session:
                 self._not_planned(exc)
                 return self._executor(graphs, None, None, None)
             plan = self._validate(graph, fx_nodes, plan, keys, from_daemon)
+            handles: dict[int, int] = {}
+            if accel.adapters():
+                plan, handles = accel.place(fx_nodes, plan, model.training, self.counters, self.violations)
             self.plans.append((phase, plan))
             self.plan_keys.append(keys)
             if self.config.debug_fx:
@@ -271,7 +276,7 @@ class Session:
                 log.warning("HYPATIA_DEBUG_FX %s graph %s before:\n%s", phase, keys[0], model.gm.graph)
             if plan.regions:
                 self.counters["regions_fused"] += len(plan.regions)
-                graphs.rewritten, graphs.for_inductor = self._rewrites(model, fx_nodes, plan, gm)
+                graphs.rewritten, graphs.for_inductor = self._rewrites(model, fx_nodes, plan, gm, handles)
                 if self.config.debug_fx:
                     log.warning("HYPATIA_DEBUG_FX %s graph after:\n%s", phase, graphs.rewritten().graph)
             if source is not None and from_daemon:  # a daemon that answered is there to share with
@@ -291,18 +296,22 @@ class Session:
         return local if remote is boxed_local else (lambda *args: remote(list(args)))
 
     @staticmethod
-    def _rewrites(model: model_graphs.ModelGraph, fx_nodes: list, plan: Plan, gm: torch.fx.GraphModule):
+    def _rewrites(model: model_graphs.ModelGraph, fx_nodes: list, plan: Plan, gm: torch.fx.GraphModule,
+                  handles: dict[int, int] | None = None):
         """Factories of fresh copies of the rewritten graph: every region, for the aten
-        executor; only the regions that are ATen operators, for Inductor, which fuses what the
-        ``hypatia::`` operators would hide from it (None: Dynamo's graph). Each rewrite is made
-        once, when first asked for."""
+        executor; only the regions that are ATen operators or placed on an accelerator adapter
+        (``handles``, by region output), for Inductor, which fuses what the ``hypatia::``
+        operators would hide from it (None: Dynamo's graph). Each rewrite is made once, when
+        first asked for."""
+        handles = handles or {}
+        rewrite = functools.partial(accel.rewrite, handles=handles) if handles else model_graphs.rewrite
 
         def factory(regions_plan: Plan) -> Callable[[], torch.fx.GraphModule]:
-            made = functools.cache(lambda: model_graphs.rewrite(model, fx_nodes, regions_plan, gm))
+            made = functools.cache(lambda: rewrite(model, fx_nodes, regions_plan, gm))
             return lambda: model_graphs.copy_of(made(), gm)
 
         full = factory(plan)
-        visible = tuple(r for r in plan.regions if transparent(r.kernel, r.placement))
+        visible = tuple(r for r in plan.regions if r.output in handles or transparent(r.kernel, r.placement))
         if len(visible) == len(plan.regions):
             return full, full
         return full, factory(replace(plan, regions=visible)) if visible else None
