@@ -24,7 +24,7 @@ import operator
 import re
 from collections import Counter
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, MutableSequence
 
 import torch
 import torch.fx
@@ -247,7 +247,7 @@ def _compile(adapter: AcceleratorAdapter, fx_nodes: list[torch.fx.Node], region:
 
 
 def place(fx_nodes: list[torch.fx.Node], plan: Plan, training: bool, counters: Counter,
-          violations: list[dict]) -> tuple[Plan, dict[int, int]]:
+          violations: MutableSequence[dict]) -> tuple[Plan, dict[int, int]]:
     """``plan`` with each region that fits a registered adapter placed on it, and the handle of
     each placed region by its output; violations are counted in ``counters`` and appended to
     ``violations``."""

@@ -103,7 +103,7 @@ class Session:
         self.plans: deque[tuple[str, Plan]] = deque(maxlen=256)  # (phase, plan) of recent compiles
         self.plan_keys: deque[tuple[str, str, str]] = deque(maxlen=256)  # their (graph, workload, env) keys
         self.choices: deque[dict] = deque(maxlen=256)  # measured executor choices (us)
-        self.violations: list[dict] = []  # accelerator adapters' constraint violations (Violation.to_dict)
+        self.violations: deque[dict] = deque(maxlen=1024)  # accelerator adapters' constraint violations (Violation.to_dict)
         self._warned: set[str] = set()
         self._skip_daemon_until = 0.0
         self._lock = threading.Lock()

@@ -95,7 +95,7 @@ def test_a_permissive_adapter_runs_every_region(hypatiad):
     assert placements() == {"linear_gelu": "mock", "linear_relu": "mock"}
     assert adapter.stats == {"compiles": 2, "calls": 6}  # two regions, three calls
     assert adapter_counters() == {"regions_placed": 2}
-    assert session().violations == [] and session().counters["fallbacks"] == 0
+    assert not session().violations and session().counters["fallbacks"] == 0
     # each region reaches the adapter as its unfused ATen nodes
     ops = [sorted(str(n.target) for n in gm.graph.nodes if n.op == "call_function") for gm in adapter.modules]
     assert sorted(ops) == [["aten.addmm.default", "aten.gelu.default"], ["aten.addmm.default", "aten.relu.default"]]
@@ -207,7 +207,7 @@ def test_no_adapter_changes_nothing_and_unregistering_restores_it(hypatiad):
     before = run_inference(model, x)
     ((_, plan_before),) = session().plans
     assert {r.placement for r in plan_before.regions} == {"device"} and len(plan_before.regions) == 2
-    assert not adapter_counters() and session().violations == []
+    assert not adapter_counters() and not session().violations
 
     reset_session()
     adapter = register_adapter(MockAdapter())
@@ -221,7 +221,7 @@ def test_no_adapter_changes_nothing_and_unregistering_restores_it(hypatiad):
     ((_, plan_after),) = session().plans
     assert [r.to_dict() for r in plan_after.regions] == [r.to_dict() for r in plan_before.regions]
     assert adapter.stats["calls"] == 2  # only the model's call while it was registered
-    assert not adapter_counters() and session().violations == []
+    assert not adapter_counters() and not session().violations
     torch.testing.assert_close(after, before)
 
 
