@@ -45,7 +45,7 @@ from hypatia.config import Config, load
 from hypatia.kernels import transparent
 from hypatia.planner import Plan, plan_graph
 from hypatia.planner import environment
-from hypatia.planner.plan import PlanFormatError, region_key
+from hypatia.planner.plan import PlanFormatError, Region, region_key
 from hypatia.protocol import ErrorCode, RemoteError
 
 log = logging.getLogger("hypatia.client")
@@ -104,6 +104,9 @@ class Session:
         self.plan_keys: deque[tuple[str, str, str]] = deque(maxlen=256)  # their (graph, workload, env) keys
         self.choices: deque[dict] = deque(maxlen=256)  # measured executor choices (us)
         self.violations: deque[dict] = deque(maxlen=1024)  # accelerator adapters' constraint violations (Violation.to_dict)
+        # Which of a plan's regions are rewritten, by (index in the plan, region); None: all. The
+        # others run unfused. Set by debugging tools (KernelDiff's attribution), not by users.
+        self.region_filter: Callable[[int, Region], bool] | None = None
         self._warned: set[str] = set()
         self._skip_daemon_until = 0.0
         self._lock = threading.Lock()
@@ -234,8 +237,10 @@ class Session:
         index = next((x.device.index or 0 for x in example_inputs
                       if isinstance(x, torch.Tensor) and x.device.type == device), 0)
         graphs = executors.Graphs(gm, list(example_inputs), device, training, tracing=dynamo_tracing_context())
-        # code compiled with adapter regions calls this process's adapters: it is not shared
-        source = self.sharing.source(gm, example_inputs, phase) if self.sharing is not None and not accel.adapters() else None
+        # code that calls this process's adapters, or compiled from a filtered region set, is
+        # neither served nor shared: it is compiled here
+        shareable = self.sharing is not None and self.region_filter is None and not accel.adapters()
+        source = self.sharing.source(gm, example_inputs, phase) if shareable else None
         if source is not None and self.remote is None and time.monotonic() >= self._skip_daemon_until:
             warm = self.sharing.warm_start(graphs, source, index)
             if warm is not None:
@@ -274,9 +279,10 @@ class Session:
             if self.config.debug_fx:
                 log.warning("HYPATIA_DEBUG_FX %s", debug_fx_plan(plan, phase, label, from_daemon))
                 log.warning("HYPATIA_DEBUG_FX %s graph %s before:\n%s", phase, keys[0], model.gm.graph)
-            if plan.regions:
-                self.counters["regions_fused"] += len(plan.regions)
-                graphs.rewritten, graphs.for_inductor = self._rewrites(model, fx_nodes, plan, gm, handles)
+            rewritten = self._filtered(plan)
+            if rewritten.regions:
+                self.counters["regions_fused"] += len(rewritten.regions)
+                graphs.rewritten, graphs.for_inductor = self._rewrites(model, fx_nodes, rewritten, gm, handles)
                 if self.config.debug_fx:
                     log.warning("HYPATIA_DEBUG_FX %s graph after:\n%s", phase, graphs.rewritten().graph)
             if source is not None and from_daemon:  # a daemon that answered is there to share with
@@ -285,8 +291,9 @@ class Session:
                     self._note_once("compiled-index", f"compiled code is shared per device index (Inductor's code "
                                     f"names cuda:{index}); ranks that each see their GPU as cuda:0 (torchrun "
                                     "--virtual-local-rank) share one compile for the host")
-        local = self._executor(graphs, model, plan, keys)
-        if self.remote is None or model is None or keys is None:
+        # measurements of a filtered graph are not this plan's: they stay out of the daemon
+        local = self._executor(graphs, model, plan, keys if self.region_filter is None else None)
+        if self.remote is None or model is None or keys is None or self.region_filter is not None:
             return local
         registration = {"graph_key": keys[0], "workload_key": keys[1], "env_key": keys[2], "policy": self.config.policy,
                         "graph": graph.to_wire(), "workload": workload, "environment": env}
@@ -294,6 +301,13 @@ class Session:
         boxed_local = lambda args: local(*args)  # noqa: E731 - remote mode's calls are boxed
         remote = self.remote.wrap(graph, keys, registration, phase, example_inputs, output_type, boxed_local)
         return local if remote is boxed_local else (lambda *args: remote(list(args)))
+
+    def _filtered(self, plan: Plan) -> Plan:
+        """``plan`` with only the regions :attr:`region_filter` keeps (all of them when unset)."""
+        if self.region_filter is None:
+            return plan
+        keep = self.region_filter
+        return replace(plan, regions=tuple(r for i, r in enumerate(plan.regions) if keep(i, r)))
 
     @staticmethod
     def _rewrites(model: model_graphs.ModelGraph, fx_nodes: list, plan: Plan, gm: torch.fx.GraphModule,
