@@ -1,0 +1,1 @@
+"""The debug toolkit: artifacts of every compile, KernelDiff, the minifier, reports."""
