@@ -280,15 +280,35 @@ def test_ctl_report_with_no_daemon(home, artifacts, tmp_path):
     assert "graph-001-abcdef123456" in (out / "report.html").read_text()
 
 
-def test_ctl_report_with_a_running_daemon(daemon, artifacts, tmp_path):
+def test_ctl_report_with_a_running_daemon(daemon, tmp_path):
+    """The daemon's counters, and the executor times of a plan it stores, measured by a client."""
+    from hypatia.client.rpc import DaemonClient
+    from test_daemon import tiny_plan_request
+
+    request = tiny_plan_request()
+    keys = {name: request[name] for name in ("graph_key", "workload_key", "env_key")}
+    client = DaemonClient(daemon.config, timeout_ms=20_000, retries=0)
+    try:
+        plan = client.call("make_plan", request)["plan"]
+        times = [{"name": "inductor", "median_us": 10.0}, {"name": "eager", "median_us": 30.0}]
+        client.call("report", keys | {"pid": 1, "executor": {"revision": plan["revision"], "chosen": "inductor",
+                                                              "training": False, "times": times}})
+    finally:
+        client.close()
+    artifacts = make_artifacts(tmp_path / "artifacts")
+    summary = artifacts / "hosta-100-20261129-010000" / "graph-001-abcdef123456" / "summary.json"
+    summary.write_text(json.dumps(json.loads(summary.read_text()) | {"graph_key": keys["graph_key"]}))
+
     out = tmp_path / "out"
     proc = daemon.ctl("report", "--format", "json", "--artifacts", str(artifacts), "--out", str(out))
     report = json.loads(Path(proc.stdout.strip()).read_text())
     report_schema.validate(report)
     assert report["daemon"]["running"] is True and report["daemon"]["pid"] == daemon.daemon_pid()
-    assert report["daemon"]["requests"]["stats"] >= 1
+    assert report["daemon"]["plans"] == 1 and report["daemon"]["executors"]["choices"] == 1
     assert not any("not reachable" in n for n in report["notes"])
-    # the synthetic graph keys are not in this store: the report says so and keeps the artifacts' executor
-    assert any(f"no executor times from the store for graph {KEY1[:12]}" in n for n in report["notes"])
-    assert report["summary"]["executors"][0]["source"] == "artifacts"
+    assert report["summary"]["executors"][0] == {
+        "graph": "hosta-100-20261129-010000/graph-001-abcdef123456", "chosen": "inductor", "source": "daemon",
+        "times": {"inductor": 0.01, "eager": 0.03}, "speedup": 3.0}
+    # a graph key the store does not hold: the report says so and keeps what the artifacts say
+    assert any(f"no executor times from the store for graph {KEY2[:12]}" in n for n in report["notes"])
     assert report["summary"]["regions_per_rule"] == {"linear_silu": 1, "rms_norm": 3}

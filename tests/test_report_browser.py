@@ -113,6 +113,7 @@ def png_size(data: bytes) -> tuple[int, int]:
     return struct.unpack(">II", data[16:24])
 
 
+@pytest.mark.timeout(1200)  # the first run may install chromium
 def test_the_summary_renders_in_chromium(chromium, tmp_path):
     root = synth.make_artifacts(tmp_path / "artifacts")
     report = build_report(root, None, plans={synth.KEY1: synth.EXECUTOR_PLAN})
