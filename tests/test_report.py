@@ -183,7 +183,7 @@ def test_broken_and_absent_files_become_notes(tmp_path):
 
 def test_fields_of_the_wrong_type_do_not_stop_the_report(tmp_path):
     g = tmp_path / "a" / "h-1-20261129-000000" / "graph-001-unplanned"
-    _write(g / "summary.json", {"phase": 3, "regions": "x", "fallbacks": 3, "verdicts": [1, "a", {"passed": 0}],
+    _write(g / "summary.json", {"phase": [3], "graph_key": {"k": 1}, "regions": "x", "fallbacks": 3, "verdicts": [1, "a", {"passed": 0}],
                                 "violations": {"a": 1}, "executor": 5, "model": ["m"]})
     _write(g / "stats.json", [1, 2])
     _write(g / "kerneldiff.json", {"passed": True, "tensors": "none", "heatmaps": ["../../../etc/passwd", 7],
@@ -271,13 +271,17 @@ def test_ctl_report_with_no_daemon(home, artifacts, tmp_path):
     report = json.loads(path.read_text())
     report_schema.validate(report)
     assert report["summary"]["graphs"] == 3 and report["summary"]["verdicts"] == {"passed": 3, "failed": 1}
-    assert report["daemon"] is None or report["daemon"]["running"] is False
-    assert any("the daemon was not reachable" in n for n in report["notes"])
+    store = home.config.store_shown  # a fresh home: nothing has made the store yet
+    assert report["daemon"] == {"running": False, "socket": home.config.endpoint, "store": {"path": store},
+                                "note": f"no store at {store} yet; it is created by the first plan"}
+    assert report["notes"][-2:] == [f"daemon: no store at {store} yet; it is created by the first plan",
+                                    "the daemon was not reachable (hypatiad is not running); nor was its store readable"]
     assert home.daemon_pid() is None  # a report does not start the daemon
     # the default artifacts folder is HYPATIA_ARTIFACTS; the default format is html
     proc = home.ctl("report", "--out", str(out), extra_env={"HYPATIA_ARTIFACTS": str(artifacts)})
     assert Path(proc.stdout.strip()) == out / "report.html"
-    assert "graph-001-abcdef123456" in (out / "report.html").read_text()
+    page = (out / "report.html").read_text()
+    assert "graph-001-abcdef123456" in page and "not running: figures read from the store" in page
 
 
 def test_ctl_report_with_a_running_daemon(daemon, tmp_path):
@@ -305,6 +309,9 @@ def test_ctl_report_with_a_running_daemon(daemon, tmp_path):
     report_schema.validate(report)
     assert report["daemon"]["running"] is True and report["daemon"]["pid"] == daemon.daemon_pid()
     assert report["daemon"]["plans"] == 1 and report["daemon"]["executors"]["choices"] == 1
+    assert [r["graph_key"] for r in report["daemon"]["stored_plans"]] == [keys["graph_key"]]
+    page = render_html(report)
+    assert f"<td>{keys['graph_key']}</td>" in page and f"pid {daemon.daemon_pid()}" in page
     assert not any("not reachable" in n for n in report["notes"])
     assert report["summary"]["executors"][0] == {
         "graph": "hosta-100-20261129-010000/graph-001-abcdef123456", "chosen": "inductor", "source": "daemon",

@@ -134,7 +134,7 @@ def _graph(process_dir: Path, graph_dir: Path, plans: dict[str, dict], notes: li
     if graph_dir.name.endswith("-unplanned"):
         expected = [f for f in expected if f not in ("plan.json", "rewrites.json")]
     phase = (summary or {}).get("phase")
-    expected += PHASE_FILES.get(phase, ())
+    expected += PHASE_FILES.get(phase, ()) if isinstance(phase, str) else ()
     missing = [f for f in expected if not (graph_dir / f).exists()]
     if missing:
         notes.append(f"{graph_id}: missing {', '.join(missing)}")
@@ -149,7 +149,7 @@ def _graph(process_dir: Path, graph_dir: Path, plans: dict[str, dict], notes: li
             elif not path.is_file():
                 notes.append(f"{graph_id}: kerneldiff.json lists {rel}, which is missing")
     key = (summary or {}).get("graph_key")
-    executor = _executor_from_plan(plans.get(key)) if key else None
+    executor = _executor_from_plan(plans.get(key)) if isinstance(key, str) else None
     executor = executor or _executor_from_summary((summary or {}).get("executor"))
     match = _GRAPH_DIR.match(graph_dir.name)
     return {
@@ -252,7 +252,7 @@ def build_report(artifacts_dir: Path | None, store_stats: dict | None,
     """The report of the artifacts under ``artifacts_dir`` and the daemon's figures
     (``hypatia-ctl stats --json``; None when it could not be asked), with executor times from
     ``plans`` (graph key -> ``hypatia-ctl plans KEY --json``) where given."""
-    notes = list(notes or ())
+    given, notes = list(notes or ()), []
     plans = plans or {}
     processes: list[dict] = []
     graphs: list[dict] = []
@@ -266,6 +266,7 @@ def build_report(artifacts_dir: Path | None, store_stats: dict | None,
             record, found = _process(pdir, plans, notes)
             processes.append(record)
             graphs += found
+    notes += given  # what asking the daemon met, after what the artifacts lack
     if store_stats is None:
         notes.append("the daemon was not reachable, and its store could not be read")
     elif not store_stats.get("running"):
@@ -301,8 +302,9 @@ def graph_keys(artifacts_dir: Path) -> list[str]:
 
 
 def daemon_figures(config: Any, keys: list[str]) -> tuple[dict | None, dict[str, dict], list[str]]:
-    """The daemon's stats (the store's when it is down), the stored plan of each graph key, and
-    notes on what could not be read; never raises for an absent daemon or store."""
+    """The daemon's stats (the store's when it is down) with the stored plans listed
+    (``stored_plans``), the stored plan of each graph key, and notes on what could not be read;
+    never raises for an absent daemon or store."""
     from hypatia.client.rpc import DaemonUnavailable, VersionSkew
     from hypatia.daemon import control
     from hypatia.planner.store import StoreError
@@ -316,6 +318,12 @@ def daemon_figures(config: Any, keys: list[str]) -> tuple[dict | None, dict[str,
         return None, {}, [f"the daemon's figures could not be read: {exc}"]
     if stats.get("note"):
         notes.append(f"daemon: {stats['note']}")
+    if not stats.get("running") and "plans" not in stats:  # neither the daemon nor its store answered
+        return stats, {}, notes
+    try:
+        stats = stats | {"stored_plans": control.plans(config)}
+    except expected as exc:
+        notes.append(f"the store's plans could not be listed: {exc}")
     plans: dict[str, dict] = {}
     for key in keys:
         try:

@@ -229,7 +229,7 @@ def _process_html(p: dict[str, Any]) -> str:
             ["hypatia", _e(info.get("hypatia"))], ["graphs", _num(p["graphs"])]]
     config = info.get("config")
     rows += [[_e(k), _e(v)] for k, v in sorted(config.items())] if isinstance(config, dict) else []
-    files = [f for f in p["files"] if not f["name"].startswith("repros/") and f["name"] != "process.json"]
+    files = [f for f in p["files"] if f["name"] != "process.json"]
     return (f"<details><summary>{_e(p['name'])}</summary>" + table(["", ""], rows)
             + _code_files(Path(p["path"]), files) + "</details>")
 
@@ -274,6 +274,20 @@ def _graph_html(g: dict[str, Any]) -> str:
     return "".join(out)
 
 
+def _daemon_html(daemon: dict[str, Any]) -> str:
+    """Whether the daemon ran, the plans its store holds, and every counter (collapsed)."""
+    state = (f"hypatiad {_e(daemon.get('version'))}, pid {_e(daemon.get('pid'))}" if daemon.get("running")
+             else "not running: figures read from the store")
+    rows = [r for r in _items(daemon.get("stored_plans")) if isinstance(r, dict)]
+    plans = table(["graph key", "graph", "model", "nodes", "device", "revision", "policy", "tuned", "regions"], [
+        [_e(r.get("graph_key")), _e(r.get("graph")), _e(r.get("model")), _num(r.get("nodes")), _e(r.get("device")),
+         _num(r.get("revision")), _e(r.get("policy")), _e("yes" if r.get("tuned") else "no"), _e(_join(r.get("regions")))]
+        for r in rows], "no stored plans")
+    counters = {k: v for k, v in daemon.items() if k != "stored_plans"}
+    return (f"<p>{state}; store {_e((daemon.get('store') or {}).get('path') if isinstance(daemon.get('store'), dict) else '')}"
+            f"</p><h3>Stored plans</h3>{plans}<details><summary>Every counter</summary>{_json_block(counters)}</details>")
+
+
 def render_html(report: dict[str, Any]) -> str:
     """The report as one self-contained HTML page (summary first, then each graph, collapsed)."""
     parts = ["<!DOCTYPE html><html lang=en><head><meta charset=utf-8>",
@@ -288,7 +302,6 @@ def render_html(report: dict[str, Any]) -> str:
                                          or "<p class=meta>none</p>"))
     parts.append("<h2>Graphs</h2>" + ("".join(_graph_html(g) for g in report["graphs"]) or "<p class=meta>none</p>"))
     daemon = report.get("daemon")
-    parts.append("<h2>Daemon</h2>" + ("<p class=meta>not reachable</p>" if daemon is None else
-                                      "<details><summary>stats</summary>" + _json_block(daemon) + "</details>"))
+    parts.append("<h2>Daemon</h2>" + ("<p class=meta>not reachable</p>" if daemon is None else _daemon_html(daemon)))
     parts.append("</body></html>\n")
     return "".join(parts)
