@@ -282,6 +282,10 @@ def test_ctl_report_with_no_daemon(home, artifacts, tmp_path):
     assert Path(proc.stdout.strip()) == out / "report.html"
     page = (out / "report.html").read_text()
     assert "graph-001-abcdef123456" in page and "not running: figures read from the store" in page
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    proc = home.ctl("report", "--artifacts", str(artifacts), "--out", str(blocked), check=False)
+    assert proc.returncode == 2 and f"hypatia-ctl: cannot create the output folder {blocked}" in proc.stderr
 
 
 def test_ctl_report_with_a_running_daemon(daemon, tmp_path):

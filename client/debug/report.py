@@ -355,6 +355,9 @@ def write_report(config: Any, artifacts_dir: Path, out_dir: Path, fmt: str = "ht
         text = render_html(report)
     path = Path(out_dir) / f"report.{fmt}"
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    except OSError as exc:
+        raise ReportError(f"cannot write {path}: {exc}") from None
     return path
