@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from hypatia.config import ConfigError, load
 from hypatia.daemon import control
+from hypatia.debug import report
 from hypatia.client.rpc import DaemonUnavailable, VersionSkew
 from hypatia.daemon.cli import add_version, print_status, quiet_broken_pipe
 from hypatia.daemon.lock import AlreadyRunning
@@ -60,6 +62,17 @@ def build_parser() -> argparse.ArgumentParser:
     group = p.add_mutually_exclusive_group()
     group.add_argument("--client", metavar="NAME", help="admit a new remote client and write its key file")
     group.add_argument("--revoke", metavar="NAME", help="stop admitting this client")
+    p = sub.add_parser("report", help="write a JSON or HTML report of the compile artifacts and the daemon's figures",
+                       description="Build a report from an artifacts folder (HYPATIA_ARTIFACTS) and the daemon's "
+                       "store: graphs, graph breaks, fallbacks and their reasons, regions fused per rule, executor "
+                       "choices with measured times, validation verdicts, KernelDiff results, constraint violations, "
+                       "then each graph's details. Writes report.json or report.html into --out and prints its path.")
+    p.add_argument("--format", choices=("html", "json"), default="html", help="html (one self-contained page, "
+                   "the default) or json (schema hypatia-report/1)")
+    p.add_argument("--out", metavar="DIR", default="hypatia-report", help="folder to write the report into "
+                   "(default ./hypatia-report)")
+    p.add_argument("--artifacts", metavar="DIR", default=None, help="the artifacts folder to read (default: "
+                   "HYPATIA_ARTIFACTS if set, else ./hypatia-artifacts)")
     return parser
 
 
@@ -317,6 +330,10 @@ def main(argv: list[str] | None = None) -> int:
             deleted = control.flush(config, artifacts_only=args.artifacts)
             print("flushed: " + (", ".join(f"{n} {t}" for t, n in sorted(deleted.items())) or "the store was empty"))
             return 0
+        if args.command == "report":
+            artifacts = Path(args.artifacts) if args.artifacts else report.default_artifacts_dir(config)
+            print(report.write_report(config, artifacts, Path(args.out), args.format))
+            return 0
         if args.command == "keys":
             print(control.keys(config, admit=args.client, revoke=args.revoke))
             return 0
@@ -327,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hypatia-ctl: {exc}", file=sys.stderr)
         return 3
     except (ConfigError, TimeoutError, control.NoSuchPlan, StoreError, AlreadyRunning, StartFailed,
-            DaemonUnavailable, VersionSkew, RemoteError, KeysError) as exc:
+            DaemonUnavailable, VersionSkew, RemoteError, KeysError, report.ReportError) as exc:
         print(f"hypatia-ctl: {exc}", file=sys.stderr)
         return 2
 

@@ -1,4 +1,4 @@
-"""Hypatia's debugging tools: KernelDiff (:func:`compare`) and what it reports."""
+"""The debug toolkit: artifacts of every compile, KernelDiff (:func:`compare`), the minifier, reports."""
 
 from hypatia.debug.kernel_diff import DiffReport, RegionAttribution, compare
 from hypatia.debug.metrics import TensorDiff, tensor_diff
