@@ -8,6 +8,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import runpy
 import subprocess
 import sys
@@ -97,9 +98,12 @@ def test_ddmin_finds_the_two_items_that_fail_together():
         seen.append(len(subset))
         return "both" if 7 in subset and 31 in subset else None
 
-    kept, failure, tests = ddmin(items, fails)
-    assert kept == [7, 31] and failure == "both"
+    kept, failure, tests, minimal = ddmin(items, fails)
+    assert kept == [7, 31] and failure == "both" and minimal
     assert len(seen) <= tests < 80  # a subset asked twice is answered from the cache
+    # out of tests: a failing subset, said not to be minimal
+    kept, failure, tests, minimal = ddmin(items, fails, max_tests=3)
+    assert {7, 31} <= set(kept) and len(kept) > 2 and tests == 3 and not minimal
 
 
 def test_minify_keeps_two_nodes_that_fail_together_and_feeds_their_inputs():
@@ -253,7 +257,8 @@ def test_an_executor_raising_at_run_time_writes_a_repro(home, dynamo_reset, monk
     (repro,) = (tmp_path / "artifacts").glob("*/repros/*.py")
     assert repro.name == "repro-001-executor.py"
     text = repro.read_text()
-    assert "EXCEPTION_NAME = 'RuntimeError'" in text and "Minified from" in text
+    assert "EXCEPTION_NAME = 'RuntimeError'" in text
+    assert re.search(r"Minified from \d+ operator nodes to 2 ", text), text[:600]  # linear and relu
     code, out = run_here(repro)
     assert code == 1 and "REPRODUCED: RuntimeError: kernel exploded" in out, out
     monkeypatch.undo()

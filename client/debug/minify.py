@@ -10,6 +10,7 @@ shrinks the kept set until no single node can be removed (1-minimal) and the fai
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -37,6 +38,7 @@ class Minified:
     failure: str
     tests: int
     original_nodes: int
+    minimal: bool = True  # False: the test or time budget ran out first (still failing, maybe larger)
 
     @property
     def nodes(self) -> list[torch.fx.Node]:
@@ -95,12 +97,17 @@ def subgraph(gm: torch.fx.GraphModule, values: dict[torch.fx.Node, Any],
 
 
 def ddmin(items: list, fails: Callable[[list], str | None], *, max_tests: int = 500,
-          failure: str | None = None) -> tuple[list, str, int]:
-    """Zeller's ddmin over ``items`` (order kept): a 1-minimal failing subset, its failure and
-    the number of tests run. ``fails(subset)`` says why a subset fails, or None; it is assumed
-    to fail on all of ``items`` (``failure`` is that text, asked for when not given)."""
+          failure: str | None = None, deadline: float | None = None) -> tuple[list, str, int, bool]:
+    """Zeller's ddmin over ``items`` (order kept): (a failing subset, its failure, the number of
+    tests run, whether the subset is 1-minimal: False when ``max_tests`` or the ``deadline``
+    (a ``time.monotonic()`` value) stopped it first). ``fails(subset)`` says why a subset fails,
+    or None; it is assumed to fail on all of ``items`` (``failure`` is that text, asked for
+    when not given)."""
     tests = 0
     cache: dict[tuple, str | None] = {}
+
+    def spent() -> bool:
+        return tests >= max_tests or (deadline is not None and time.monotonic() >= deadline)
 
     def test(subset: list) -> str | None:
         nonlocal tests
@@ -115,28 +122,31 @@ def ddmin(items: list, fails: Callable[[list], str | None], *, max_tests: int = 
         if failure is None:
             raise DoesNotFail("the whole graph passes its check")
     current, n = list(items), 2
-    while len(current) >= 2 and tests < max_tests:
+    while len(current) >= 2 and not spent():
         chunks = _split(current, n)
         reduced = False
         for chunk in chunks:  # a chunk alone fails: keep only it
-            why = test(chunk)
+            why = None if spent() else test(chunk)
             if why is not None:
                 current, failure, n, reduced = chunk, why, 2, True
                 break
         if not reduced and n > 2:
             for k in range(len(chunks)):  # the complement of a chunk fails: drop the chunk
+                if spent():
+                    break
                 complement = [x for j, c in enumerate(chunks) if j != k for x in c]
                 why = test(complement)
                 if why is not None:
                     current, failure, n, reduced = complement, why, max(n - 1, 2), True
                     break
-        if not reduced:
+        if not reduced and not spent():
             if n >= len(current):
-                break
+                return current, failure, tests, True
             n = min(len(current), 2 * n)
-        if tests >= max_tests:
-            log.info("minifier stopped after %d tests with %d nodes", tests, len(current))
-    return current, failure, tests
+    minimal = len(current) < 2
+    if not minimal:
+        log.info("the minifier stopped after %d tests with %d nodes left", tests, len(current))
+    return current, failure, tests, minimal
 
 
 def _split(items: list, n: int) -> list[list]:
@@ -150,10 +160,13 @@ def _split(items: list, n: int) -> list[list]:
     return chunks
 
 
-def minify(gm: torch.fx.GraphModule, inputs: list, fails: Fails, *, max_tests: int = 500) -> Minified:
+def minify(gm: torch.fx.GraphModule, inputs: list, fails: Fails, *, max_tests: int = 500,
+           budget_s: float | None = None) -> Minified:
     """The smallest sub-graph of ``gm`` (with its inputs) for which ``fails`` still returns a
-    failure; :class:`DoesNotFail` when ``gm`` passes. ``fails`` must catch what it runs and
-    return the message (a compile error or an exception is a failure like any other)."""
+    failure, within ``max_tests`` candidates and ``budget_s`` seconds; :class:`DoesNotFail`
+    when ``gm`` passes. ``fails`` should catch what it runs and return the message (a compile
+    error or an exception is a failure like any other; one it lets out counts as a pass)."""
+    deadline = None if budget_s is None else time.monotonic() + budget_s
     values = node_values(gm, inputs)
     nodes = computing_nodes(gm)
 
@@ -168,9 +181,9 @@ def minify(gm: torch.fx.GraphModule, inputs: list, fails: Fails, *, max_tests: i
     whole = _guarded(fails, gm, list(inputs))
     if whole is None:
         raise DoesNotFail("the graph passes its check")
-    kept, failure, tests = ddmin(nodes, fails_on, max_tests=max_tests - 1, failure=whole)
+    kept, failure, tests, minimal = ddmin(nodes, fails_on, max_tests=max_tests - 1, failure=whole, deadline=deadline)
     small, small_inputs = subgraph(gm, values, set(kept))
-    return Minified(small, small_inputs, failure, tests + 1, len(nodes))
+    return Minified(small, small_inputs, failure, tests + 1, len(nodes), minimal)
 
 
 def _guarded(fails: Fails, gm: torch.fx.GraphModule, inputs: list) -> str | None:

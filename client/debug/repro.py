@@ -90,6 +90,28 @@ def graph_source(gm: torch.fx.GraphModule) -> tuple[list[str], str]:
     return imports, head + "\n" + body + "\n"
 
 
+def literal(value: Any) -> str:
+    """Python source for a constant: numbers, strings, None, dtypes, devices, layouts and
+    memory formats, and tuples, lists and dicts of them."""
+    if isinstance(value, tuple):
+        return f"({literal(value[0])},)" if len(value) == 1 else "(" + ", ".join(literal(v) for v in value) + ")"
+    if isinstance(value, list):
+        return "[" + ", ".join(literal(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{literal(k)}: {literal(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, torch.device):
+        return f"torch.device({str(value)!r})"
+    if isinstance(value, (torch.dtype, torch.layout, torch.memory_format)):
+        return str(value)  # torch.float32, torch.strided, torch.contiguous_format
+    if isinstance(value, float) and value != value:
+        return "float('nan')"
+    if isinstance(value, float) and value in (float("inf"), float("-inf")):
+        return f"float({str(value)!r})"
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return repr(value)
+    raise ReproError(f"a constant of type {type(value).__name__} cannot be written in a script: {value!r}"[:200])
+
+
 # -- the inputs -----------------------------------------------------------------------------
 def _storage_size(t: torch.Tensor) -> int:
     if t.numel() == 0:
@@ -102,7 +124,7 @@ def input_source(name: str, value: Any) -> str:
     if not isinstance(value, torch.Tensor):
         if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
             value = value.node.hint
-        return f"{name} = {value!r}"
+        return f"{name} = {literal(value)}"
     shape, stride = tuple(value.shape), tuple(value.stride())
     common = f"{shape}, {stride}, {value.dtype}, {str(value.device)!r}"
     flat = value.detach().cpu()
@@ -239,7 +261,10 @@ def repro_source(minified: Minified, *, what: str, check: str, source: str = "",
         f"# Hypatia repro: {what}",
         f"# Failure: {minified.failure}".replace("\n", " ")[:400],
         f"# From: {source or 'hypatia.debug.minify'} ({stamp}, torch {torch.__version__})",
-        f"# Minified from {minified.original_nodes} operator nodes to {len(minified.nodes)} in {minified.tests} tests.",
+        (f"# Minified from {minified.original_nodes} operator nodes to {len(minified.nodes)} in {minified.tests} tests"
+         + ("." if minified.minimal else " (stopped by its budget: perhaps not minimal).")
+         if len(minified.nodes) < minified.original_nodes else
+         f"# The graph's {len(minified.nodes)} operator nodes, not shrunk ({minified.tests} tests)."),
         f"# Check: {kind}",
         f"# Run: python {name}   exits 1 (REPRODUCED) while the failure is there, 0 once it is fixed."
         + ("" if not uses_hypatia else " Needs torch and hypatia."),
@@ -253,7 +278,7 @@ def repro_source(minified: Minified, *, what: str, check: str, source: str = "",
     if kind == "kernel":
         if kernel is None:
             raise ValueError("check='kernel' needs kernel=(kernel_id, placement, consts)")
-        parts.append(f"KERNEL_ID = {kernel[0]!r}\nPLACEMENT = {kernel[1]!r}\nCONSTS = {tuple(kernel[2])!r}")
+        parts.append(f"KERNEL_ID = {kernel[0]!r}\nPLACEMENT = {kernel[1]!r}\nCONSTS = {literal(tuple(kernel[2]))}")
     parts.append(CHECK_SOURCE["raises" if kind.startswith("raises:") else kind].strip("\n"))
     parts.append(MAIN.strip("\n"))
     return "\n\n\n".join(parts) + "\n"

@@ -20,8 +20,10 @@ from hypatia.debug.repro import write_repro
 
 log = logging.getLogger("hypatia.debug")
 
-# The most candidates an automatic trigger tests (each traces and plans a graph).
+# The most candidates an automatic trigger tests (each traces and plans a graph), and the
+# longest it shrinks before it writes what it has.
 AUTO_MAX_TESTS = 200
+AUTO_BUDGET_S = 120.0
 
 _warned: set[str] = set()
 
@@ -91,7 +93,8 @@ def executor_repro(root: str | os.PathLike, graph: int, gm: torch.fx.GraphModule
         name = type(error).__name__
         with torch.no_grad():
             try:
-                minified = minify(gm, list(args), raises_check(name), max_tests=AUTO_MAX_TESTS)
+                minified = minify(gm, list(args), raises_check(name), max_tests=AUTO_MAX_TESTS,
+                                  budget_s=AUTO_BUDGET_S)
             except DoesNotFail:
                 nodes = len(computing_nodes(gm))
                 minified = Minified(gm, list(args), f"{name}: {error} (not reproduced by the in-process plan: "
