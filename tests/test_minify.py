@@ -172,6 +172,30 @@ def test_planted_wrong_kernel_minifies_to_a_few_nodes_and_the_repro_reproduces(m
     assert code == 0 and "NOT REPRODUCED" in out, out
 
 
+def test_a_compile_error_minifies_to_the_region_that_cannot_be_built(monkeypatch, tmp_path):
+    import hypatia.planner.executable as executable
+
+    class KernelMissing(Exception):
+        pass
+
+    real = executable.load_kernel
+
+    def load_kernel(kernel_id, placement="device"):
+        if kernel_id.startswith("linear_activation/"):
+            raise KernelMissing(f"{kernel_id} cannot be compiled here")
+        return real(kernel_id, placement)
+
+    monkeypatch.setattr(executable, "load_kernel", load_kernel)
+    inputs = deep_inputs()
+    small = minify(make_fx(deep)(*inputs), inputs, accuracy_check())
+    assert small.failure.startswith("compile error: KernelMissing: linear_activation/")
+    assert aten.addmm.default in targets(small.gm) and aten.relu.default in targets(small.gm)
+    assert len(small.nodes) <= 3 and small.minimal
+    path = write_repro(small, tmp_path / "repro.py", what="a kernel cannot be compiled", check="accuracy")
+    code, out = run_here(path)
+    assert code == 1 and "REPRODUCED: compile error: KernelMissing" in out, out
+
+
 def test_a_runtime_exception_minifies_to_the_raising_node_with_its_index_kept(tmp_path):
     def gather(x, idx, w):
         h = (x @ w).relu() + 1

@@ -24,6 +24,10 @@ COMPUTING = ("call_function", "call_method", "call_module")
 Fails = Callable[[torch.fx.GraphModule, list], "str | None"]
 
 
+class NotTraceable(Exception):
+    """A candidate cannot be traced to ATen operators: not a graph Hypatia would compile."""
+
+
 class DoesNotFail(Exception):
     """The graph given to :func:`minify` does not fail its check: there is nothing to shrink."""
 
@@ -196,12 +200,17 @@ def _guarded(fails: Fails, gm: torch.fx.GraphModule, inputs: list) -> str | None
 # -- checks ---------------------------------------------------------------------------------
 def fused_graph(gm: torch.fx.GraphModule, inputs: list) -> tuple[torch.fx.GraphModule, Any]:
     """``gm`` as Hypatia runs it: traced to ATen operators, planned in this process and
-    rewritten with its regions' kernels; (the rewritten module, the plan)."""
+    rewritten with its regions' kernels; (the rewritten module, the plan). Raises
+    :class:`NotTraceable` for a graph that cannot be traced, and whatever planning or
+    rewriting raises (a compile error)."""
     from hypatia.client import capture, graphs
     from hypatia.planner import plan_graph
     from hypatia.planner.executable import apply_plan
 
-    model = graphs.trace(gm, inputs)
+    try:
+        model = graphs.trace(gm, inputs)
+    except graphs.NotRewritable as exc:
+        raise NotTraceable(str(exc)) from exc
     graph, fx_nodes = capture.capture(model.gm)
     plan = plan_graph(graph)
     return apply_plan(model.gm, fx_nodes, plan), plan
@@ -239,15 +248,18 @@ def _max_abs(a: torch.Tensor, b: torch.Tensor) -> str:
 
 def accuracy_check(atol: float | None = None, rtol: float | None = None) -> Fails:
     """Fails when Hypatia's fused graph differs from the graph run eagerly (past tolerance),
-    fails to build or raises; passes when nothing was fused."""
+    cannot be planned or rewritten (a compile error) or raises; passes when nothing was fused
+    and for a graph that cannot be traced."""
     def fails(gm: torch.fx.GraphModule, inputs: list) -> str | None:
         with torch.no_grad():
             expected = gm(*inputs)
             try:
                 fused, plan = fused_graph(gm, inputs)
-            except Exception as exc:  # noqa: BLE001 - a graph that cannot be traced is not this failure
+            except NotTraceable as exc:
                 log.debug("not traceable: %s", exc)
                 return None
+            except Exception as exc:  # noqa: BLE001 - a compile error is a failure
+                return f"compile error: {type(exc).__name__}: {exc}"[:500]
             if not plan.regions:
                 return None
             try:
@@ -261,15 +273,18 @@ def accuracy_check(atol: float | None = None, rtol: float | None = None) -> Fail
 
 
 def raises_check(kind: type[BaseException] | str) -> Fails:
-    """Fails when Hypatia's fused graph raises an exception of type ``kind`` (by name)."""
+    """Fails when Hypatia's fused graph raises an exception of type ``kind`` (by name), as it
+    is built or as it runs."""
     name = kind if isinstance(kind, str) else kind.__name__
 
     def fails(gm: torch.fx.GraphModule, inputs: list) -> str | None:
         try:
             fused, plan = fused_graph(gm, inputs)
-        except Exception as exc:  # noqa: BLE001 - see accuracy_check
+        except NotTraceable as exc:
             log.debug("not traceable: %s", exc)
             return None
+        except Exception as exc:  # noqa: BLE001 - a compile error of the kind looked for, or another
+            return f"{name}: {exc}"[:500] if type(exc).__name__ == name else None
         try:
             with torch.no_grad():
                 fused(*inputs)

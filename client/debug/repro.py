@@ -191,10 +191,16 @@ def check():
     with torch.no_grad():
         gm = make_fx(graph)(*INPUTS)
         expected = graph(*INPUTS)
-        fused, plan = fused_graph(gm, list(INPUTS))
+        try:
+            fused, plan = fused_graph(gm, list(INPUTS))
+        except Exception as exc:
+            return f"compile error: {type(exc).__name__}: {exc}"
         if not plan.regions:
             return None
-        actual = fused(*INPUTS)
+        try:
+            actual = fused(*INPUTS)
+        except Exception as exc:
+            return f"{type(exc).__name__}: {exc}"
     rules = ", ".join(r.rule for r in plan.regions)
     actual = actual if isinstance(actual, (tuple, list)) else (actual,)
     expected = expected if isinstance(expected, (tuple, list)) else (expected,)
@@ -207,14 +213,14 @@ def check():
 ''',
     "raises": '''
 def check():
-    """The failure: Hypatia's fused graph raises EXCEPTION_NAME."""
+    """The failure: Hypatia's fused graph raises EXCEPTION_NAME as it is built or run."""
     from torch.fx.experimental.proxy_tensor import make_fx
     from hypatia.debug.minify import fused_graph
 
     with torch.no_grad():
         gm = make_fx(graph)(*INPUTS)
-        fused, plan = fused_graph(gm, list(INPUTS))
         try:
+            fused, plan = fused_graph(gm, list(INPUTS))
             fused(*INPUTS)
         except Exception as exc:
             if type(exc).__name__ == EXCEPTION_NAME:
