@@ -224,9 +224,12 @@ def test_a_runtime_exception_minifies_to_the_raising_node_with_its_index_kept(tm
 def test_minify_model_writes_a_repro_of_the_failing_graph(monkeypatch, tmp_path, dynamo_reset):
     model = Net().eval()
     plant_wrong(monkeypatch)
-    path = minify_model(model, [torch.randn(3, 8)], check="accuracy", out=tmp_path / "model_repro.py")
+    x = torch.randn(3, 8)
+    with pytest.raises(DoesNotFail):  # 0.01 off is within this tolerance
+        minify_model(model, [x], check="accuracy", out=tmp_path / "loose.py", atol=0.05, rtol=0.0)
+    path = minify_model(model, [x], check="accuracy", out=tmp_path / "model_repro.py")
     text = path.read_text()
-    assert "minify_model(Net)" in text
+    assert "minify_model(Net)" in text and "ATOL = None" in text
     code, out = run_here(path)
     assert code == 1 and "REPRODUCED" in out, out
     monkeypatch.undo()

@@ -228,6 +228,8 @@ def _flat(value: Any) -> list[torch.Tensor]:
 
 def compare(actual: Any, expected: Any, atol: float | None = None, rtol: float | None = None) -> str | None:
     """None when every tensor of ``actual`` is close to ``expected``'s, else what differs."""
+    if (atol is None) != (rtol is None):  # assert_close takes both or neither
+        atol, rtol = atol or 0.0, rtol or 0.0
     got, want = _flat(actual), _flat(expected)
     if len(got) != len(want):
         return f"{len(got)} tensors returned, {len(want)} expected"

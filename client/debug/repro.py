@@ -206,7 +206,7 @@ def check():
     expected = expected if isinstance(expected, (tuple, list)) else (expected,)
     for k, (a, b) in enumerate(zip(actual, expected)):
         try:
-            torch.testing.assert_close(a, b, equal_nan=True)
+            torch.testing.assert_close(a, b, atol=ATOL, rtol=RTOL, equal_nan=True)
         except AssertionError as exc:
             return f"fused ({rules}) output {k} differs from eager: {str(exc).strip().splitlines()[0]}"
     return None
@@ -255,7 +255,8 @@ if __name__ == "__main__":
 
 
 def repro_source(minified: Minified, *, what: str, check: str, source: str = "",
-                 kernel: tuple[str, str, tuple] | None = None, name: str = "repro.py") -> str:
+                 kernel: tuple[str, str, tuple] | None = None, name: str = "repro.py",
+                 atol: float | None = None, rtol: float | None = None) -> str:
     """The script's text; see :func:`write_repro`."""
     kind = _check_kind(check)
     imports, function = graph_source(minified.gm)
@@ -279,6 +280,9 @@ def repro_source(minified: Minified, *, what: str, check: str, source: str = "",
              "import sys\n\nimport torch\n" + ("\n".join(imports) + "\n" if imports else ""),
              "torch.manual_seed(0)", PRELUDE, function.rstrip("\n"),
              "\n".join(inputs) + f"\nINPUTS = [{', '.join(names)}]" if names else "INPUTS = []"]
+    if kind == "accuracy":  # None: torch.testing.assert_close's defaults for the dtype
+        atol, rtol = _tolerance(atol, rtol)
+        parts.append(f"ATOL = {atol!r}\nRTOL = {rtol!r}")
     if kind.startswith("raises:"):
         parts.append(f"EXCEPTION_NAME = {kind[7:]!r}")
     if kind == "kernel":
@@ -290,12 +294,23 @@ def repro_source(minified: Minified, *, what: str, check: str, source: str = "",
     return "\n\n\n".join(parts) + "\n"
 
 
+def _tolerance(atol: float | None, rtol: float | None) -> tuple[float | None, float | None]:
+    """Both or neither, as ``torch.testing.assert_close`` takes them (the one not given: 0)."""
+    if atol is None and rtol is None:
+        return None, None
+    return atol or 0.0, rtol or 0.0
+
+
 def write_repro(minified: Minified, path: str | os.PathLike, *, what: str, check: str, source: str = "",
-                kernel: tuple[str, str, tuple] | None = None) -> Path:
+                kernel: tuple[str, str, tuple] | None = None, atol: float | None = None,
+                rtol: float | None = None) -> Path:
     """Write the standalone script reproducing ``minified``'s failure under ``check`` to
-    ``path`` (written whole, then renamed); ``what`` and ``source`` go in its header."""
+    ``path`` (written whole, then renamed); ``what`` and ``source`` go in its header,
+    ``kernel`` is (kernel id, placement, consts) for the ``kernel`` check, ``atol``/``rtol``
+    the ``accuracy`` check's tolerance."""
     path = Path(path)
-    text = repro_source(minified, what=what, check=check, source=source, kernel=kernel, name=path.name)
+    text = repro_source(minified, what=what, check=check, source=source, kernel=kernel, name=path.name,
+                        atol=atol, rtol=rtol)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)

@@ -150,7 +150,7 @@ def minify_model(model: Any, inputs: list, check: str = "accuracy", out: str | o
             continue
         what = "Hypatia's fused graph differs from eager" if check == "accuracy" else \
             f"Hypatia's fused graph raises {script_check[7:]}"
-        return write_repro(minified, out, what=what, check=script_check,
+        return write_repro(minified, out, what=what, check=script_check, atol=atol, rtol=rtol,
                            source=f"hypatia.debug.minify_model({label}), graph {index} of {len(captured)}")
     raise DoesNotFail(f"none of the {len(captured)} graphs of {label} fails the {check} check")
 
