@@ -131,6 +131,22 @@ def test_minify_keeps_two_nodes_that_fail_together_and_feeds_their_inputs():
     torch.testing.assert_close(values[0], torch.sin(x))
 
 
+def test_a_tuple_result_is_kept_or_dropped_with_its_parts(tmp_path):
+    def two_results(x):
+        values, indices = x.exp().max(dim=1)
+        return values.sin() + indices.float()
+
+    x = torch.randn(4, 5)
+    gm = make_fx(two_results)(x)
+    small = minify(gm, [x], lambda g, i: "sin" if aten.sin.default in targets(g) else None)
+    assert targets(small.gm) == [aten.sin.default]
+    assert [tuple(t.shape) for t in small.inputs] == [(4,)]  # the max's values, not the tuple
+    small = minify(gm, [x], lambda g, i: "max" if aten.max.dim in targets(g) else None)
+    assert aten.max.dim in targets(small.gm) and aten.exp.default not in targets(small.gm)
+    path = write_repro(small, tmp_path / "repro.py", what="a tuple result", check="runs")
+    assert run_here(path) == (0, "NOT REPRODUCED: the check passes\n")  # the script runs as written
+
+
 def test_a_graph_that_passes_has_nothing_to_minify():
     gm = make_fx(lambda x: x.sin().cos())(torch.randn(3))
     with pytest.raises(DoesNotFail):

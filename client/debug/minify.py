@@ -1,7 +1,7 @@
 """Delta debugging over an FX graph's nodes: the smallest sub-graph that still fails.
 
 A candidate keeps a set of the graph's computing nodes (``call_function``, ``call_method``,
-``call_module``). Every value a kept node reads from a node not kept becomes a new input, fed
+``call_module``; a ``getitem`` goes with the node whose tuple it reads). Every value a kept node reads from a node not kept becomes a new input, fed
 with what that node computed on the original inputs (the original graph is interpreted once);
 the candidate returns the kept nodes nothing kept reads, and kept original outputs. ``ddmin``
 shrinks the kept set until no single node can be removed (1-minimal) and the failure stays.
@@ -10,6 +10,7 @@ shrinks the kept set until no single node can be removed (1-minimal) and the fai
 from __future__ import annotations
 
 import logging
+import operator
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -52,6 +53,16 @@ class Minified:
 
 def computing_nodes(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
     return [n for n in gm.graph.nodes if n.op in COMPUTING]
+
+
+def _is_getitem(node: torch.fx.Node) -> bool:
+    return node.op == "call_function" and node.target is operator.getitem
+
+
+def with_getitems(keep: set[torch.fx.Node]) -> set[torch.fx.Node]:
+    """``keep`` and the ``getitem`` nodes reading the kept nodes' tuple results: a part of a
+    result is kept exactly when the node making it is, so no input is ever a tuple."""
+    return keep | {u for n in keep for u in n.users if _is_getitem(u)}
 
 
 def node_values(gm: torch.fx.GraphModule, inputs: Sequence[Any]) -> dict[torch.fx.Node, Any]:
@@ -172,10 +183,10 @@ def minify(gm: torch.fx.GraphModule, inputs: list, fails: Fails, *, max_tests: i
     error or an exception is a failure like any other; one it lets out counts as a pass)."""
     deadline = None if budget_s is None else time.monotonic() + budget_s
     values = node_values(gm, inputs)
-    nodes = computing_nodes(gm)
+    nodes = [n for n in computing_nodes(gm) if not _is_getitem(n)]
 
     def fails_on(subset: list) -> str | None:
-        candidate, candidate_inputs = subgraph(gm, values, set(subset))
+        candidate, candidate_inputs = subgraph(gm, values, with_getitems(set(subset)))
         try:
             return fails(candidate, candidate_inputs)
         except Exception as exc:  # noqa: BLE001 - a check that breaks is not the failure looked for
@@ -186,8 +197,8 @@ def minify(gm: torch.fx.GraphModule, inputs: list, fails: Fails, *, max_tests: i
     if whole is None:
         raise DoesNotFail("the graph passes its check")
     kept, failure, tests, minimal = ddmin(nodes, fails_on, max_tests=max_tests - 1, failure=whole, deadline=deadline)
-    small, small_inputs = subgraph(gm, values, set(kept))
-    return Minified(small, small_inputs, failure, tests + 1, len(nodes), minimal)
+    small, small_inputs = subgraph(gm, values, with_getitems(set(kept)))
+    return Minified(small, small_inputs, failure, tests + 1, len(computing_nodes(gm)), minimal)
 
 
 def _guarded(fails: Fails, gm: torch.fx.GraphModule, inputs: list) -> str | None:
