@@ -74,6 +74,7 @@ class Guarded:
         self.eager = eager
         self.on_failure = on_failure
         self.failed = False
+        self.failed_args: tuple = ()  # the call that failed (the minifier's inputs)
 
     def __call__(self, *args: Any) -> Any:
         if not self.failed:
@@ -81,6 +82,7 @@ class Guarded:
                 return self.compiled(*args)
             except Exception as exc:  # noqa: BLE001 - any executor failure degrades to eager
                 self.failed = True
+                self.failed_args = args
                 self.on_failure(exc)
         return self.eager(*args)
 
@@ -227,7 +229,29 @@ class Session:
             # the eager executor: nothing to guard, and Dynamo calls its own graph's forward
             # with less overhead than any other callable (measured: about 20 us a call)
             return gm.forward
-        return Guarded(compiled, gm.forward, lambda exc: self.fallback("the graph failed at run time", exc))
+        number = self._graph_number()
+
+        def failed(exc: BaseException) -> None:
+            self.fallback("the graph failed at run time", exc)
+            if self.config.artifacts:
+                self._repro("executor_repro", number, gm, list(guarded.failed_args), exc)
+
+        guarded = Guarded(compiled, gm.forward, failed)
+        return guarded
+
+    def _graph_number(self) -> int:
+        """The number of the graph compiled last (1, 2, ... in this process)."""
+        return self.counters["graphs_inference"] + self.counters["graphs_training"]
+
+    def _repro(self, trigger: str, *args: Any) -> None:
+        """``HYPATIA_ARTIFACTS``: write a minified repro with ``hypatia.debug.triggers.<trigger>``;
+        a problem of the minifier's is logged once and never reaches the model."""
+        try:
+            from hypatia.debug import triggers
+
+            getattr(triggers, trigger)(self.config.artifacts, *args)
+        except Exception as exc:  # noqa: BLE001 - debugging aids never break the run
+            self._note_once(f"repro:{trigger}", f"could not write a repro ({type(exc).__name__}: {exc})")
 
     def _compile(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
         training = model_graphs.is_training(example_inputs)
@@ -348,6 +372,8 @@ class Session:
         self.counters["regions_failed_validation"] += len(failed)
         for v in failed:
             self._note_once(f"verdict:{v.rule}", f"fused region {v.rule} ({v.kernel}) failed validation and runs unfused: {v.detail}")
+            if self.config.artifacts and mode == "strict":
+                self._repro("region_repro", self._graph_number(), fx_nodes, by_output[v.region], v.detail)
         reportable = verdicts if mode == "strict" else failed
         if reportable and from_daemon:
             wire = [v.to_wire() | {"region_key": region_key(graph, by_output[v.region]),
