@@ -235,6 +235,7 @@ class Session:
             self.fallback("the graph failed at run time", exc)
             if self.config.artifacts:
                 self._repro("executor_repro", number, gm, list(guarded.failed_args), exc)
+            guarded.failed_args = ()  # the call's tensors are not kept past the repro
 
         guarded = Guarded(compiled, gm.forward, failed)
         return guarded
