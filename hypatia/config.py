@@ -122,6 +122,9 @@ class Config:
     compiled_entry_mb: int = 48
     compile_heartbeat_s: int = 2
     compile_wait_s: int = 600
+    # Where each process writes the artifacts of its compiles (graphs, plans, generated code,
+    # guards); None: nothing is written.
+    artifacts: str | None = None
 
     @property
     def compiled_entry_bytes(self) -> int:
@@ -239,6 +242,7 @@ def load(env: Mapping[str, str] | None = None) -> Config:
         compiled_entry_mb=_int(env, "HYPATIA_COMPILED_ENTRY_MB", 48, minimum=1),
         compile_heartbeat_s=_int(env, "HYPATIA_COMPILE_HEARTBEAT_S", 2, minimum=1),
         compile_wait_s=_int(env, "HYPATIA_COMPILE_WAIT_S", 600),
+        artifacts=env.get("HYPATIA_ARTIFACTS", "").strip() or None,
     )
     if config.store_url and not config.store_url.startswith(("postgresql://", "postgres://")):
         raise ConfigError(
