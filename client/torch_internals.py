@@ -368,6 +368,7 @@ def aot_graphs(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], training
             from torch._functorch import config as functorch_config
 
             with functorch_config.patch(force_non_lazy_backward_lowering=True, enable_autograd_cache=False):
-                aot_module_simplified(copy.deepcopy(gm), fakes, fw_compiler=keep("forward"), bw_compiler=keep("backward"),
+                # a graph of its own over the same attributes (parameters are not copied)
+                aot_module_simplified(torch.fx.GraphModule(gm, copy.deepcopy(gm.graph)), fakes, fw_compiler=keep("forward"), bw_compiler=keep("backward"),
                                       inference_compiler=keep("inference"))
     return graphs

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 from pathlib import Path
+from xml.etree import ElementTree
 
 import torch
 
@@ -142,6 +143,12 @@ def test_training_with_a_graph_break(home, dynamo_reset, monkeypatch, tmp_path):
     # planned in this process, so checked in it: one passing verdict per region
     assert sorted((v["rule"], v["passed"]) for v in summary["verdicts"]) == sorted((r.rule, True) for r in plans[0].regions)
     assert "hypatia." in (folders[0] / "executed.py").read_text()  # the rewritten graph calls the fused ops
+    drawing = ElementTree.parse(folders[0] / "regions.svg").getroot()
+    groups = drawing.findall("{http://www.w3.org/2000/svg}g")
+    fused = [g for g in groups if g.get("class") == "node fused"]
+    assert len(fused) == sum(len(r.nodes) for r in plans[0].regions) and len(groups) > len(fused)
+    legend = " ".join(t.text for t in drawing.findall("{http://www.w3.org/2000/svg}text"))
+    assert all(r.rule in legend for r in plans[0].regions)
     breaks = json.loads((folder / "graph_breaks.json").read_text())
     assert any("Data-dependent branching" in b["reason"] and "test_debug_artifacts.py" in b["where"] for b in breaks)
     assert json.loads((folders[0] / "graph_breaks.json").read_text())[0]["reason"] == breaks[0]["reason"]
@@ -222,3 +229,24 @@ def test_debug_run_writes_the_folder_and_returns_the_scripts_status(home, tmp_pa
     (g,) = graph_folders(folder)
     summary = json.loads((g / "summary.json").read_text())
     assert [r["rule"] for r in summary["regions"]] == ["linear_relu"]
+
+
+def test_a_graph_hypatia_does_not_plan_gets_a_folder_saying_why(home, dynamo_reset, monkeypatch, tmp_path):
+    monkeypatch.setenv("HYPATIA_ARTIFACTS", str(tmp_path))
+    monkeypatch.setenv("HYPATIA_AUTOSTART", "0")
+
+    def f(x):
+        return (x * 2).relu()
+
+    x = torch.randn(6, 3)
+    torch.testing.assert_close(torch.compile(f, backend="hypatia", dynamic=True)(x), f(x))
+    from hypatia.client.backend import session
+
+    assert session().counters["artifacts_write_errors"] == 0 and session().counters["graphs_not_rewritten"] == 1
+    (g,) = graph_folders(the_folder(tmp_path))
+    assert g.name == "graph-001-unplanned"
+    summary = json.loads((g / "summary.json").read_text())
+    assert summary["regions"] == [] and "dynamic shapes" in summary["fallbacks"][0]["reason"]
+    assert not (g / "plan.json").exists() and not (g / "rewrites.json").exists()
+    assert "nothing was rewritten" in (g / "executed.py").read_text().splitlines()[0]
+    assert json.loads((g / "stats.json").read_text())["ops"]

@@ -18,6 +18,7 @@ import torch
 import torch.fx
 
 from hypatia.client.torch_internals import aot_graphs, static_input_indices
+from hypatia.debug.drawing import regions_svg
 from hypatia.debug.folder import write_json, write_text
 from hypatia.debug.rewrites import rewrites
 from hypatia.debug.trail import Trail
@@ -212,6 +213,14 @@ def write_kernels(g: GraphArtifacts, trail: Trail) -> list[Path]:
     return out
 
 
+def write_drawing(g: GraphArtifacts, trail: Trail) -> Path | None:
+    """``regions.svg``: the model graph with the plan's regions coloured (where both exist)."""
+    if trail.fx_nodes is None or trail.plan is None:
+        return None
+    svg = regions_svg(trail.fx_nodes, trail.plan.regions)
+    return write_text(g.path / "regions.svg", svg) if svg is not None else None
+
+
 def write_inductor(g: GraphArtifacts, codes: list[tuple[dict, str]]) -> list[Path]:
     """``inductor/<NN>-<name>.py``: Inductor's output code, one file per compiled graph
     (forward, backward), in the order Inductor wrote them."""
@@ -240,6 +249,7 @@ def write_graph(process_dir: Path, index: int, trail: Trail) -> tuple[GraphArtif
         ("plan.json", lambda: write_plan(g, trail.plan) if trail.plan is not None else None),
         ("executed.py", lambda: write_executed(g, trail)),
         ("kernels", lambda: write_kernels(g, trail)),
+        ("regions.svg", lambda: write_drawing(g, trail)),
     ]
     for name, step in steps:
         try:
