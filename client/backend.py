@@ -109,9 +109,12 @@ class Session:
         self._lock = threading.Lock()
         self.artifacts = None  # HYPATIA_ARTIFACTS: this process's artifacts folder
         if self.config.artifacts:
-            from hypatia.debug.recorder import recorder_for
+            try:
+                from hypatia.debug.recorder import recorder_for
 
-            self.artifacts = recorder_for(self.config.artifacts, self._artifact_error)
+                self.artifacts = recorder_for(self.config.artifacts, self._artifact_error)
+            except Exception as exc:  # noqa: BLE001 - a debug aid never fails the user's model
+                self._artifact_error("the artifacts folder", exc)
         if self.config.summary:
             atexit.register(self.print_summary)
 
@@ -229,24 +232,34 @@ class Session:
             trail.executor = "eager"
             self._record(trail)
             return gm.forward
-        self._record(trail)
+        folder = self._record(trail)
         if compiled == gm.forward:
             # the eager executor: nothing to guard, and Dynamo calls its own graph's forward
             # with less overhead than any other callable (measured: about 20 us a call)
             return gm.forward
-        return Guarded(compiled, gm.forward, lambda exc: self.fallback("the graph failed at run time", exc))
+        return Guarded(compiled, gm.forward, lambda exc: self._failed_at_run_time(exc, folder))
 
-    def _record(self, trail: Trail) -> None:
-        """HYPATIA_ARTIFACTS: write the graph's folder (errors counted, never raised)."""
+    def _failed_at_run_time(self, exc: BaseException, folder: Any) -> None:
+        self.fallback("the graph failed at run time", exc)
+        if folder is not None and self.artifacts is not None:
+            try:
+                self.artifacts.note_fallback(folder, f"the graph failed at run time: {type(exc).__name__}: {exc}")
+            except Exception as error:  # noqa: BLE001 - a debug aid never fails the user's model
+                self._artifact_error("summary.json", error)
+
+    def _record(self, trail: Trail) -> Any:
+        """HYPATIA_ARTIFACTS: write the graph's folder and return it (None when off or not
+        written; errors counted, never raised)."""
         if self.artifacts is None:
-            return
+            return None
         try:
             from hypatia.client.torch_internals import current_compile_id
 
             trail.compile_id = current_compile_id()
-            self.artifacts.record(trail)
+            return self.artifacts.record(trail)
         except Exception as exc:  # noqa: BLE001 - a debug aid never fails the user's model
             self._artifact_error("graph folder", exc)
+            return None
 
     def _artifact_error(self, what: str, exc: BaseException) -> None:
         self.counters["artifacts_write_errors"] += 1

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 from xml.etree import ElementTree
 
+import pytest
 import torch
 
 from hypatia.client.capture import capture
@@ -250,3 +251,26 @@ def test_a_graph_hypatia_does_not_plan_gets_a_folder_saying_why(home, dynamo_res
     assert not (g / "plan.json").exists() and not (g / "rewrites.json").exists()
     assert "nothing was rewritten" in (g / "executed.py").read_text().splitlines()[0]
     assert json.loads((g / "stats.json").read_text())["ops"]
+
+
+def test_a_graph_that_fails_at_run_time_says_so_in_its_summary(home, dynamo_reset, monkeypatch, tmp_path):
+    from hypatia.client import executors
+    from hypatia.client.backend import HypatiaFallbackWarning, session
+
+    monkeypatch.setenv("HYPATIA_ARTIFACTS", str(tmp_path))
+    monkeypatch.setenv("HYPATIA_AUTOSTART", "0")
+
+    def planted(*args):
+        raise RuntimeError("a planted executor failure")
+
+    monkeypatch.setattr(executors, "build", lambda name, graphs, args=None: planted)
+    model = MLP().eval()
+    x = torch.randn(4, 32)
+    with torch.no_grad(), pytest.warns(HypatiaFallbackWarning, match="planted"):
+        torch.testing.assert_close(torch.compile(model, backend="hypatia")(x), model(x))
+    assert session().counters["fallbacks"] == 1 and session().counters["artifacts_write_errors"] == 0
+    (g,) = graph_folders(the_folder(tmp_path))
+    summary = json.loads((g / "summary.json").read_text())
+    assert summary["executor"] == "eager" and len(summary["regions"]) == 2
+    assert [f["reason"] for f in summary["fallbacks"]] == \
+        ["the graph failed at run time: RuntimeError: a planted executor failure"]

@@ -11,6 +11,7 @@ and ``graph_breaks.json``.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import threading
@@ -81,6 +82,16 @@ class Recorder:
                     self.pending.remove(event)
                     self._deliver(g, event)
             return g
+
+    def note_fallback(self, g: GraphArtifacts, reason: str) -> None:
+        """Add ``reason`` to the fallbacks of ``g``'s summary (a graph that failed at run time and
+        runs as eager PyTorch from then on)."""
+        with self._lock:
+            path = g.path / "summary.json"
+            summary = json.loads(path.read_text())
+            summary["fallbacks"].append({"reason": reason})
+            summary["executor"] = "eager"
+            write_json(path, summary)
 
     def _guarded(self, what: str, write: Callable[[], object]) -> None:
         try:
