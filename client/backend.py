@@ -26,6 +26,7 @@ import threading
 import time
 from collections import Counter, deque
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -42,6 +43,7 @@ from hypatia.client.choice import ExecutorChoice, Measured
 from hypatia.client.remote import RemoteRunner
 from hypatia.client.rpc import DaemonClient, DaemonGone, DaemonUnavailable, GaveUpWaiting, VersionSkew
 from hypatia.config import Config, load
+from hypatia.debug.trail import Trail
 from hypatia.kernels import transparent
 from hypatia.planner import Plan, plan_graph
 from hypatia.planner import environment
@@ -112,6 +114,14 @@ class Session:
         self._warned: set[str] = set()
         self._skip_daemon_until = 0.0
         self._lock = threading.Lock()
+        self.artifacts = None  # HYPATIA_ARTIFACTS: this process's artifacts folder
+        if self.config.artifacts:
+            try:
+                from hypatia.debug.recorder import recorder_for
+
+                self.artifacts = recorder_for(self.config.artifacts, self._artifact_error)
+            except Exception as exc:  # noqa: BLE001 - a debug aid never fails the user's model
+                self._artifact_error("the artifacts folder", exc)
         if self.config.summary:
             atexit.register(self.print_summary)
 
@@ -219,20 +229,25 @@ class Session:
     def compile(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
         """What runs Dynamo's ``gm``: its rewritten graph under the chosen executor, or ``gm``
         itself when anything goes wrong."""
+        trail = Trail(gm, example_inputs, "training" if model_graphs.is_training(example_inputs) else "inference")
         try:
             with self._lock:
-                compiled = self._compile(gm, example_inputs)
+                compiled = self._compile(gm, example_inputs, trail)
         except Exception as exc:  # noqa: BLE001 - never fail the user's model
             self.fallback("the graph could not be compiled", exc)
+            trail.fallbacks.append(f"the graph could not be compiled: {type(exc).__name__}: {exc}")
+            trail.executor = "eager"
+            self._record(trail)
             return gm.forward
+        folder = self._record(trail)
         if compiled == gm.forward:
             # the eager executor: nothing to guard, and Dynamo calls its own graph's forward
             # with less overhead than any other callable (measured: about 20 us a call)
             return gm.forward
-        number = self._graph_number()
+        number = _folder_number(folder) or self._graph_number()
 
         def failed(exc: BaseException) -> None:
-            self.fallback("the graph failed at run time", exc)
+            self._failed_at_run_time(exc, folder)
             if self.config.artifacts:
                 self._repro("executor_repro", number, gm, list(guarded.failed_args), exc)
             guarded.failed_args = ()  # the call's tensors are not kept past the repro
@@ -254,7 +269,36 @@ class Session:
         except Exception as exc:  # noqa: BLE001 - debugging aids never break the run
             self._note_once(f"repro:{trigger}", f"could not write a repro ({type(exc).__name__}: {exc})")
 
-    def _compile(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
+    def _failed_at_run_time(self, exc: BaseException, folder: Any) -> None:
+        self.fallback("the graph failed at run time", exc)
+        if folder is not None and self.artifacts is not None:
+            try:
+                self.artifacts.note_fallback(folder, f"the graph failed at run time: {type(exc).__name__}: {exc}")
+            except Exception as error:  # noqa: BLE001 - a debug aid never fails the user's model
+                self._artifact_error("summary.json", error)
+
+    def _record(self, trail: Trail) -> Any:
+        """HYPATIA_ARTIFACTS: write the graph's folder and return it (None when off or not
+        written; errors counted, never raised)."""
+        if self.artifacts is None:
+            return None
+        try:
+            from hypatia.client.torch_internals import current_compile_id
+
+            trail.compile_id = current_compile_id()
+            return self.artifacts.record(trail)
+        except Exception as exc:  # noqa: BLE001 - a debug aid never fails the user's model
+            self._artifact_error("graph folder", exc)
+            return None
+
+    def _artifact_error(self, what: str, exc: BaseException) -> None:
+        self.counters["artifacts_write_errors"] += 1
+        log.debug("could not write %s to the artifacts folder", what, exc_info=exc)
+        self._note_once("artifacts", f"could not write {what} to HYPATIA_ARTIFACTS={self.config.artifacts} "
+                        f"({type(exc).__name__}: {exc}); the model runs on, and each such error is counted as "
+                        "artifacts_write_errors")
+
+    def _compile(self, gm: torch.fx.GraphModule, example_inputs: list[Any], trail: Trail) -> Callable[..., Any]:
         training = model_graphs.is_training(example_inputs)
         phase = "training" if training else "inference"
         self.counters[f"graphs_{phase}"] += 1
@@ -270,6 +314,7 @@ class Session:
             warm = self.sharing.warm_start(graphs, source, index)
             if warm is not None:
                 compiled, warm_plan, warm_keys = warm
+                trail.warm_start, trail.from_daemon, trail.planned, trail.plan, trail.keys = True, True, warm_plan, warm_plan, warm_keys
                 self.plans.append((phase, warm_plan))
                 self.plan_keys.append(warm_keys)
                 return compiled
@@ -278,11 +323,13 @@ class Session:
             model = model_graphs.trace(gm, example_inputs)
         except model_graphs.NotRewritable as exc:
             self.counters["graphs_not_rewritten"] += 1
+            trail.fallbacks.append(f"not rewritten: {exc}")
             self._note_once(f"not-rewritten:{str(exc)[:40]}", f"a graph runs unrewritten: {exc}")
         if model is not None and len(model.gm.graph.nodes) > self.config.max_graph_nodes:
             self._not_planned(NotPlanned("TOO_LARGE", (
                 f"it has {len(model.gm.graph.nodes)} nodes, over HYPATIA_MAX_GRAPH_NODES={self.config.max_graph_nodes} "
                 "(raise the limit to plan graphs this large)")))
+            trail.fallbacks.append(f"not planned: {len(model.gm.graph.nodes)} nodes, over HYPATIA_MAX_GRAPH_NODES")
             model = None
         if model is not None:
             graph, fx_nodes = cap.capture(model.gm)
@@ -290,15 +337,22 @@ class Session:
             ekey, env = environment.describe(cap.graph_device(graph), index)
             keys = (graph.key, wkey, ekey)
             label = compiled_model_name()
+            trail.model, trail.fx_nodes, trail.graph, trail.env, trail.keys, trail.label = model, fx_nodes, graph, env, keys, label
             try:
                 plan, from_daemon = self.plan(graph, keys, workload, env, label)
             except NotPlanned as exc:
                 self._not_planned(exc)
-                return self._executor(graphs, None, None, None)
-            plan = self._validate(graph, fx_nodes, plan, keys, from_daemon)
+                trail.fallbacks.append(f"not planned: {exc}")
+                return self._executor(graphs, None, None, None, trail)
+            trail.planned, trail.from_daemon = plan, from_daemon
+            plan = self._validate(graph, fx_nodes, plan, keys, from_daemon, trail)
             handles: dict[int, int] = {}
             if accel.adapters():
-                plan, handles = accel.place(fx_nodes, plan, model.training, self.counters, self.violations)
+                found: list[dict] = []
+                plan, handles = accel.place(fx_nodes, plan, model.training, self.counters, found)
+                self.violations.extend(found)
+                trail.violations = found
+            trail.plan = plan
             self.plans.append((phase, plan))
             self.plan_keys.append(keys)
             if self.config.debug_fx:
@@ -317,7 +371,8 @@ class Session:
                                     f"names cuda:{index}); ranks that each see their GPU as cuda:0 (torchrun "
                                     "--virtual-local-rank) share one compile for the host")
         # measurements of a filtered graph are not this plan's: they stay out of the daemon
-        local = self._executor(graphs, model, plan, keys if self.region_filter is None else None)
+        local = self._executor(graphs, model, plan, keys if self.region_filter is None else None, trail)
+        trail.rewritten, trail.for_inductor = graphs.rewritten, graphs.for_inductor
         if self.remote is None or model is None or keys is None or self.region_filter is not None:
             return local
         registration = {"graph_key": keys[0], "workload_key": keys[1], "env_key": keys[2], "policy": self.config.policy,
@@ -356,7 +411,7 @@ class Session:
         return full, factory(replace(plan, regions=visible)) if visible else None
 
     def _validate(self, graph: CanonicalGraph, fx_nodes: list, plan: Plan, keys: tuple[str, str, str],
-                  from_daemon: bool) -> Plan:
+                  from_daemon: bool, trail: Trail | None = None) -> Plan:
         """Check the plan's regions under HYPATIA_CHECKSUM_MODE; failing ones run unfused.
 
         ``background`` leaves the check to the daemon, which validates every new region shape
@@ -368,6 +423,8 @@ class Session:
             mode = "strict"
         by_output = {r.output: r for r in plan.regions}
         plan, verdicts = validate.validate(fx_nodes, plan, mode)
+        if trail is not None:
+            trail.verdicts = verdicts
         failed = [v for v in verdicts if not v.ok]
         self.counters["regions_validated"] += len(verdicts) - len(failed)
         self.counters["regions_failed_validation"] += len(failed)
@@ -384,7 +441,7 @@ class Session:
 
     # -- executors ------------------------------------------------------------------------
     def _executor(self, graphs: executors.Graphs, model: model_graphs.ModelGraph | None, plan: Plan | None,
-                  keys: tuple[str, str, str] | None) -> Callable[..., Any]:
+                  keys: tuple[str, str, str] | None, trail: Trail | None = None) -> Callable[..., Any]:
         """The executor ``graphs`` run under: forced by HYPATIA_EXECUTOR, the one the daemon
         keeps for this plan, or the default at once with the others measured as the model runs."""
         refusal = executors.cudagraphs.refusal(graphs.dynamo, model.gm if model is not None else None,
@@ -405,7 +462,11 @@ class Session:
         if name is not None:
             name = self._runnable(name, graphs, refusal)
             self.counters[f"executor.{name}"] += 1
+            if trail is not None:
+                trail.executor = name
             return executors.build(name, graphs)
+        if trail is not None:
+            trail.executor, trail.candidates = names[0], list(names)
         first = executors.build(names[0], graphs)
         self.counters["executor_measurements"] += 1
 
@@ -439,8 +500,24 @@ class Session:
         return executor + (executors.CUDAGRAPHS if captured else "")
 
 
+def _folder_number(folder: Any) -> int | None:
+    """NNN of a graph's artifacts folder (``graph-NNN-<label>``), so that its repros match it."""
+    try:
+        return int(Path(folder).name.split("-")[1])
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
 _session: Session | None = None
 _session_lock = threading.Lock()
+
+if os.environ.get("HYPATIA_ARTIFACTS", "").strip():
+    try:  # listen to torch's trace from now on: the first frame's graph breaks come before its graph
+        from hypatia.debug.recorder import recorder_for
+
+        recorder_for(os.environ["HYPATIA_ARTIFACTS"].strip())
+    except Exception as exc:  # noqa: BLE001 - the session says why when it tries again
+        log.debug("artifacts folder not ready: %s", exc)
 
 
 def session() -> Session:
@@ -458,6 +535,8 @@ def reset_session() -> None:
     with _session_lock:
         if _session is not None:
             _session.client.close()
+            if _session.artifacts is not None:
+                _session.artifacts.close()
         _session = None
 
 

@@ -21,6 +21,9 @@ public form (and one label for people):
   the process compiled so far, so the artifacts of one graph are recorded apart through the
   artifact manager's ``with_fresh_cache`` (and handed back to the process-wide record), and
   the settings that change compiled code through the config modules' ``save_config_portable``.
+- for the artifacts folder (``HYPATIA_ARTIFACTS``) only: the id of the frame compile in progress,
+  torch's structured trace logger (Inductor's output code, guards and graph breaks arrive
+  there), and AOTAutograd's graphs of a copy of Dynamo's graph.
 
 Each is used only through a function here. :data:`TESTED` is the range of torch versions these
 were written and tested against; ``tests/test_torch_internals.py`` checks every symbol, so a torch
@@ -312,3 +315,60 @@ def cudagraph_trees(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], on_
     compiler = aot_autograd(fw_compiler=forward, bw_compiler=backward,
                             inference_compiler=functools.partial(forward, is_inference=True))
     return compiler(gm, list(example_inputs))
+
+
+# -- what the artifacts folder (HYPATIA_ARTIFACTS) reads -----------------------------------------
+
+
+def current_compile_id() -> str | None:
+    """Dynamo's id of the frame compile in progress (``"frame/attempt"``, as its logs print it),
+    or None outside a compile."""
+    from torch._guards import CompileContext
+
+    compile_id = CompileContext.current_compile_id()
+    if compile_id is None or compile_id.frame_id is None:
+        return None
+    return f"{compile_id.frame_id}/{compile_id.frame_compile_id}"
+
+
+def structured_trace_logger() -> logging.Logger:
+    """The logger of torch's structured trace (what ``TORCH_TRACE`` writes and tlparse reads):
+    each record carries ``metadata`` (the event, its compile id) and ``payload``. Torch builds
+    the events only while the logger has a handler, and it must pass DEBUG records."""
+    from torch._logging._internal import trace_log
+
+    return trace_log
+
+
+def aot_graphs(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], training: bool) -> dict[str, torch.fx.GraphModule]:
+    """AOTAutograd's graphs for a copy of Dynamo's ``gm``: ``{"forward", "backward"}`` in
+    training, ``{"inference"}`` otherwise. Traced on fake inputs of their own, in a tracing
+    context of their own, so that the compile in progress is left as it was."""
+    import copy
+
+    from torch._functorch.aot_autograd import aot_module_simplified
+    from torch._guards import TracingContext, tracing
+    from torch._subclasses.fake_tensor import FakeTensorMode, unset_fake_temporarily
+
+    check_torch()
+    graphs: dict[str, torch.fx.GraphModule] = {}
+
+    def keep(name: str) -> Callable:
+        def compiler(aot_gm: torch.fx.GraphModule, aot_inputs: Any) -> Callable:
+            graphs[name] = aot_gm
+            return aot_gm.forward
+        return compiler
+
+    with unset_fake_temporarily():
+        fake_mode = FakeTensorMode()
+        with fake_mode:
+            fakes = [torch.empty_strided(tuple(x.shape), tuple(x.stride()), dtype=x.dtype, device=x.device)
+                     .requires_grad_(x.requires_grad) if isinstance(x, torch.Tensor) else x for x in example_inputs]
+        with tracing(TracingContext(fake_mode)), fake_mode, torch.enable_grad() if training else torch.no_grad():
+            from torch._functorch import config as functorch_config
+
+            with functorch_config.patch(force_non_lazy_backward_lowering=True, enable_autograd_cache=False):
+                # a graph of its own over the same attributes (parameters are not copied)
+                aot_module_simplified(torch.fx.GraphModule(gm, copy.deepcopy(gm.graph)), fakes, fw_compiler=keep("forward"), bw_compiler=keep("backward"),
+                                      inference_compiler=keep("inference"))
+    return graphs

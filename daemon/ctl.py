@@ -73,6 +73,18 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default ./hypatia-report)")
     p.add_argument("--artifacts", metavar="DIR", default=None, help="the artifacts folder to read (default: "
                    "HYPATIA_ARTIFACTS if set, else ./hypatia-artifacts)")
+    p = sub.add_parser("debug", help="debugging aids: run a script writing the artifacts of its compiles",
+                       description="Debugging aids. `debug run SCRIPT [ARGS...]` runs a Python script with "
+                       "HYPATIA_ARTIFACTS set, so that every graph it compiles with Hypatia leaves its folder of "
+                       "artifacts (graphs, plan, rewrites, generated code, guards, graph breaks), and says where.")
+    debug = p.add_subparsers(dest="debug_command", required=True, metavar="WHAT")
+    run = debug.add_parser("run", help="run a script with HYPATIA_ARTIFACTS set; exit with its status",
+                           description="Run `python SCRIPT ARGS...` (this interpreter) with HYPATIA_ARTIFACTS=--out, "
+                           "print where the artifacts are, and exit with the script's status.")
+    run.add_argument("--out", default="hypatia-artifacts", metavar="DIR",
+                     help="where the artifacts go (default ./hypatia-artifacts); each process writes a folder of its own")
+    run.add_argument("script", help="the Python script to run")
+    run.add_argument("args", nargs=argparse.REMAINDER, help="the script's own arguments")
     return parser
 
 
@@ -287,6 +299,12 @@ def format_stats(s: dict[str, Any]) -> str:
 @quiet_broken_pipe
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "debug":
+        from hypatia.debug.run import describe, run_script
+
+        done = run_script(args.script, args.args, args.out)
+        print(f"hypatia-ctl: {describe(done)}", file=sys.stderr)
+        return done.returncode
     try:
         config = load()
         if args.command == "stats":

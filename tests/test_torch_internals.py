@@ -39,6 +39,12 @@ PRIVATE = [
     ("torch._inductor.config", "save_config_portable", ()),
     ("torch._functorch.config", "save_config_portable", ()),
     ("torch._functorch.config", "force_non_lazy_backward_lowering", ()),
+    ("torch._functorch.config", "enable_autograd_cache", ()),
+    ("torch._functorch.aot_autograd", "aot_module_simplified", ("fw_compiler", "bw_compiler", "inference_compiler")),
+    ("torch._subclasses.fake_tensor", "FakeTensorMode", ()),
+    ("torch._subclasses.fake_tensor", "unset_fake_temporarily", ()),
+    ("torch._guards", "CompileContext", ()),
+    ("torch._logging._internal", "trace_log", ()),
 ]
 
 

@@ -1,55 +1,73 @@
-"""The per-process artifacts folder: ``<root>/<host>-<pid>-<YYYYmmdd-HHMMSS>/`` with its
-``process.json``, created once per process (a forked child gets its own)."""
+"""The artifacts folder's top level: one folder per process under ``HYPATIA_ARTIFACTS``, with
+``process.json`` saying which process it was; and the atomic writes every writer uses.
+
+``DIR/<host>-<pid>-<YYYYmmdd-HHMMSS>/process.json`` holds ``pid``, ``host``, ``argv``,
+``started``, ``torch``, ``hypatia`` and ``config`` (the ``HYPATIA_*`` variables that are set).
+"""
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import socket
 import sys
 import threading
+import time
 from pathlib import Path
+from typing import Any
 
 _lock = threading.Lock()
-_folders: dict[tuple[int, str], Path] = {}
+_folders: dict[tuple[int, str], Path] = {}  # (pid, root) -> this process's folder
 
 
-def _versions() -> tuple[str, str]:
-    try:
-        import torch
-
-        torch_version = str(torch.__version__)
-    except Exception:  # noqa: BLE001 - the record says what it can
-        torch_version = "unknown"
-    try:
-        from importlib.metadata import version
-
-        hypatia_version = version("hypatia")
-    except Exception:  # noqa: BLE001
-        hypatia_version = "unknown"
-    return torch_version, hypatia_version
+def write_text(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file and a rename, so a reader never sees
+    half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
 
 
-def process_folder(root: str | os.PathLike) -> Path:
-    """This process's folder under ``root`` (created with its ``process.json`` on first call;
-    the same path on every later call from this process)."""
+def write_json(path: Path, value: Any) -> Path:
+    """``value`` as pretty JSON (keys sorted; what JSON cannot hold written as its ``str``)."""
+    return write_text(path, json.dumps(value, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def process_info(started: float) -> dict:
+    """What ``process.json`` says about this process."""
+    import torch
+
+    from hypatia import __version__
+
+    return {
+        "pid": os.getpid(),
+        "host": socket.gethostname(),
+        "argv": list(sys.argv),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+        "torch": torch.__version__,
+        "hypatia": __version__,
+        "config": {k: v for k, v in sorted(os.environ.items()) if k.startswith("HYPATIA_")},
+    }
+
+
+def process_folder(root: str | Path) -> Path:
+    """This process's folder under ``root``, made (with ``process.json``) on the first call; a
+    forked child gets a folder of its own."""
     key = (os.getpid(), str(Path(root).expanduser().absolute()))
     with _lock:
-        if key in _folders:
-            return _folders[key]
+        found = _folders.get(key)
+        if found is not None:
+            return found
+        started = time.time()
         host = socket.gethostname().split(".")[0] or "host"
-        started = datetime.datetime.now()
-        folder = Path(key[1]) / f"{host}-{key[0]}-{started.strftime('%Y%m%d-%H%M%S')}"
-        folder.mkdir(parents=True, exist_ok=True)
-        torch_version, hypatia_version = _versions()
-        record = {
-            "pid": key[0], "host": host, "argv": list(sys.argv), "started": started.isoformat(timespec="seconds"),
-            "torch": torch_version, "hypatia": hypatia_version,
-            "config": {k: v for k, v in sorted(os.environ.items()) if k.startswith("HYPATIA_")},
-        }
-        tmp = folder / f".process.json.{key[0]}.tmp"
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
-        os.replace(tmp, folder / "process.json")
+        base = Path(key[1]) / f"{host}-{key[0]}-{time.strftime('%Y%m%d-%H%M%S', time.localtime(started))}"
+        folder, n = base, 1
+        while folder.exists():  # a pid reused within the second
+            n += 1
+            folder = base.with_name(f"{base.name}-{n}")
+        folder.mkdir(parents=True)
+        write_json(folder / "process.json", process_info(started))
         _folders[key] = folder
         return folder
