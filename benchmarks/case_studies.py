@@ -27,6 +27,7 @@ from torch import nn
 from benchmarks.fresh_process import base_env, hypatiad
 
 MODELS = ("bert_base", "resnet_small", "transformer_block")
+CALLS = 60  # calls after the first: the executor choice measures 3 + 10 calls of each candidate
 
 
 class BasicBlock(nn.Module):
@@ -78,7 +79,7 @@ CHILD = textwrap.dedent(
     """
     import json, os, sys, time
     import torch
-    from benchmarks.case_studies import build
+    from benchmarks.case_studies import CALLS, build
     from hypatia.client.backend import session
     from hypatia.debug import compare
     from hypatia.debug.folder import process_folder
@@ -88,13 +89,14 @@ CHILD = textwrap.dedent(
     start = time.perf_counter()
     compiled = torch.compile(model, backend="hypatia")
     with torch.no_grad():
-        for _ in range(3):
+        compiled(*inputs)
+        compile_s = time.perf_counter() - start
+        for _ in range(CALLS):  # enough for the executor choice to be measured and stored
             compiled(*inputs)
-    compile_s = time.perf_counter() - start
     folder = process_folder(os.environ["HYPATIA_ARTIFACTS"])
     first = sorted(folder.glob("graph-*"))[0]
     report = compare(model, inputs, reference="float64", grads=False, out_dir=first)
-    print(json.dumps({"model": name, "compile_and_3_calls_s": round(compile_s, 1), "passed": report.passed,
+    print(json.dumps({"model": name, "first_call_s": round(compile_s, 1), "passed": report.passed,
                       "failed": [t.name for t in report.tensors if not t.passed],
                       "worst": max(((t.name, t.max_abs) for t in report.tensors), key=lambda x: x[1], default=None),
                       "attribution": [a.to_dict() for a in report.attribution],
