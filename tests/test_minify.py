@@ -20,7 +20,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 import hypatia.kernels.linear_activation as la
 from hypatia.debug import DoesNotFail, minify, minify_model, process_folder, write_repro
-from hypatia.debug.minify import accuracy_check, ddmin
+from hypatia.debug.delta import accuracy_check, ddmin
 
 aten = torch.ops.aten
 
@@ -321,3 +321,17 @@ def test_a_minifier_problem_never_breaks_the_run(home, dynamo_reset, monkeypatch
     from hypatia.client import backend
 
     assert backend.session().counters["regions_failed_validation"] == 1  # ran; the repro's failure only logged
+
+
+def test_the_package_s_names_are_its_functions_whatever_was_imported_first():
+    import importlib
+
+    import hypatia.debug as debug
+
+    for module in ("triggers", "delta", "kernel_diff", "repro", "folder"):
+        importlib.import_module(f"hypatia.debug.{module}")
+    assert debug.minify.__module__ == "hypatia.debug.delta" and callable(debug.minify)
+    assert debug.compare.__module__ == "hypatia.debug.kernel_diff" and debug.minify_model.__module__ == "hypatia.debug.triggers"
+    assert set(debug.__all__) <= set(dir(debug))
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        debug.nothing  # noqa: B018

@@ -11,8 +11,8 @@ from typing import Any
 
 _WHERE = {
     "process_folder": "folder", "DiffReport": "kernel_diff", "RegionAttribution": "kernel_diff",
-    "compare": "kernel_diff", "TensorDiff": "metrics", "tensor_diff": "metrics", "DoesNotFail": "minify",
-    "Minified": "minify", "minify": "minify", "write_repro": "repro", "minify_model": "triggers",
+    "compare": "kernel_diff", "TensorDiff": "metrics", "tensor_diff": "metrics", "DoesNotFail": "delta",
+    "Minified": "delta", "minify": "delta", "write_repro": "repro", "minify_model": "triggers",
 }
 __all__ = sorted(_WHERE)
 

@@ -25,6 +25,7 @@ from hypatia.debug.trace import Event, TraceCollector
 from hypatia.debug.trail import Trail
 
 PENDING = 256  # events held for a graph folder not made yet
+BREAKS = 4096  # graph breaks kept for the process file (a frame that breaks on every call would grow it)
 
 
 def graph_break(event: Event) -> dict:
@@ -48,7 +49,7 @@ class Recorder:
         self.graphs = 0
         self.by_compile: dict[str, list[GraphArtifacts]] = {}
         self.pending: deque[Event] = deque(maxlen=PENDING)
-        self.breaks: list[dict] = []
+        self.breaks: deque[dict] = deque(maxlen=BREAKS)  # the latest graph breaks of the process
         self.guard_files = 0
         self.closed: set[str] = set()  # compile ids whose guards came: their compile is over
         self._lock = threading.RLock()
@@ -106,7 +107,7 @@ class Recorder:
     def _file(self, event: Event) -> None:
         if event.kind == "graph_break":
             self.breaks.append(graph_break(event))
-            write_json(self.folder / "graph_breaks.json", self.breaks)
+            write_json(self.folder / "graph_breaks.json", list(self.breaks))
             return
         if event.kind == "inductor_output_code" and event.compile_id in self.closed:
             self.closed.discard(event.compile_id)  # a new compile under an old id (after a reset)

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import torch.fx
 
-from hypatia.debug.minify import Minified
+from hypatia.debug.delta import Minified
 
 LITERAL_MAX = 1000  # integer and boolean tensors up to this many elements are written as they are
 
@@ -186,7 +186,7 @@ def check():
 def check():
     """The failure: Hypatia's fused graph differs from the graph run eagerly."""
     from torch.fx.experimental.proxy_tensor import make_fx
-    from hypatia.debug.minify import fused_graph
+    from hypatia.debug.delta import fused_graph
 
     with torch.no_grad():
         gm = make_fx(graph)(*INPUTS)
@@ -215,7 +215,7 @@ def check():
 def check():
     """The failure: Hypatia's fused graph raises EXCEPTION_NAME as it is built or run."""
     from torch.fx.experimental.proxy_tensor import make_fx
-    from hypatia.debug.minify import fused_graph
+    from hypatia.debug.delta import fused_graph
 
     with torch.no_grad():
         gm = make_fx(graph)(*INPUTS)

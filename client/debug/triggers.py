@@ -15,7 +15,7 @@ import torch
 import torch.fx
 
 from hypatia.debug.folder import process_folder
-from hypatia.debug.minify import DoesNotFail, Minified, accuracy_check, computing_nodes, minify, raises_check
+from hypatia.debug.delta import DoesNotFail, Minified, accuracy_check, computing_nodes, minify, raises_check
 from hypatia.debug.repro import write_repro
 
 log = logging.getLogger("hypatia.debug")
@@ -157,7 +157,7 @@ def minify_model(model: Any, inputs: list, check: str = "accuracy", out: str | o
 
 def _raised(gm: torch.fx.GraphModule, args: list) -> str | None:
     """The type name of what Hypatia's fused ``gm`` raises on ``args``, or None."""
-    from hypatia.debug.minify import fused_graph
+    from hypatia.debug.delta import fused_graph
 
     try:
         fused, _ = fused_graph(gm, args)
