@@ -24,12 +24,13 @@ import operator
 import re
 from collections import Counter
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Iterable, MutableSequence
+from typing import Any, Callable, MutableSequence
 
 import torch
 import torch.fx
 
 from hypatia.client.capture import op_name
+from hypatia.planner.footprint import tensors_in
 from hypatia.planner.plan import PLACEMENTS, Plan, Region
 
 log = logging.getLogger("hypatia.client")
@@ -140,16 +141,8 @@ def adapters() -> tuple[AcceleratorAdapter, ...]:
 
 
 # -- checking -------------------------------------------------------------------------------------
-def _tensors(value: Any) -> Iterable[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        yield value
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            yield from _tensors(v)
-
-
 def _nbytes(node: torch.fx.Node) -> int:
-    return sum(t.numel() * t.element_size() for t in _tensors(node.meta.get("val")))
+    return sum(t.numel() * t.element_size() for t in tensors_in(node.meta.get("val")))
 
 
 def check(adapter: AcceleratorAdapter, fx_nodes: list[torch.fx.Node], region: Region) -> list[Violation]:
@@ -166,8 +159,8 @@ def check(adapter: AcceleratorAdapter, fx_nodes: list[torch.fx.Node], region: Re
         if adapter.ops is not None and op not in adapter.ops:
             found.append(violation("op", i, f"{op} is not among the adapter's operators"))
         if adapter.dtypes is not None:
-            seen = [t.dtype for a in node.all_input_nodes for t in _tensors(a.meta.get("val"))]
-            seen += [t.dtype for t in _tensors(node.meta.get("val"))]
+            seen = [t.dtype for a in node.all_input_nodes for t in tensors_in(a.meta.get("val"))]
+            seen += [t.dtype for t in tensors_in(node.meta.get("val"))]
             for dtype in sorted({_dtype_name(d) for d in seen} - adapter.dtypes):
                 found.append(violation("dtype", i, f"{op} has a {dtype} tensor; the adapter takes "
                                                    f"{', '.join(sorted(adapter.dtypes)) or 'none'}"))

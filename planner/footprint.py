@@ -38,11 +38,14 @@ def written_bytes(t: torch.Tensor) -> int:
     return max(t.numel(), span(t.shape, t.stride())) * t.element_size() if t.numel() else 0
 
 
-def _tensors(value: Any) -> list[torch.Tensor]:
+def tensors_in(value: Any) -> list[torch.Tensor]:
+    """The tensors in ``value`` (a tensor, or lists, tuples and dicts of them), in order."""
     if isinstance(value, torch.Tensor):
         return [value]
     if isinstance(value, (list, tuple)):
-        return [t for v in value for t in _tensors(v)]
+        return [t for v in value for t in tensors_in(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in tensors_in(v)]
     return []
 
 
@@ -74,9 +77,9 @@ def footprint(gm: torch.fx.GraphModule, inputs: list[tuple[list[int], str]]) -> 
                 raise NotSizeable(f"{where} cannot be sized before it runs: {type(exc).__name__}: {exc}"[:400]) from None
             interpreter.env[node] = value
             if node.op == "output":
-                return Footprint(sum(written_bytes(t) for t in _tensors(value)), peak, peak_at)
+                return Footprint(sum(written_bytes(t) for t in tensors_in(value)), peak, peak_at)
             held[node] = set()
-            for t in _tensors(value):
+            for t in tensors_in(value):
                 sid = t.untyped_storage()._cdata
                 if sid in given:
                     continue

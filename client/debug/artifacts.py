@@ -22,6 +22,7 @@ from hypatia.debug.drawing import regions_svg
 from hypatia.debug.folder import write_json, write_text
 from hypatia.debug.rewrites import rewrites
 from hypatia.debug.trail import Trail
+from hypatia.planner.footprint import tensors_in
 
 UNPLANNED = "unplanned"
 
@@ -66,14 +67,6 @@ def _value(node: torch.fx.Node) -> Any:
     return node.meta.get("val", node.meta.get("example_value"))
 
 
-def _tensors(value: Any) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, (list, tuple)):
-        return [t for v in value for t in _tensors(v)]
-    return []
-
-
 def nbytes(t: torch.Tensor) -> int:
     """A tensor's size in bytes (0 where its shape is symbolic)."""
     try:
@@ -92,17 +85,17 @@ def graph_stats(gm: torch.fx.GraphModule, example_inputs: list | None = None) ->
     dtypes: Counter = Counter()
     activation = 0
     for n in nodes:
-        tensors = _tensors(_value(n))
+        tensors = tensors_in(_value(n))
         dtypes.update(str(t.dtype).removeprefix("torch.") for t in tensors)
         if n.op in ("call_function", "call_method", "call_module"):
             activation += sum(nbytes(t) for t in tensors)
     parameters = 0
     for i in static_input_indices(gm):
         value = example_inputs[i] if example_inputs is not None and i < len(example_inputs) else _value(placeholders[i])
-        parameters += sum(nbytes(t) for t in _tensors(value))
+        parameters += sum(nbytes(t) for t in tensors_in(value))
     for n in (n for n in nodes if n.op == "get_attr"):
         try:
-            parameters += sum(nbytes(t) for t in _tensors(_attr(gm, n.target)))
+            parameters += sum(nbytes(t) for t in tensors_in(_attr(gm, n.target)))
         except AttributeError:
             pass
     return {"nodes": len(nodes), "ops": dict(sorted(ops.items())), "dtypes": dict(sorted(dtypes.items())),

@@ -18,6 +18,8 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx
 
+from hypatia.planner.footprint import tensors_in
+
 log = logging.getLogger("hypatia.debug")
 
 COMPUTING = ("call_function", "call_method", "call_module")
@@ -227,21 +229,11 @@ def fused_graph(gm: torch.fx.GraphModule, inputs: list) -> tuple[torch.fx.GraphM
     return apply_plan(model.gm, fx_nodes, plan), plan
 
 
-def _flat(value: Any) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, (list, tuple)):
-        return [t for v in value for t in _flat(v)]
-    if isinstance(value, dict):
-        return [t for v in value.values() for t in _flat(v)]
-    return []
-
-
 def compare(actual: Any, expected: Any, atol: float | None = None, rtol: float | None = None) -> str | None:
     """None when every tensor of ``actual`` is close to ``expected``'s, else what differs."""
     if (atol is None) != (rtol is None):  # assert_close takes both or neither
         atol, rtol = atol or 0.0, rtol or 0.0
-    got, want = _flat(actual), _flat(expected)
+    got, want = tensors_in(actual), tensors_in(expected)
     if len(got) != len(want):
         return f"{len(got)} tensors returned, {len(want)} expected"
     for k, (a, b) in enumerate(zip(got, want)):
