@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	@echo "==> [3/4] installing Hypatia (editable) with its test extras"
 	$(BIN)/python -m pip install --progress-bar on -e '.[test]'
 	@echo "==> [4/4] checking that every required package imports"
-	@$(BIN)/python -c "import torch, zmq, msgpack, sqlite_utils, networkx, egglog, pytest, pytest_timeout, hypothesis, psycopg" \
+	@$(BIN)/python -c "import torch, zmq, msgpack, sqlite_utils, networkx, egglog, pytest, pytest_timeout, xdist, hypothesis, psycopg" \
 		|| { echo "set-up incomplete: a required package did not install" >&2; exit 1; }
 	touch $(STAMP)
 	@echo "==> set-up done: the commands are $(BIN)/hypatiad and $(BIN)/hypatia-ctl (or: source $(BIN)/activate)"
@@ -33,9 +33,13 @@ demo: $(STAMP)
 	HYPATIA_SUMMARY=1 $(BIN)/python -m hypatia.client.demo
 	$(BIN)/hypatia-ctl stats
 
+# Two workers (pytest-xdist): most tests wait on daemons and child processes, so two run well on
+# two cores; each module stays on one worker (see tests/conftest.py).
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	@echo "==> running the test suite (CPU; about 16 minutes on two cores)"
-	$(BIN)/python -m pytest -m "not gpu" $(PYTEST_ARGS)
+	@echo "==> running the test suite (CPU, $(TEST_WORKERS) workers; about 15 minutes on two cores)"
+	$(BIN)/python -m pytest -m "not gpu" -n $(TEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
 
 test-gpu: $(STAMP)
 	$(BIN)/python -m pytest -m gpu $(PYTEST_ARGS)

@@ -235,16 +235,19 @@ class FirstCall:
         home = self.cold_daemon(case)
         row = self.child("hypatia", case, {"HYPATIA_HOME": str(home)}, self.hypatia_cache[case])
         counters = row.get("hypatia_counters", {})
-        if counters.get("daemon_hits", 0) == 0:
-            self.notes.append(f"hypatia_warm/{case[0]}/{case[1]}: daemon_hits == 0, the warm process got no plan "
-                              f"from the daemon's cache: {counters}")
+        # Served by the daemon either way: a plan from its cache, or (once the cold process's
+        # compiled code has landed there) a warm start that asks for no plan at all.
+        served = counters.get("daemon_hits", 0) + counters.get("warm_starts", 0)
+        if served == 0:
+            self.notes.append(f"hypatia_warm/{case[0]}/{case[1]}: no daemon hit and no warm start, the warm process "
+                              f"got nothing from the daemon's cache: {counters}")
         if _hits(row.get("cache_counters", {})) == 0:
             self.notes.append(f"hypatia_warm/{case[0]}/{case[1]}: no Inductor cache hit ({row.get('plans_tuned')} of "
                               "its plans tuned since the cold run, which changes the graph Inductor compiles)")
         cold = self.hypatia_cold_time.get(case)
         if cold:
             row["vs_cold"] = round(row["time_to_first_call_s"] / cold, 3)
-        return row | {"plans_from_daemon": counters.get("local_plans", 0) == 0 and counters.get("daemon_hits", 0) > 0,
+        return row | {"plans_from_daemon": counters.get("local_plans", 0) == 0 and served > 0,
                       "populated_by": "hypatia_cold", "artifacts": client_counters(counters)}
 
     def hypatia_daemon_warm(self, case: Case) -> dict:

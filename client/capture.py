@@ -33,15 +33,18 @@ def _sym(v: Any) -> list:
     return ["sym", str(v)]
 
 
-def encode_meta(value: Any) -> Any:
+def encode_meta(value: Any, device_type: str | None = None) -> Any:
+    """Tensor meta as plain data; ``device_type`` stands for the tensors' own (the hypatia
+    device's graphs are recorded on meta tensors and run on the daemon's device)."""
     if isinstance(value, torch.Tensor):
         try:
             stride = [encode_size(s) for s in value.stride()]
         except RuntimeError:  # sparse and other layouts without strides
             stride = None
-        return ["T", [encode_size(s) for s in value.shape], stride, str(value.dtype).removeprefix("torch."), value.device.type]
+        return ["T", [encode_size(s) for s in value.shape], stride, str(value.dtype).removeprefix("torch."),
+                device_type or value.device.type]
     if isinstance(value, (list, tuple)):
-        return ["tuple", [encode_meta(v) for v in value]]
+        return ["tuple", [encode_meta(v, device_type) for v in value]]
     if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
         return _sym(value)
     if isinstance(value, (bool, int, float)):
@@ -95,8 +98,9 @@ def encode_arg(value: Any, index: dict[torch.fx.Node, int]) -> Any:
     return ["repr", type(value).__qualname__, repr(value)[:200]]
 
 
-def capture(gm: torch.fx.GraphModule) -> tuple[CanonicalGraph, list[torch.fx.Node]]:
-    """The canonical graph of ``gm`` and, per canonical index, the FX node it stands for."""
+def capture(gm: torch.fx.GraphModule, device_type: str | None = None) -> tuple[CanonicalGraph, list[torch.fx.Node]]:
+    """The canonical graph of ``gm`` and, per canonical index, the FX node it stands for
+    (``device_type``: see :func:`encode_meta`)."""
     fx_nodes = [n for n in gm.graph.nodes if n.op != "output"]
     index = {n: i for i, n in enumerate(fx_nodes)}
     raw: list[RawNode] = []
@@ -106,7 +110,7 @@ def capture(gm: torch.fx.GraphModule) -> tuple[CanonicalGraph, list[torch.fx.Nod
         if node.op == "output":
             outputs = encode_arg(node.args[0], index)
             continue
-        meta = encode_meta(node.meta.get("val"))
+        meta = encode_meta(node.meta.get("val"), device_type)
         if node.op == "placeholder":
             raw.append(RawNode("placeholder", [position], {}, meta))
             position += 1

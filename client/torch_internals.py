@@ -21,6 +21,10 @@ public form (and one label for people):
   the process compiled so far, so the artifacts of one graph are recorded apart through the
   artifact manager's ``with_fresh_cache`` (and handed back to the process-wide record), and
   the settings that change compiled code through the config modules' ``save_config_portable``.
+- for the ``hypatia`` device: torch's set-up of the PrivateUse1 key as a backend written in
+  Python (``_setup_privateuseone_for_python_backend``: the rename, the generated methods, a device
+  module, and the hooks and device guard autograd's engine asks a backend for), and the
+  ``DynamicOutputShapeException`` meta kernels raise for ops whose output size depends on data;
 - for the artifacts folder (``HYPATIA_ARTIFACTS``) only: the id of the frame compile in progress,
   torch's structured trace logger (Inductor's output code, guards and graph breaks arrive
   there), and AOTAutograd's graphs of a copy of Dynamo's graph.
@@ -372,3 +376,20 @@ def aot_graphs(gm: torch.fx.GraphModule, example_inputs: Sequence[Any], training
                 aot_module_simplified(torch.fx.GraphModule(gm, copy.deepcopy(gm.graph)), fakes, fw_compiler=keep("forward"), bw_compiler=keep("backward"),
                                       inference_compiler=keep("inference"))
     return graphs
+
+
+# -- the hypatia device ----------------------------------------------------------------------
+def setup_python_backend(name: str, module: Any) -> None:
+    """Make PrivateUse1 the device ``name`` with ``module`` as ``torch.<name>``: the public
+    rename and method generation, plus the hooks and device guard that autograd's engine needs
+    from a backend (torch's Python-backend set-up is the one place those can be given)."""
+    from torch.utils.backend_registration import _setup_privateuseone_for_python_backend
+
+    _setup_privateuseone_for_python_backend(rename=name, backend_module=module)
+
+
+def dynamic_output_shape_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions a meta kernel raises for an op whose output size depends on the data."""
+    from torch._subclasses.fake_tensor import DynamicOutputShapeException
+
+    return (DynamicOutputShapeException,)

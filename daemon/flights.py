@@ -37,6 +37,7 @@ class Flights:
         self._batches: dict[int, dict] = {}  # hypatia-ctl tune requests and their progress
         self._batch_ids = itertools.count(1)
         self._runs: dict[int, tuple[bytes, int]] = {}  # remote-mode runs on the worker pool, by flight id
+        self._device_flights: set[int] = set()  # those of _runs that are hypatia-device requests
 
     def _acknowledge(self, identity: bytes, rid: int, state: str) -> None:
         """Tell a make_plan's client at once that its plan is being made: it waits for it."""
@@ -185,6 +186,13 @@ class Flights:
         identity, rid = self._runs.pop(flight)
         if not ok:  # the run raised past its own handler
             outcome = {"ok": False, "code": int(ErrorCode.INTERNAL), "message": outcome["error"]}
+        if flight in self._device_flights:  # a hypatia-device request: its reply is made
+            self._device_flights.discard(flight)
+            if outcome["ok"]:
+                self._send(identity, encode_reply(rid, outcome["reply"]))
+            else:
+                self._error(identity, rid, ErrorCode(outcome.get("code", ErrorCode.INTERNAL)), outcome["message"], "device")
+            return
         self.runs.finished(outcome)
         if outcome["ok"]:
             self._send(identity, encode_reply(rid, {"outputs": outcome["outputs"]}))

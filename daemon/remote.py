@@ -73,6 +73,15 @@ class Executable:
             if list(d.shape) != shape or d.dtype != dtype:
                 raise BadRequest(f"input {k} is {d.dtype}{list(d.shape)}; the graph takes {dtype}{shape}")
 
+    def check_tensors(self, tensors: list[Any]) -> None:
+        """:class:`BadRequest` unless ``tensors`` match the graph's inputs (the hypatia device's
+        buffers, already in the daemon)."""
+        if len(tensors) != len(self.inputs):
+            raise BadRequest(f"the graph takes {len(self.inputs)} inputs, the request names {len(tensors)}")
+        for k, (t, (shape, dtype)) in enumerate(zip(tensors, self.inputs)):
+            if list(t.shape) != shape or str(t.dtype).removeprefix("torch.") != dtype:
+                raise BadRequest(f"input {k} is {t.dtype}{list(t.shape)}; the graph takes {dtype}{shape}")
+
     def __call__(self, *inputs: Any) -> tuple[Any, bool]:
         """The graph's outputs, and whether the planned graph failed on this call (it is not
         tried again)."""
@@ -177,7 +186,7 @@ class RunService:
         outcome: dict[str, Any] = {"segments_read": 0, "bytes_read": 0, "segments_written": 0, "bytes_written": 0}
         written: list[str] = []
         try:
-            executable, built = self._executable(job.keys, job.recipe)
+            executable, built = self.executable(job.keys, job.recipe)
             outcome["built"] = int(built)
             executable.check(job.inputs)
             inputs = []
@@ -220,22 +229,23 @@ class RunService:
             self.failures.failed("run", type(exc).__name__, f"graph {job.keys[0][:16]}: {exc}", logging.ERROR, exc)
             return outcome | _outcome(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
 
-    def _executable(self, keys: PlanKeys, recipe: dict) -> tuple[Executable, bool]:
+    def executable(self, keys: PlanKeys, recipe: dict, device: Any = None) -> tuple[Executable, bool]:
         """The executable for ``keys`` under ``recipe`` (built once per plan revision's regions),
-        and whether this call built it."""
+        and whether this call built it; ``device``: for the hypatia device's buffers there."""
         digest = hashlib.sha256(recipe_text({"regions": recipe.get("regions")}).encode()).hexdigest()
+        digest += "" if device is None else f"@{device}"
         with self._build_lock:
             found = self._executables.get((keys, digest))
             if found is not None:
                 self._executables.move_to_end((keys, digest))
                 return found, False
-            executable = self._build(keys, recipe)
+            executable = self._build(keys, recipe, device)
             self._executables[(keys, digest)] = executable
             while len(self._executables) > MAX_EXECUTABLES:
                 self._executables.popitem(last=False)
             return executable, True
 
-    def _build(self, keys: PlanKeys, recipe: dict) -> Executable:
+    def _build(self, keys: PlanKeys, recipe: dict, device: Any = None) -> Executable:
         from hypatia.kernels import UnknownKernel
         from hypatia.planner import executable, footprint, rebuild  # import torch: see run()
 
@@ -249,15 +259,16 @@ class RunService:
         if graph.key != keys[0]:
             raise UnknownGraph(f"the stored graph does not hash to {keys[0][:24]}; send make_plan again")
         try:
-            gm, nodes = rebuild.graph_module(graph)
+            gm, nodes = rebuild.graph_module(graph, device)
         except rebuild.NotRebuildable as exc:
             raise CannotRun(f"graph {keys[0][:24]} cannot run in the daemon: {exc}") from None
-        try:  # what it allocates, on fake tensors: a graph past the limit is refused before it runs
-            size = footprint.footprint(gm, rebuild.input_specs(graph))
-        except footprint.NotSizeable as exc:
-            raise CannotRun(f"graph {keys[0][:24]} cannot run in the daemon: {exc}") from None
-        self._bound("the outputs", size.outputs, graph=keys[0])
-        self._bound(f"the tensors alive at {size.peak_at}", size.peak, graph=keys[0])
+        if device is None:  # remote mode's bound; the hypatia device has its pool's limit instead
+            try:  # what it allocates, on fake tensors: a graph past the limit is refused before it runs
+                size = footprint.footprint(gm, rebuild.input_specs(graph))
+            except footprint.NotSizeable as exc:
+                raise CannotRun(f"graph {keys[0][:24]} cannot run in the daemon: {exc}") from None
+            self._bound("the outputs", size.outputs, graph=keys[0])
+            self._bound(f"the tensors alive at {size.peak_at}", size.peak, graph=keys[0])
         planned = None
         try:
             plan = Plan.from_recipe(recipe)

@@ -34,6 +34,7 @@ from hypatia.daemon.failures import FailureLog
 from hypatia.daemon.faults import Faults
 from hypatia.daemon.lock import PidLock, SocketWatch, acquire_store_lock
 from hypatia.daemon.notify import sd_notify, watchdog_interval
+from hypatia.daemon.device import DeviceService
 from hypatia.daemon.remote import RunService
 from hypatia.daemon.zap import COUNTERS as ZAP_COUNTERS, DOMAIN, TCP_DOMAIN, ZapHandler
 from hypatia.keys import KeysError, server_keys
@@ -118,6 +119,8 @@ class Server(Flights):
         self.runs = RunService(store, self.service.stored, self.daemon_id, self.failures,
                                self.config.remote_max_output_bytes)
         self.runs.tick(time.monotonic())  # segments of clients that died while no daemon ran
+        self.device = DeviceService(self.config, self.daemon_id, self.runs, self.config.device_memory_mb << 20,
+                                    self.config.device_idle_s)
         ctx = zmq.Context()
         self.zap = ZapHandler(ctx, os.getuid(), self.config.keys_dir)
         self.zap.start()
@@ -218,6 +221,7 @@ class Server(Flights):
             sd_notify(self._status())
             self._next_status = now + STATUS_EVERY_S
         self.runs.tick(now)
+        self.device.tick(now)
         if not self.service.store.writable:  # planning writes in worker processes: try here too
             self.service.store.probe()
         if not self.stopping:
@@ -339,7 +343,7 @@ class Server(Flights):
                 result["peers"] = {k: self.zap.counters[k] for k in ZAP_COUNTERS}
                 result["listen"] = self.config.listen or None
                 result["artifacts"] = self.compiles.stats()
-                result |= self.runs.stats()
+                result |= self.runs.stats() | self.device.stats()
             elif method == "make_plan":
                 self._start_flight(identity, rid, body)
                 return
@@ -352,6 +356,16 @@ class Server(Flights):
                 self._runs[flight] = (identity, rid)
                 self.jobs.run(flight, self.runs.run, job)
                 return
+            elif method == "device":  # the hypatia device: cheap ops here, the rest on the pool
+                op, job = self.device.parse(body, rid, over_tcp=identity[:1] == TCP)
+                if op in ("release", "close"):
+                    result = self.device.answer_now(op, job)
+                else:
+                    flight = next(self._flight_ids)
+                    self._runs[flight] = (identity, rid)
+                    self._device_flights.add(flight)
+                    self.jobs.run(flight, self.device.work, job)
+                    return
             elif method == "get_compiled":
                 result = self.compiles.get(body, rid, over_tcp=identity[:1] == TCP)
             elif method == "put_compiled":

@@ -43,6 +43,13 @@ def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
     raise ConfigError(f"{name}={raw!r} is not a boolean; use 1 or 0")
 
 
+def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
+    raw = env.get(name, "").strip().lower() or default
+    if raw not in choices:
+        raise ConfigError(f"{name}={raw!r} is not one of {', '.join(choices)}; unset it for {default}")
+    return raw
+
+
 CHECKSUM_MODES = ("background", "strict", "soft", "off")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 POLICIES = ("HEURISTIC", "EXPLORE", "FASTEST")
@@ -97,6 +104,14 @@ class Config:
     # The most a remote-mode run may make the daemon allocate: its outputs together, and the new
     # tensors it holds at once on the way to them (inputs not counted).
     remote_max_output_mb: int = 1024
+    # The hypatia device (hypatia.device): where the daemon keeps its tensors ("auto": its first
+    # GPU if torch sees one, else its CPU), how much they may take (0: 90% of the GPU's memory,
+    # no limit on the CPU), and how long a TCP client's session may stay silent before its
+    # tensors are dropped; a client's own bound on the ops it records before it flushes them.
+    device_backend: str = "auto"
+    device_memory_mb: int = 0
+    device_idle_s: int = 600
+    device_max_ops: int = 4096
 
     @property
     def remote_max_output_bytes(self) -> int:
@@ -230,6 +245,10 @@ def load(env: Mapping[str, str] | None = None) -> Config:
         mode=env.get("HYPATIA_MODE", "local").strip().lower() or "local",
         run_timeout_ms=_int(env, "HYPATIA_RUN_TIMEOUT_MS", 60000, minimum=1),
         remote_max_output_mb=_int(env, "HYPATIA_REMOTE_MAX_OUTPUT_MB", 1024, minimum=1),
+        device_backend=_choice(env, "HYPATIA_DEVICE_BACKEND", "auto", ("auto", "cuda", "cpu")),
+        device_memory_mb=_int(env, "HYPATIA_DEVICE_MEMORY_MB", 0),
+        device_idle_s=_int(env, "HYPATIA_DEVICE_IDLE_S", 600, minimum=1),
+        device_max_ops=_int(env, "HYPATIA_DEVICE_MAX_OPS", 4096, minimum=1),
         plan_wait_s=_int(env, "HYPATIA_PLAN_WAIT_S", 60),
         log_max_bytes=_int(env, "HYPATIA_LOG_MAX_BYTES", 10 * 1024 * 1024, minimum=1024),
         max_graph_nodes=_int(env, "HYPATIA_MAX_GRAPH_NODES", 50_000, minimum=1),

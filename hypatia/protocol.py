@@ -22,14 +22,14 @@ import msgpack
 # 3: "pending" interim replies to a make_plan being planned; the hello reply names the daemon
 # (``daemon``, an id of 8 characters of [0-9a-z]) and every shared-memory segment carries it.
 # 4: compiled code: get_compiled, put_compiled, compile_heartbeat, compile_release, warm_start.
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 
 # How often the daemon tells a client waiting on planning that the work is still in progress.
 PROGRESS_EVERY_S = 0.5
 
 # Methods the daemon answers. `hello` must come first on every connection.
 METHODS = ("hello", "ping", "get_plan", "make_plan", "report", "stats", "tune", "tune_status", "flush", "run",
-           "get_compiled", "put_compiled", "compile_heartbeat", "compile_release", "warm_start")
+           "get_compiled", "put_compiled", "compile_heartbeat", "compile_release", "warm_start", "device")
 
 # Compiled code (hypatia/daemon/compiles.py). An artifact is the bytes of Inductor's caches for one
 # graph (``torch.compiler.save_cache_artifacts``), keyed by ``key`` (``c1-`` and 64 hex digits,
@@ -60,6 +60,14 @@ METHODS = ("hello", "ping", "get_plan", "make_plan", "report", "stats", "tune", 
 # ``{"value": x}`` for a non-tensor output. The client unlinks every segment of the request and
 # of the reply; the daemon sweeps those of a client that died. Malformed descriptors are
 # BAD_REQUEST; keys whose graph or plan the daemon does not hold are UNKNOWN_GRAPH.
+
+# `device` (the hypatia device, hypatia/daemon/device.py): body ``{"op", "session", ...}`` with op
+# ``info``, ``upload`` {tensors, tag}, ``execute`` {graph_key, workload_key, env_key, inputs, outputs,
+# fetch, release, out_bytes, tag}, ``fetch`` {handles, tag}, ``release`` {handles} or ``close``;
+# ``session`` is the client's random token (16 to 32 hex digits), ``pid`` its process on this host.
+# Tensors travel as in ``run`` (segments tagged ``<tag>u<k>`` up, ``<tag>o<k>`` down) on this host,
+# and inline as ``{"bytes", "dtype", "shape"}`` over TCP. A full device is TOO_LARGE, a session the
+# daemon does not know BAD_REQUEST with a message that says the device's tensors are lost.
 
 # A pending reply's body: ``{"state": "planning" | "tuning", "waited_s": float}``.
 

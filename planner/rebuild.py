@@ -28,8 +28,9 @@ class NotRebuildable(Exception):
     (a constant tensor, a symbolic size, a mutating or random op, a non-CPU device)."""
 
 
-def resolve_op(op: str) -> Callable:
-    """The callable for a canonical op name: an ATen overload, or ``operator.getitem``."""
+def resolve_op(op: str, random: bool = False) -> Callable:
+    """The callable for a canonical op name: an ATen overload, or ``operator.getitem``; one that
+    draws random numbers only with ``random`` (the hypatia device, whose generator is the daemon's)."""
     if op == "_operator.getitem":
         return operator.getitem
     parts = op.split(".")
@@ -43,7 +44,7 @@ def resolve_op(op: str) -> Callable:
         raise NotRebuildable(f"op {op} is not an operator overload")
     if fn._schema.is_mutable:
         raise NotRebuildable(f"op {op} writes to one of its arguments")
-    if torch.Tag.nondeterministic_seeded in fn.tags:
+    if torch.Tag.nondeterministic_seeded in fn.tags and not random:
         raise NotRebuildable(f"op {op} draws random numbers (the daemon's generator is not the client's)")
     return fn
 
@@ -55,23 +56,26 @@ def _enum(name: Any) -> Any:
     return value
 
 
-def decode(arg: Any, nodes: list[torch.fx.Node]) -> Any:
-    """An encoded argument as the FX argument it was: references become ``nodes[i]``."""
+def decode(arg: Any, nodes: list[torch.fx.Node], device: torch.device | None = None) -> Any:
+    """An encoded argument as the FX argument it was: references become ``nodes[i]``; devices
+    are the CPU, or ``device`` (of its type) for the hypatia device's graphs."""
     if is_ref(arg):
         return nodes[arg[1]]
     if arg is None or isinstance(arg, (bool, int, float, str)):
         return arg
     tag = arg[0] if isinstance(arg, list) and arg else None
     if tag == "l" and len(arg) == 2 and isinstance(arg[1], list):
-        return [decode(a, nodes) for a in arg[1]]
+        return [decode(a, nodes, device) for a in arg[1]]
     if tag == "slice" and len(arg) == 2 and isinstance(arg[1], list) and len(arg[1]) == 3:
-        return slice(*(decode(a, nodes) for a in arg[1]))
+        return slice(*(decode(a, nodes, device) for a in arg[1]))
     if tag == "dtype" and len(arg) == 2:
         value = getattr(torch, arg[1], None) if isinstance(arg[1], str) and _NAME.fullmatch(arg[1]) else None
         if not isinstance(value, torch.dtype):
             raise NotRebuildable(f"dtype {str(arg[1])[:40]!r} is not a torch dtype")
         return value
     if tag == "device" and len(arg) == 2:
+        if device is not None and arg[1] in ("cpu", device.type):
+            return device if arg[1] == device.type else torch.device("cpu")
         if arg[1] != "cpu":
             raise NotRebuildable(f"device {str(arg[1])[:20]!r}: remote mode runs CPU graphs only")
         return torch.device("cpu")
@@ -86,12 +90,12 @@ def decode(arg: Any, nodes: list[torch.fx.Node]) -> Any:
     raise NotRebuildable(f"argument {str(arg)[:60]} cannot be rebuilt from the canonical graph")
 
 
-def _check_meta(i: int, meta: Any) -> None:
+def _check_meta(i: int, meta: Any, device_type: str = "cpu") -> None:
     if isinstance(meta, list) and meta and meta[0] == "tuple":
         for m in meta[1]:
-            _check_meta(i, m)
+            _check_meta(i, m, device_type)
     elif isinstance(meta, list) and len(meta) == 5 and meta[0] == "T":
-        if meta[4] != "cpu":
+        if meta[4] not in ("cpu", device_type):
             raise NotRebuildable(f"node {i} lives on {meta[4]}: remote mode runs CPU graphs only")
         if not all(isinstance(s, int) for s in meta[1]):
             raise NotRebuildable(f"node {i} has a symbolic shape (dynamic shapes)")
@@ -104,14 +108,15 @@ def input_specs(graph: CanonicalGraph) -> list[tuple[list[int], str]]:
     return [(graph.nodes[i].meta[1], graph.nodes[i].meta[3]) for i in graph.placeholders()]
 
 
-def graph_module(graph: CanonicalGraph) -> tuple[torch.fx.GraphModule, list[torch.fx.Node]]:
+def graph_module(graph: CanonicalGraph, device: torch.device | None = None) -> tuple[torch.fx.GraphModule, list[torch.fx.Node]]:
     """A GraphModule computing ``graph`` (inputs in placeholder order) and, per canonical index,
-    its FX node: what :func:`hypatia.planner.executable.apply_plan` takes."""
+    its FX node: what :func:`hypatia.planner.executable.apply_plan` takes. With ``device`` (the
+    hypatia device's graphs) tensors may live there too and random ops are allowed."""
     fx = torch.fx.Graph()
     nodes: list[torch.fx.Node] = []
     placeholders = 0
     for i, node in enumerate(graph.nodes):
-        _check_meta(i, node.meta)
+        _check_meta(i, node.meta, device.type if device is not None else "cpu")
         if node.op == "placeholder":
             if not (isinstance(node.meta, list) and len(node.meta) == 5 and node.meta[0] == "T"):
                 raise NotRebuildable(f"input {placeholders} is not a tensor")
@@ -122,9 +127,9 @@ def graph_module(graph: CanonicalGraph) -> tuple[torch.fx.GraphModule, list[torc
         elif node.op == "get_attr":
             raise NotRebuildable(f"node {i} reads a constant tensor of the model (only its hash is kept)")
         else:
-            fn = resolve_op(node.op)
-            args = tuple(decode(a, nodes) for a in node.args)
-            kwargs = {k: decode(v, nodes) for k, v in node.kwargs.items()}
+            fn = resolve_op(node.op, random=device is not None)
+            args = tuple(decode(a, nodes, device) for a in node.args)
+            kwargs = {k: decode(v, nodes, device) for k, v in node.kwargs.items()}
             nodes.append(fx.call_function(fn, args, kwargs))
     out = decode(graph.outputs, nodes)
     fx.output(tuple(out) if isinstance(out, list) else out)

@@ -153,6 +153,20 @@ def dynamo_reset():
     torch._dynamo.reset()
 
 
+# Modules whose tests check that no shared-memory segment of this user is left behind: they run
+# one after another on one worker when the suite runs on several (pytest-xdist), so that one's
+# segments in flight are never another's leftovers.
+SHARED_MEMORY_MODULES = {"test_remote", "test_remote_requests", "test_shm", "test_device"}
+
+
+def pytest_itemcollected(item):
+    """Under ``--dist loadgroup`` each module's tests stay together on one worker (its module
+    fixtures, a daemon most often, are made once), and the shared-memory modules share one."""
+    if item.config.pluginmanager.hasplugin("xdist"):
+        module = item.module.__name__.rsplit(".", 1)[-1] if getattr(item, "module", None) else item.nodeid
+        item.add_marker(pytest.mark.xdist_group("shared-memory" if module in SHARED_MEMORY_MODULES else module))
+
+
 @pytest.hookimpl(trylast=True)  # after -m has deselected what will not run
 def pytest_collection_modifyitems(config, items):
     """GPU tests run on a machine with CUDA; selecting them elsewhere is an error, not a skip."""

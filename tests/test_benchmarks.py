@@ -96,7 +96,9 @@ def test_quick_run_produces_report_json_and_chart(tmp_path):
         warm = find(results, "first_call", workload="mlp_small", config="hypatia_warm", mode=mode)
         assert "error" not in cold and "error" not in warm, (cold, warm)
         assert cold["time_to_first_call_s"] > 0 and cold["plans_from_daemon"], cold
-        assert warm["time_to_first_call_s"] > 0 and warm["hypatia_counters"]["daemon_hits"] > 0, warm
+        # the daemon served it: a plan from its cache, or a warm start from the cold process's compiled code
+        served = warm["hypatia_counters"].get("daemon_hits", 0) + warm["hypatia_counters"].get("warm_starts", 0)
+        assert warm["time_to_first_call_s"] > 0 and served > 0 and warm["plans_from_daemon"], warm
     for config in ("hypatia_daemon_warm", "hypatia_new_host"):  # measured in training alone with --quick
         r = find(results, "first_call", workload="mlp_small", config=config, mode="training")
         assert "error" not in r and r["time_to_first_call_s"] > 0 and r["cache_dir_was_empty"], r

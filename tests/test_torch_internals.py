@@ -45,6 +45,8 @@ PRIVATE = [
     ("torch._subclasses.fake_tensor", "unset_fake_temporarily", ()),
     ("torch._guards", "CompileContext", ()),
     ("torch._logging._internal", "trace_log", ()),
+    ("torch.utils.backend_registration", "_setup_privateuseone_for_python_backend", ("rename", "backend_module")),
+    ("torch._subclasses.fake_tensor", "DynamicOutputShapeException", ()),
 ]
 
 

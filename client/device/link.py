@@ -1,0 +1,251 @@
+"""The client's side of the ``device`` requests: one session per process, its handles, and the
+tensors that go up and come down.
+
+Same host: tensors travel through private shared memory (:mod:`hypatia.shm`); another host
+(``HYPATIA_CONNECT``, over the CURVE TCP listener): inside the message. A daemon that is gone,
+or that no longer knows this session (it restarted), makes every later use raise
+:class:`DeviceLost`: tensors on a lost device cannot be recomputed behind the user's back.
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import itertools
+import os
+import secrets
+import threading
+from typing import Any
+
+import torch
+
+from hypatia import shm
+from hypatia.canonical import workload_key
+from hypatia.client.capture import capture, encode_meta
+from hypatia.device.values import Value
+from hypatia.client.rpc import DaemonClient, DaemonGone, DaemonUnavailable
+from hypatia.config import Config
+from hypatia.protocol import ErrorCode, RemoteError
+
+INLINE_BELOW = 64 << 10  # smaller uploads go with the first request, without asking for their digest first
+RELEASE_BATCH = 4096  # released handles that make a request of their own
+
+
+class DeviceError(RuntimeError):
+    """The hypatia device could not do what was asked; the message says why and what to do."""
+
+
+class DeviceLost(DeviceError):
+    """hypatiad went away (or restarted) while it held this process's tensors: they are gone."""
+
+
+class DeviceFull(DeviceError, torch.OutOfMemoryError if hasattr(torch, "OutOfMemoryError") else RuntimeError):
+    """The daemon's device memory limit would be passed."""
+
+
+def content_digest(t: torch.Tensor) -> str:
+    """What names a tensor's content in the daemon (dtype, shape and bytes)."""
+    data = t.detach().contiguous()
+    h = hashlib.blake2b(digest_size=32)
+    h.update(f"{data.dtype}|{tuple(data.shape)}|".encode())
+    if data.numel():
+        h.update(memoryview(data.reshape(-1).view(torch.uint8).numpy()))
+    return h.hexdigest()
+
+
+class Link:
+    def __init__(self, config: Config):
+        self.config = config
+        self.client = DaemonClient(config, timeout_ms=config.run_timeout_ms)
+        self.session = secrets.token_hex(16)
+        self.pid = os.getpid()
+        self._handles = itertools.count(1)
+        self._released: list[int] = []
+        self._info: dict | None = None
+        self._structures: dict[tuple, tuple] = {}  # a flushed graph's structure -> its keys and registration
+        self.lost: str | None = None
+        self.held_any = False
+        self.bytes_up = self.bytes_down = 0
+        self._lock = threading.Lock()
+        atexit.register(self.close)
+
+    # -- requests ----------------------------------------------------------------------------
+    def _call(self, op: str, body: dict | None = None, **kwargs: Any) -> Any:
+        if self.lost is not None:
+            raise DeviceLost(self.lost)
+        body = {"op": op, "session": self.session, "pid": self.pid} | (body or {})
+        try:
+            return self.client.call("device", body, retries=0 if op == "execute" else None, **kwargs)
+        except DaemonGone as exc:
+            if not self.held_any and self.config.autostart and not self.config.remote:
+                from hypatia.client.autostart import ensure_daemon
+
+                ensure_daemon(self.config)
+                return self.client.call("device", body, retries=0 if op == "execute" else None, **kwargs)
+            raise self._lose(f"hypatiad is not running ({exc})") from None
+        except DaemonUnavailable as exc:
+            raise self._lose(f"hypatiad did not answer ({exc})") from None
+        except RemoteError as exc:
+            if exc.code == ErrorCode.TOO_LARGE:
+                raise DeviceFull(exc.remote_message) from None
+            if "session is unknown" in exc.remote_message:
+                raise self._lose("hypatiad restarted since this process put tensors on the device") from None
+            raise DeviceError(f"the hypatia device refused {op}: {exc.remote_message}") from None
+
+    def _lose(self, why: str) -> DeviceLost:
+        if self.held_any:
+            self.lost = (f"the hypatia device is lost: {why}. Its tensors (parameters, optimizer state, activations) "
+                         "cannot be recomputed; start hypatiad and move the model there again (keep a copy with "
+                         "model.to('cpu') before risky steps)")
+            return DeviceLost(self.lost)
+        return DeviceLost(f"the hypatia device is unavailable: {why}; start it with `hypatiad start`")
+
+    def info(self) -> dict:
+        if self._info is None:
+            self._info = self._call("info")
+        return self._info
+
+    def device_type(self) -> str:
+        return self.info()["device_type"]
+
+    def _daemon(self) -> str:
+        self.info()
+        return (self.client.server or {}).get("daemon") or self._info["daemon"]
+
+    def forget(self, handle: int) -> None:
+        """A value naming ``handle`` was collected: release it with the next request."""
+        self._released.append(handle)
+        if len(self._released) >= RELEASE_BATCH and self.lost is None:
+            self.release_now()
+
+    def release_now(self) -> None:
+        with self._lock:
+            handles, self._released = self._released, []
+        if handles:
+            try:
+                self._call("release", {"handles": handles})
+            except DeviceError:
+                pass
+
+    # -- tensors up and down -----------------------------------------------------------------
+    def _pack(self, t: torch.Tensor, tag: str, k: int, made: list[str]) -> dict:
+        t = t.detach().contiguous()
+        self.bytes_up += t.numel() * t.element_size()
+        if self.config.remote:
+            return {"bytes": t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"",
+                    "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
+        desc = shm.put(t, shm.segment_name(self._daemon(), self.pid, f"{tag}u{k}"))
+        if desc.name:
+            made.append(desc.name)
+        return desc.to_wire()
+
+    def _unpack(self, entry: dict, tag: str) -> torch.Tensor:
+        if "bytes" in entry:
+            raw, dtype = entry["bytes"], getattr(torch, entry["dtype"])
+            out = torch.frombuffer(bytearray(raw), dtype=dtype).reshape(entry["shape"]) if raw else \
+                torch.empty(entry["shape"], dtype=dtype)
+        else:
+            desc = shm.Descriptor.parse(entry, self.pid, tag + "o", self._daemon())
+            try:
+                out = shm.read(desc)
+            finally:
+                if desc.name:
+                    shm.unlink(desc.name)
+        self.bytes_down += out.numel() * out.element_size()
+        return out
+
+    def upload(self, values: list[Value]) -> None:
+        """Send the CPU tensors of ``values`` (by digest first for the large ones)."""
+        entries = []
+        for v in values:
+            if v.args and v.args[0] != v.cpu._version:
+                raise DeviceError(f"a {tuple(v.cpu.shape)} CPU tensor was written in place after it was moved to the "
+                                  "hypatia device and before the device needed it; move a copy (t.clone().to('hypatia')) "
+                                  "or call torch.hypatia.synchronize() after moving it")
+            v.digest = v.digest or content_digest(v.cpu)
+            entries.append((next(self._handles), v))
+        large = [(h, v) for h, v in entries if v.cpu.numel() * v.cpu.element_size() >= INLINE_BELOW]
+        missing = set(h for h, _ in entries if (h, _) not in large)
+        if large:
+            reply = self._call("upload", {"tag": secrets.token_hex(6), "tensors": [
+                {"handle": h, "digest": v.digest, "data": None} for h, v in large]})
+            missing |= set(reply["missing"])
+        tag, made = secrets.token_hex(6), []
+        try:
+            send = [{"handle": h, "digest": v.digest, "data": self._pack(v.cpu, tag, k, made)}
+                    for k, (h, v) in enumerate(entries) if h in missing]
+            if send:
+                self._call("upload", {"tag": tag, "tensors": send})
+        finally:
+            for name in made:
+                shm.unlink(name)
+        self.held_any = True
+        for h, v in entries:
+            v.held(h, self.forget)
+
+    def execute(self, gm: torch.fx.GraphModule, inputs: list[Value], outputs: list[Value],
+                wanted: list[Value]) -> list[torch.Tensor]:
+        """Run ``gm`` in the daemon on ``inputs``; ``outputs`` become held values, and the CPU
+        copies of ``wanted`` (some of the outputs) come back."""
+        keys, registration = self._keys(gm)
+        out_handles = [next(self._handles) for _ in outputs]
+        by_id = dict(zip(map(id, outputs), out_handles))
+        with self._lock:
+            released, self._released = self._released, []
+        tag = secrets.token_hex(6)
+        body = {"graph_key": keys[0], "workload_key": keys[1], "env_key": keys[2], "tag": tag,
+                "inputs": [v.handle for v in inputs], "outputs": out_handles,
+                "fetch": [by_id[id(v)] for v in wanted], "release": released,
+                "out_bytes": sum(_nbytes(v.meta) for v in outputs)}
+        try:
+            reply = self._call("execute", body)
+        except DeviceError as exc:
+            if "send make_plan first" not in str(exc):
+                raise
+            self._call_plan(registration)
+            reply = self._call("execute", dict(body, release=[]))
+        self.held_any = True
+        for v, h in zip(outputs, out_handles):
+            v.held(h, self.forget)
+        return [self._unpack(e, tag) for e in reply["values"]]
+
+    def _call_plan(self, registration: dict) -> None:
+        if self.lost is not None:
+            raise DeviceLost(self.lost)
+        try:
+            self.client.call("make_plan", registration, wait_s=self.config.plan_wait_s)
+        except (DaemonUnavailable, RemoteError) as exc:
+            raise DeviceError(f"hypatiad could not take this graph: {exc}") from None
+
+    def _keys(self, gm: torch.fx.GraphModule) -> tuple[tuple[str, str, str], dict]:
+        info = self.info()
+        graph, _ = capture(gm, info["device_type"])
+        metas = [encode_meta(n.meta["val"], info["device_type"]) for n in gm.graph.nodes if n.op == "placeholder"]
+        metas.append(["phase", "inference", []])
+        wkey = workload_key(metas)[0]
+        keys = (graph.key, wkey, info["env_key"])
+        registration = {"graph_key": keys[0], "workload_key": keys[1], "env_key": keys[2],
+                        "policy": self.config.policy, "graph": graph.to_wire(), "workload": metas,
+                        "environment": info["environment"], "model": "hypatia device"}
+        return keys, registration
+
+    def fetch(self, values: list[Value]) -> list[torch.Tensor]:
+        tag = secrets.token_hex(6)
+        reply = self._call("fetch", {"tag": tag, "handles": [v.handle for v in values]})
+        return [self._unpack(e, tag) for e in reply["values"]]
+
+    def close(self) -> None:
+        """Release everything this process holds on the device (at exit)."""
+        if self.lost is None and self.held_any and os.getpid() == self.pid:
+            try:
+                self.client.call("device", {"op": "close", "session": self.session, "pid": self.pid}, retries=0,
+                                 timeout_ms=2000)
+            except Exception:  # noqa: BLE001 - the daemon's sweep releases them when this process is gone
+                pass
+            self.held_any = False
+
+
+def _nbytes(meta: Any) -> int:
+    if isinstance(meta, torch.Tensor):
+        return meta.numel() * meta.element_size()
+    return sum(_nbytes(m) for m in meta)

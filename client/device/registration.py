@@ -1,0 +1,51 @@
+"""Registration of the ``hypatia`` device with PyTorch: the PrivateUse1 backend renamed, its
+device module ``torch.hypatia``, and one fallback kernel for the ops that reach the backend
+without a hypatia tensor argument (factories)."""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from hypatia.client import torch_internals
+
+NAME = "hypatia"
+_registered = threading.Lock()
+_library: torch.library.Library | None = None
+
+
+class RegistrationError(RuntimeError):
+    """PyTorch's PrivateUse1 backend is taken by another device in this process."""
+
+
+def _factory(op: torch._ops.OpOverload, *args, **kwargs):
+    """The PrivateUse1 kernel of every op without a hypatia tensor argument (factories such as
+    ``torch.zeros(..., device="hypatia")``, and ``empty_strided`` for ``x.to("hypatia")``)."""
+    from hypatia.device.tensor import _lock, dispatch
+    from hypatia.device.trace import recorder
+
+    with _lock:
+        rec = recorder()
+        out = dispatch(rec, op, args, kwargs)
+        rec.maybe_flush()
+        return out
+
+
+def register() -> None:
+    """Make ``device="hypatia"`` work in this process (idempotent)."""
+    global _library
+    with _registered:
+        if _library is not None:
+            return
+        current = torch._C._get_privateuse1_backend_name()
+        if current not in ("privateuseone", NAME):
+            raise RegistrationError(f"PyTorch's PrivateUse1 backend is already {current!r} in this process; the "
+                                    "hypatia device needs it (use one of the two per process)")
+        if current != NAME:
+            from hypatia.device import module
+
+            torch_internals.setup_python_backend(NAME, module)
+        lib = torch.library.Library("_", "IMPL")
+        lib.fallback(_factory, dispatch_key="PrivateUse1")
+        _library = lib

@@ -1,0 +1,251 @@
+"""``HypatiaTensor``: a tensor on ``device="hypatia"``, a Python wrapper subclass with no data
+of its own, and the dispatch that turns every ATen op on it into a recorded op.
+
+An op reaches :meth:`HypatiaTensor.__torch_dispatch__` (ops on hypatia tensors) or the device's
+fallback kernel (factory ops such as ``torch.zeros(..., device="hypatia")``), and goes one of
+four ways:
+
+- a *view* (``view``, ``t``, ``slice``...) makes a tensor on the same :class:`Storage`, with
+  the view op appended to its chain: its value is derived from the storage's when needed;
+- an op that *writes* (``add_``, ``copy_``, ``out=``) records its functional twin and makes the
+  result the written tensor's value (through a view: scattered back into the storage);
+- an op whose result the client needs (``.item()``, ``.cpu()``, ``bool(t)``, an op without a
+  meta kernel or with data-dependent output sizes) flushes, computes on CPU copies and, for
+  tensor results, uploads them;
+- anything else is recorded, its outputs' metadata inferred on meta tensors.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import torch
+from torch.utils._pytree import tree_flatten, tree_map
+
+from hypatia.device import ops
+from hypatia.device.values import Storage, Value, meta_like, upload_value
+
+log = logging.getLogger("hypatia.client")
+
+from hypatia.device.registration import NAME, register
+
+register()
+DEVICE = torch.device(NAME, 0)
+_lock = threading.RLock()  # one recorder per process: ops from threads record one at a time
+
+
+class HypatiaTensor(torch.Tensor):
+    """A tensor whose data lives in hypatiad; see the module docstring."""
+
+    _hstorage: Storage
+    _chain: tuple
+    _cached: tuple | None
+
+    @staticmethod
+    def __new__(cls, meta: torch.Tensor, storage: Storage, chain: tuple = (), requires_grad: bool = False):
+        t = torch.Tensor._make_wrapper_subclass(cls, meta.shape, strides=meta.stride(), storage_offset=meta.storage_offset(),
+                                                dtype=meta.dtype, device=DEVICE, requires_grad=requires_grad)
+        t._hstorage, t._chain, t._cached = storage, chain, None
+        return t
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__()
+
+    def __repr__(self, *, tensor_contents: Any = None) -> str:
+        text = repr(self.detach().cpu())
+        suffix = f", device='{DEVICE}'"
+        return text[:-1] + suffix + ")" if text.endswith(")") else text
+
+    def numpy(self, *, force: bool = False) -> Any:
+        """The values as a NumPy array (fetched from the device)."""
+        return self.detach().cpu().numpy()
+
+    def tolist(self) -> Any:
+        return self.detach().cpu().tolist()
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @classmethod
+    def __torch_dispatch__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        from hypatia.device.trace import recorder
+
+        with _lock:
+            rec = recorder()
+            out = dispatch(rec, func, args, kwargs or {})
+            rec.maybe_flush()
+            return out
+
+
+def new_tensor(meta: torch.Tensor, value: Value, recorder: Any) -> HypatiaTensor:
+    """A tensor of its own storage holding ``value``."""
+    storage = Storage(value)
+    recorder.dirty(storage)
+    return HypatiaTensor(meta, storage)
+
+
+def value_of(t: HypatiaTensor, recorder: Any) -> Value:
+    """``t``'s current value: its storage's, through its chain of views."""
+    storage = t._hstorage
+    if not t._chain:
+        return storage.value
+    key = (storage.version, recorder.epoch)
+    if t._cached is not None and t._cached[0] == key:
+        return t._cached[1]
+    v = storage.value
+    for step in t._chain:
+        v = recorder.apply_view(step, v)
+    t._cached = (key, v)
+    return v
+
+
+def write(t: HypatiaTensor, new: Value, recorder: Any) -> None:
+    """Make ``new`` the value of ``t``, and so of the memory it shares with its views."""
+    storage = t._hstorage
+    if t._chain:
+        bases = [storage.value]
+        for step in t._chain[:-1]:
+            bases.append(recorder.apply_view(step, bases[-1]))
+        for step, base in zip(reversed(t._chain), reversed(bases)):
+            new = ops.scatter_back(step, base, new, recorder.record)
+    storage.value = new
+    storage.version += 1
+    recorder.dirty(storage)
+
+
+def _is_device(d: Any) -> bool:
+    return isinstance(d, torch.device) and d.type == NAME
+
+
+def _to_values(args: Any, recorder: Any) -> Any:
+    """Arguments with hypatia tensors as their values and CPU tensors as uploads."""
+    def one(x: Any) -> Any:
+        if isinstance(x, HypatiaTensor):
+            return value_of(x, recorder)
+        if isinstance(x, torch.Tensor):
+            if x.device.type != "cpu":
+                raise ops.Unsupported(f"an op mixes a hypatia tensor with a tensor on {x.device}; move it with "
+                                      ".to('hypatia') or .cpu() first")
+            return upload_value(x)
+        return x
+    return tree_map(one, args)
+
+
+def dispatch(recorder: Any, func: Any, args: tuple, kwargs: dict) -> Any:
+    recorder.counters["ops_intercepted"] += 1
+    target = kwargs.get("device")
+    if func is torch.ops.aten._to_copy.default and target is not None and not _is_device(torch.device(target)):
+        return on_client(recorder, func, args, kwargs, keep_on_client=True)
+    if func is torch.ops.aten.copy_.default and not isinstance(args[0], HypatiaTensor):
+        return on_client(recorder, func, args, kwargs, keep_on_client=True)  # into a CPU tensor
+    if func.overloadpacket in (torch.ops.aten.lift_fresh, torch.ops.aten.alias) or func is torch.ops.aten.detach.default:
+        src = args[0]
+        return HypatiaTensor(meta_like(src), src._hstorage, src._chain) if isinstance(src, HypatiaTensor) else src
+    if func is torch.ops.aten.copy_.default and _fills_fresh(args[0], args[1]):
+        # x.to("hypatia"), model.to("hypatia"): the upload itself becomes the tensor's value, so
+        # that the daemon keeps it by content (shared between processes), not a private copy
+        write(args[0], upload_value(args[1]), recorder)
+        return args[0]
+    mutated = ops.mutated_args(func)
+    if mutated:
+        return write_op(recorder, func, args, kwargs, mutated)
+    if ops.is_view(func) and isinstance(args[0], HypatiaTensor) and not any(
+            isinstance(x, torch.Tensor) for x in tree_flatten((args[1:], kwargs))[0]):
+        return view_op(recorder, func, args, kwargs)
+    return compute(recorder, func, args, kwargs)
+
+
+_EMPTY = (torch.ops.aten.empty_strided.default, torch.ops.aten.empty.memory_format)
+
+
+def _fills_fresh(dst: Any, src: Any) -> bool:
+    """True for a copy of a CPU tensor into a whole, freshly made hypatia tensor of its shape and dtype."""
+    return (isinstance(dst, HypatiaTensor) and not dst._chain and dst._hstorage.value.op in _EMPTY
+            and type(src) in (torch.Tensor, torch.nn.Parameter) and src.device.type == "cpu"
+            and src.shape == dst.shape and src.dtype == dst.dtype)
+
+
+def compute(recorder: Any, func: Any, args: tuple, kwargs: dict) -> Any:
+    vargs, vkwargs = _to_values((args, kwargs), recorder)
+    try:
+        out_meta = recorder.infer(func, vargs, vkwargs)
+    except recorder.needs_data as exc:
+        return on_client(recorder, func, args, kwargs, why=str(exc))
+    flat, _ = tree_flatten(out_meta)
+    if not all(isinstance(m, torch.Tensor) for m in flat):  # a number or a bool the client needs
+        return on_client(recorder, func, args, kwargs)
+    value = recorder.record_inferred(func, vargs, vkwargs, out_meta)
+    return tree_map(lambda v: new_tensor(v.meta, v, recorder) if isinstance(v, Value) else v, value)
+
+
+def view_op(recorder: Any, func: Any, args: tuple, kwargs: dict) -> Any:
+    src = args[0]
+    out_meta = func(meta_like(src), *args[1:], **kwargs)
+    if isinstance(out_meta, torch.Tensor):
+        return HypatiaTensor(out_meta, src._hstorage, src._chain + ((func, args[1:], kwargs, None),))
+    return [HypatiaTensor(m, src._hstorage, src._chain + ((func, args[1:], kwargs, i),)) for i, m in enumerate(out_meta)]
+
+
+def write_op(recorder: Any, func: Any, args: tuple, kwargs: dict, mutated: list[str]) -> Any:
+    """An op that writes into arguments: its functional twin, recorded, becomes their value."""
+    names = [a.name for a in func._schema.arguments]
+    bound = dict(zip(names, args)) | kwargs
+    targets = [bound[n] for n in mutated]
+    flat_targets = [t for group in targets for t in (group if isinstance(group, (list, tuple)) else [group])]
+    if not all(isinstance(t, HypatiaTensor) for t in flat_targets if t is not None):
+        return on_client(recorder, func, args, kwargs, keep_on_client=True)
+    # torch's own checks (shapes that do not broadcast into the target, a cast it refuses) on meta
+    meta_bound = tree_map(lambda x: meta_like(x) if isinstance(x, torch.Tensor) else x, bound)
+    _check_on_meta(func, names, meta_bound)
+    twin = ops.functional(func)
+    vbound = _to_values({k: v for k, v in bound.items() if k in {a.name for a in twin._schema.arguments}}, recorder)
+    positional = [vbound[a.name] for a in twin._schema.arguments if not a.kwarg_only and a.name in vbound]
+    keywords = {a.name: vbound[a.name] for a in twin._schema.arguments if a.kwarg_only and a.name in vbound}
+    out = recorder.record(twin, *positional, **keywords)
+    results = out if len(mutated) > 1 else [out]
+    for group, result in zip(targets, results):
+        if isinstance(group, (list, tuple)):
+            for t, r in zip(group, result):
+                write(t, recorder.cast(r, t.dtype), recorder)
+        else:
+            write(group, recorder.cast(result, group.dtype), recorder)
+    returns = func._schema.returns
+    if not returns:
+        return None
+    return targets[0] if len(returns) == 1 else tuple(targets)
+
+
+def _check_on_meta(func: Any, names: list[str], meta_bound: dict) -> None:
+    positional = [meta_bound[n] for n in names if n in meta_bound and not _kwarg_only(func, n)]
+    keywords = {n: meta_bound[n] for n in names if n in meta_bound and _kwarg_only(func, n)}
+    func(*positional, **keywords)
+
+
+def _kwarg_only(func: Any, name: str) -> bool:
+    return any(a.name == name and a.kwarg_only for a in func._schema.arguments)
+
+
+def on_client(recorder: Any, func: Any, args: tuple, kwargs: dict, keep_on_client: bool = False,
+              why: str | None = None) -> Any:
+    """Compute ``func`` here on CPU copies of its hypatia tensors (fetched, which flushes);
+    tensor results go back to the device unless ``keep_on_client``."""
+    hyp = [x for x in tree_flatten((args, kwargs))[0] if isinstance(x, HypatiaTensor)]
+    fetched = dict(zip(map(id, hyp), recorder.fetch([value_of(x, recorder) for x in hyp])))
+    if why is not None or not keep_on_client and func is not torch.ops.aten._local_scalar_dense.default:
+        recorder.ran_on_client(func, why)
+
+    def local(x: Any) -> Any:
+        if isinstance(x, HypatiaTensor):
+            return fetched[id(x)]
+        if _is_device(x) if isinstance(x, torch.device) else False:
+            return torch.device("cpu")
+        return x
+    cargs, ckwargs = tree_map(local, (args, kwargs))
+    if isinstance(ckwargs.get("device"), str) and ckwargs["device"].startswith(NAME):
+        ckwargs["device"] = "cpu"
+    result = func(*cargs, **ckwargs)
+    if keep_on_client:
+        return result
+    return tree_map(lambda r: new_tensor(meta_like(r), upload_value(r), recorder) if isinstance(r, torch.Tensor) else r,
+                    result)

@@ -1,0 +1,306 @@
+"""The recorder: ops on ``hypatia`` tensors become a graph on the client, and a flush sends it.
+
+Recording an op costs one run of its meta kernel (shapes, strides and dtypes come from torch,
+never by hand). A flush happens when the client needs a value (``.cpu()``, ``.item()``, a bool
+of a tensor, an op it computes itself), when ``HYPATIA_DEVICE_MAX_OPS`` ops are waiting, and at
+``torch.hypatia.synchronize()``. It sends:
+
+1. the CPU tensors waiting to go up (``model.to("hypatia")``'s parameters, a batch), each with
+   its content digest, so that a weight the daemon already holds for any process is named, not
+   sent;
+2. one FX graph of every recorded op that a live tensor still needs, whose outputs are the
+   values of the live tensors, canonicalized and keyed like any graph Hypatia compiles: the
+   daemon plans a structure once (``make_plan``, the first time it sees it) and runs its cached
+   executable for every later flush of that structure, the next training step's included.
+
+Recorded ops nothing alive needs are dropped at the flush, never computed.
+"""
+
+from __future__ import annotations
+
+import logging
+import operator
+import os
+import types
+import warnings
+import weakref
+from collections import Counter
+from typing import Any, Callable
+
+import torch
+import torch.fx
+from torch.utils._pytree import tree_flatten, tree_map
+
+from hypatia.client import torch_internals
+from hypatia.device.values import Storage, Value
+
+log = logging.getLogger("hypatia.client")
+
+
+class DeviceWarning(RuntimeWarning):
+    """An op on the hypatia device ran on the client (fetched, computed here, sent back)."""
+
+
+def _meta_device(x: Any) -> Any:
+    if isinstance(x, Value):
+        return x.meta
+    if isinstance(x, torch.device) and x.type == "hypatia":
+        return torch.device("meta")
+    if isinstance(x, str) and x.startswith("hypatia"):
+        return "meta"
+    return x
+
+
+META_CACHE_SIZE = 1 << 16
+
+
+def _leaf_key(x: Any) -> Any:
+    if isinstance(x, Value):
+        m = x.meta
+        return ("V", tuple(m.shape), tuple(m.stride()), m.dtype) if isinstance(m, torch.Tensor) else ("V", id(x))
+    if isinstance(x, torch.device):
+        return ("D", str(x))
+    if isinstance(x, float):
+        return ("F", x)  # 1.0 and 1 are equal keys but make different dtypes
+    return (type(x), x)
+
+
+def _to_specs(out: Any) -> Any:
+    """What rebuilds ``out`` (a tensor or a list/tuple of tensors) on the meta device; None when
+    it is anything else (never cached)."""
+    if isinstance(out, torch.Tensor):
+        return (tuple(out.shape), tuple(out.stride()), out.storage_offset(), out.dtype)
+    if isinstance(out, (list, tuple)) and all(isinstance(t, torch.Tensor) for t in out):
+        return (type(out), tuple(_to_specs(t) for t in out))
+    return None
+
+
+def _from_specs(specs: Any) -> Any:
+    if isinstance(specs[0], type):
+        return specs[0](_from_specs(s) for s in specs[1])
+    shape, stride, offset, dtype = specs
+    return torch.empty_strided(shape, stride, dtype=dtype, device="meta")
+
+
+class Recorder:
+    """One per process (see :func:`recorder`): the ops recorded since the last flush, the
+    storages they changed, and the link to the daemon."""
+
+    needs_data = (NotImplementedError, RuntimeError, *torch_internals.dynamic_output_shape_errors())
+
+    def __init__(self, link: Any, max_ops: int):
+        self.link = link
+        self.max_ops = max_ops
+        self.counters: Counter = Counter()
+        self.epoch = 0  # bumped at each flush: view values derived before it are not reused
+        self._dirty: weakref.WeakSet[Storage] = weakref.WeakSet()
+        self._recorded = 0
+        self._warned: set[str] = set()
+        self._flushing = False
+        self._metas: dict[tuple, Any] = {}
+
+    # -- recording ---------------------------------------------------------------------------
+    def dirty(self, storage: Storage) -> None:
+        """``storage`` holds a value the daemon does not have yet."""
+        self._dirty.add(storage)
+
+    def infer(self, func: Callable, vargs: Any, vkwargs: Any) -> Any:
+        """``func``'s output metadata: its meta kernel's, remembered per op and argument
+        metadata (meta kernels cost far more than the lookup; a miss is counted)."""
+        flat, spec = tree_flatten((vargs, vkwargs))
+        try:
+            key = (func, spec, tuple(_leaf_key(x) for x in flat))
+            hash(key)
+        except TypeError:  # an argument that cannot be a key: infer every time
+            key = None
+        found = self._metas.get(key) if key is not None else None
+        if found is not None:
+            self.counters["meta_cache_hits"] += 1
+            return _from_specs(found)
+        margs, mkwargs = tree_map(_meta_device, (vargs, vkwargs))
+        out = func(*margs, **mkwargs)
+        self.counters["meta_cache_misses"] += 1
+        specs = _to_specs(out)
+        if key is not None and specs is not None:
+            if len(self._metas) >= META_CACHE_SIZE:
+                self._metas.clear()
+            self._metas[key] = specs
+        return out
+
+    def record_inferred(self, func: Callable, vargs: tuple, vkwargs: dict, out_meta: Any) -> Any:
+        """Values for ``func``'s outputs (a structure like ``out_meta``), recorded."""
+        self.counters["ops_recorded"] += 1
+        self._recorded += 1
+        if isinstance(out_meta, torch.Tensor):
+            out: Any = Value(out_meta, func, tuple(vargs), dict(vkwargs))
+        else:
+            parent = Value(list(out_meta), func, tuple(vargs), dict(vkwargs))
+            out = type(out_meta)(Value(m, operator.getitem, (parent, i)) for i, m in enumerate(out_meta))
+        return out
+
+    def record(self, func: Callable, *args: Any, **kwargs: Any) -> Any:
+        """Record ``func`` on values (and plain arguments); its output value(s)."""
+        return self.record_inferred(func, args, kwargs, self.infer(func, args, kwargs))
+
+    def apply_view(self, step: tuple, value: Value) -> Value:
+        op, rest, kwargs, index = step
+        out = self.record(op, value, *rest, **kwargs)
+        return out if index is None else out[index]
+
+    def cast(self, value: Value, dtype: torch.dtype) -> Value:
+        if value.meta.dtype == dtype:
+            return value
+        return self.record(torch.ops.aten._to_copy.default, value, dtype=dtype)
+
+    def ran_on_client(self, func: Any, why: str | None) -> None:
+        self.counters["ops_on_client"] += 1
+        name = str(func)
+        if name not in self._warned and func is not torch.ops.aten._local_scalar_dense.default:
+            self._warned.add(name)
+            warnings.warn(f"{name} ran on the client for the hypatia device (its inputs were fetched and its result "
+                          f"sent back){': ' + why if why else ''}", DeviceWarning, stacklevel=4)
+
+    def maybe_flush(self) -> None:
+        """Flush once ``HYPATIA_DEVICE_MAX_OPS`` ops are waiting."""
+        if self._recorded >= self.max_ops and not self._flushing:
+            self.counters["flushes_at_size"] += 1
+            self.flush()
+
+    # -- flushing ----------------------------------------------------------------------------
+    def fetch(self, values: list[Value]) -> list[torch.Tensor]:
+        """CPU copies of ``values``: a flush computes what is pending and brings these back."""
+        return self.flush(want=values)
+
+    def flush(self, want: list[Value] | None = None) -> list[torch.Tensor]:
+        want = list(want or [])
+        self._flushing = True
+        try:
+            return self._flush(want)
+        finally:
+            self._flushing = False
+            self._recorded = 0
+            self.epoch += 1
+
+    def _flush(self, want: list[Value]) -> list[torch.Tensor]:
+        fetched: dict[int, torch.Tensor] = {id(v): v.cpu.clone() for v in want if v.cpu is not None}
+        targets: dict[int, Value] = {}
+        for storage in list(self._dirty):
+            v = storage.value
+            if v.handle is None:
+                targets[id(v)] = v
+        dirty, self._dirty = self._dirty, weakref.WeakSet()
+        try:
+            return self._send(want, targets, fetched)
+        except BaseException:  # nothing was lost: the next flush sends it again
+            self._dirty |= dirty
+            raise
+
+    def _send(self, want: list[Value], targets: dict[int, Value], fetched: dict[int, torch.Tensor]) -> list[torch.Tensor]:
+        link = self.link
+        for v in want:
+            if v.handle is None and v.cpu is None:
+                targets[id(v)] = v
+        order, inputs = _schedule(sorted(targets.values(), key=lambda v: v.seq))
+        uploads = [v for v in inputs if v.handle is None] + [v for v in targets.values() if v.cpu is not None]
+        uploads = list({id(v): v for v in uploads}.values())
+        if uploads:
+            link.upload(uploads)
+            self.counters["uploads"] += len(uploads)
+        outputs = sorted((v for v in targets.values() if v.pending), key=lambda v: v.seq)
+        if outputs:
+            wanted = [v for v in want if v.pending]
+            gm = _graph_module(order, inputs, outputs, link.device_type())
+            values = link.execute(gm, inputs, outputs, wanted)
+            fetched.update(zip(map(id, wanted), values))
+            self.counters["flushes"] += 1
+            self.counters["ops_flushed"] += len(order)
+        for v in order:  # what no output needed is dropped: nothing may refer to it any more
+            if v.pending:
+                v.op, v.args, v.kwargs = None, (), {}
+        rest = [v for v in want if id(v) not in fetched]
+        if rest:
+            fetched.update(zip(map(id, rest), link.fetch(rest)))
+        return [fetched[id(v)] for v in want]
+
+
+def _schedule(targets: list[Value]) -> tuple[list[Value], list[Value]]:
+    """The pending values ``targets`` need, in an order that computes arguments first, and the
+    values they read that are not pending (held or uploading): the graph's inputs."""
+    order: list[Value] = []
+    inputs: dict[int, Value] = {}
+    seen: set[int] = set()
+    stack: list[tuple[Value, bool]] = [(v, False) for v in reversed(targets)]
+    while stack:
+        v, expanded = stack.pop()
+        if expanded:
+            order.append(v)
+            continue
+        if id(v) in seen:
+            continue
+        seen.add(id(v))
+        if not v.pending:
+            if v.cpu is not None or v.handle is not None:
+                inputs[id(v)] = v
+            continue
+        stack.append((v, True))
+        for a in reversed(tree_flatten((v.args, v.kwargs))[0]):
+            if isinstance(a, Value) and id(a) not in seen:
+                stack.append((a, False))
+    # a target that is an upload or a held value is not computed: it is not an output either
+    return order, [v for v in inputs.values()]
+
+
+def _graph_module(order: list[Value], inputs: list[Value], outputs: list[Value], device_type: str) -> Any:
+    """The FX graph computing ``outputs`` from ``inputs`` (as ``.graph`` of what is returned: the
+    canonical form is all a flush needs, so no module code is generated)."""
+    g = torch.fx.Graph()
+    env: dict[int, torch.fx.Node] = {}
+    target = torch.device(device_type)
+
+    def arg(x: Any) -> Any:
+        if isinstance(x, Value):
+            return env[id(x)]
+        if isinstance(x, torch.device) and x.type == "hypatia":
+            return target
+        if isinstance(x, str) and x.startswith("hypatia"):
+            return target
+        return x
+
+    for k, v in enumerate(inputs):
+        node = g.placeholder(f"in{k}")
+        node.meta["val"] = v.meta
+        env[id(v)] = node
+    for v in order:
+        node = g.call_function(v.op, tree_map(arg, v.args), tree_map(arg, v.kwargs))
+        node.meta["val"] = v.meta
+        env[id(v)] = node
+    g.output(tuple(env[id(v)] for v in outputs))
+    return types.SimpleNamespace(graph=g)
+
+
+_RECORDER: Recorder | None = None
+_PID = 0
+
+
+def recorder() -> Recorder:
+    """This process's recorder (a forked child makes its own: the parent's session is not its)."""
+    if _RECORDER is None or _PID != os.getpid():
+        connect()
+    return _RECORDER
+
+
+def connect(config: Any = None) -> Recorder:
+    """Start this process's device session with the daemon of ``config`` (default: the
+    environment's), closing any earlier one: its tensors are released."""
+    global _RECORDER, _PID
+    from hypatia.config import load
+    from hypatia.device.link import Link
+
+    if _RECORDER is not None and _PID == os.getpid():
+        _RECORDER.link.close()
+    config = config or load()
+    _RECORDER, _PID = Recorder(Link(config), config.device_max_ops), os.getpid()
+    return _RECORDER
+
+
+__all__ = ["DeviceWarning", "Recorder", "connect", "recorder"]

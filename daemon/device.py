@@ -1,0 +1,433 @@
+"""The ``hypatia`` device in hypatiad: tensors that live in the daemon, on its GPU (or its CPU
+when it has none), and the graphs that clients flush to compute on them.
+
+A client process (:mod:`hypatia.client.device`) holds *handles*: small integers it picks, one
+namespace per client *session* (a random token it sends with every request). Each handle names
+a buffer in :class:`DevicePool`. A buffer uploaded with a content digest (parameters and
+buffers, by ``model.to("hypatia")``) is kept once per digest, however many sessions or handles
+name it, and reference-counted; a buffer a graph computed is private to its handle.
+
+Nothing here ever writes into a buffer: the graphs clients flush are functional (an in-place
+update on the client becomes a new value), so an optimizer step on shared weights writes new,
+private buffers and leaves the shared copy as every other session sees it. That is copy on
+write, by construction. A session's buffers go when it releases them, closes, or dies: the
+sweep drops the sessions of clients on this host whose process is gone, and sessions over TCP
+that have been silent for ``HYPATIA_DEVICE_IDLE_S``.
+
+Requests (method ``device``, body ``{"op", "session", ...}``):
+
+- ``info``: the device (type, name), its environment key and details (what a ``make_plan``
+  for it names), memory in use and the limit, the sessions and shared buffers.
+- ``upload`` {tensors: [{handle, digest, dtype, shape, data}]}: ``data`` is a shared-memory
+  descriptor (same host), ``{"bytes"}`` (any host) or None ("adopt the buffer of this digest if
+  you have it"); the reply lists the handles still ``missing`` (digest unknown, no data).
+- ``execute`` {keys, inputs, outputs, fetch, release}: run the stored graph of ``keys`` (a
+  ``make_plan`` registers it: :class:`~hypatia.protocol.UnknownGraph` until then) on the
+  buffers of ``inputs``, keep its outputs under ``outputs``, send back the values of the
+  outputs listed in ``fetch``, and first release the handles of ``release``.
+- ``fetch`` {handles}: the values of buffers. ``release`` {handles}. ``close``: the session.
+
+Full is an error the client shows as it is (:class:`DeviceFull`): what is in use, the limit
+(``HYPATIA_DEVICE_MEMORY_MB``) and how to free memory; nothing is evicted behind a client's back.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from hypatia import limits, shm
+from hypatia.protocol import BadRequest, ErrorCode, ProtocolError, TooLarge, UnknownGraph, require
+
+log = logging.getLogger("hypatia.daemon")
+
+SESSION_RE = re.compile(r"[0-9a-f]{16,32}")
+DIGEST_RE = re.compile(r"[0-9a-f]{64}")
+MAX_HANDLES_PER_REQUEST = 1 << 16
+MAX_INLINE_BYTES = 64 << 20  # one tensor sent inside a message (TCP clients)
+SWEEP_EVERY_S = 2.0
+
+
+class DeviceFull(TooLarge):
+    """The buffers a request would add do not fit under the device's memory limit."""
+
+
+class UnknownHandle(BadRequest):
+    """A handle this session does not hold (released, or the daemon restarted since)."""
+
+
+class UnknownSession(BadRequest):
+    """A session this daemon does not know: it restarted (or swept the session as dead) since
+    the client made it, so the client's tensors are gone."""
+
+
+@dataclass
+class Buffer:
+    """One tensor in the pool; ``refs`` counts the handles naming it (shared buffers only)."""
+
+    tensor: Any
+    nbytes: int
+    digest: str | None = None
+    refs: int = 1
+
+
+@dataclass
+class Session:
+    token: str
+    pid: int | None  # a client on this host; None over TCP
+    handles: dict[int, Buffer] = field(default_factory=dict)
+    seen: float = 0.0
+
+
+def _nbytes(tensor: Any) -> int:
+    return tensor.untyped_storage().nbytes() if tensor.numel() else 0
+
+
+class DevicePool:
+    """Every buffer of the device, by session and handle; thread-safe."""
+
+    def __init__(self, limit_bytes: int):
+        self.limit = limit_bytes
+        self.used = 0
+        self.sessions: dict[str, Session] = {}
+        self.shared: dict[str, Buffer] = {}
+        self.counters: Counter = Counter()
+        self._lock = threading.Lock()
+
+    def session(self, token: str, pid: int | None, create: bool = False) -> Session:
+        with self._lock:
+            found = self.sessions.get(token)
+            if found is None:
+                if not create:
+                    raise UnknownSession(
+                        "this hypatia device session is unknown to hypatiad (it restarted, or dropped the session "
+                        "of a client it took for dead): the tensors on the device are lost")
+                found = self.sessions[token] = Session(token, pid)
+                self.counters["sessions_opened"] += 1
+            found.seen = time.monotonic()
+            return found
+
+    def reserve(self, nbytes: int, what: str) -> None:
+        """:class:`DeviceFull` unless ``nbytes`` more fit under the limit."""
+        if self.limit and self.used + nbytes > self.limit:
+            self.counters["full"] += 1
+            raise DeviceFull(
+                f"the hypatia device is full: {what} needs {_mib(nbytes)} more, {_mib(self.used)} of "
+                f"{_mib(self.limit)} are in use (HYPATIA_DEVICE_MEMORY_MB). Free device tensors (del them, or "
+                "move models back with model.to('cpu')) or start hypatiad with a larger HYPATIA_DEVICE_MEMORY_MB")
+
+    def get(self, session: Session, handle: int) -> Any:
+        found = session.handles.get(handle)
+        if found is None:
+            raise UnknownHandle(f"handle {handle} is not held by this session (released, or never made)")
+        return found.tensor
+
+    def adopt(self, session: Session, handle: int, digest: str) -> bool:
+        """Name the shared buffer of ``digest`` ``handle``; False if there is none."""
+        with self._lock:
+            found = self.shared.get(digest)
+            if found is None:
+                return False
+            found.refs += 1
+            self._bind(session, handle, found)
+            self.counters["uploads_shared"] += 1
+            self.counters["bytes_not_moved"] += found.nbytes
+            return True
+
+    def put(self, session: Session, handle: int, tensor: Any, digest: str | None = None) -> None:
+        """Keep ``tensor`` under ``handle`` (shared under ``digest`` when given, and when another
+        upload of the same content got there first, that buffer is named instead)."""
+        nbytes = _nbytes(tensor)
+        with self._lock:
+            if digest is not None and digest in self.shared:
+                found = self.shared[digest]
+                found.refs += 1
+                self._bind(session, handle, found)
+                return
+            buf = Buffer(tensor, nbytes, digest)
+            self.used += nbytes
+            self.counters["buffers_made"] += 1
+            if digest is not None:
+                self.shared[digest] = buf
+            self._bind(session, handle, buf)
+
+    def _bind(self, session: Session, handle: int, buf: Buffer) -> None:
+        old = session.handles.get(handle)
+        session.handles[handle] = buf
+        if old is not None:
+            self._drop(old)
+
+    def release(self, session: Session, handles: list[int]) -> int:
+        with self._lock:
+            n = 0
+            for h in handles:
+                buf = session.handles.pop(h, None)
+                if buf is not None:
+                    self._drop(buf)
+                    n += 1
+            self.counters["released"] += n
+            return n
+
+    def close(self, token: str) -> int:
+        """Drop a session and every handle it holds; how many handles that was."""
+        with self._lock:
+            session = self.sessions.pop(token, None)
+            if session is None:
+                return 0
+            for buf in session.handles.values():
+                self._drop(buf)
+            self.counters["sessions_closed"] += 1
+            return len(session.handles)
+
+    def _drop(self, buf: Buffer) -> None:
+        buf.refs -= 1
+        if buf.refs > 0:
+            return
+        self.used -= buf.nbytes
+        self.counters["buffers_freed"] += 1
+        if buf.digest is not None and self.shared.get(buf.digest) is buf:
+            del self.shared[buf.digest]
+        buf.tensor = None
+
+    def sweep(self, alive: Callable[[int], bool], idle_s: float) -> list[str]:
+        """Close the sessions of clients that died (same host) or went silent (TCP)."""
+        now = time.monotonic()
+        with self._lock:
+            dead = [t for t, s in self.sessions.items()
+                    if (s.pid is not None and not alive(s.pid)) or (s.pid is None and now - s.seen > idle_s)]
+        for token in dead:
+            self.close(token)
+        self.counters["sessions_swept"] += len(dead)
+        return dead
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {"memory_used_bytes": self.used, "memory_limit_bytes": self.limit,
+                    "sessions": len(self.sessions), "shared_buffers": len(self.shared),
+                    "handles": sum(len(s.handles) for s in self.sessions.values())} | dict(self.counters)
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / (1 << 20):.1f} MiB"
+
+
+def _handles(body: dict, name: str, request_id: int) -> list[int]:
+    value = body.get(name, [])
+    if not isinstance(value, list) or len(value) > MAX_HANDLES_PER_REQUEST:
+        raise BadRequest(f"{name} must be a list of at most {MAX_HANDLES_PER_REQUEST} handles", request_id)
+    if not all(type(h) is int and 0 <= h < 2**62 for h in value):
+        raise BadRequest(f"{name} must hold handles (integers in [0, 2**62))", request_id)
+    return value
+
+
+class DeviceService:
+    """The ``device`` requests of one daemon. ``info``/``release``/``close`` are answered on the
+    server thread; ``upload``/``execute``/``fetch`` move tensors or compute and run on the pool
+    (:meth:`work`), returning an outcome that :meth:`finished` counts."""
+
+    def __init__(self, config: Any, daemon: str, runs: Any, limit_bytes: int, idle_s: float):
+        self.config = config
+        self.daemon = daemon  # the id in this daemon's shared-memory segment names
+        self.runs = runs  # the RunService: its executables (rebuilt graph + plan) serve both paths
+        self.pool = DevicePool(limit_bytes)
+        self.idle_s = idle_s
+        self.counters: Counter = Counter()
+        self._device = None
+        self._next_sweep = 0.0
+
+    # -- the device ------------------------------------------------------------------------
+    def device(self) -> Any:
+        """torch's device for the buffers: this host's first GPU, or its CPU (imports torch)."""
+        if self._device is None:
+            import torch
+
+            wanted = self.config.device_backend
+            if wanted == "cuda" and not torch.cuda.is_available():
+                raise BadRequest("HYPATIA_DEVICE_BACKEND=cuda, but torch sees no GPU in hypatiad")
+            use_cuda = wanted == "cuda" or (wanted == "auto" and torch.cuda.is_available())
+            self._device = torch.device("cuda", 0) if use_cuda else torch.device("cpu")
+        return self._device
+
+    def info(self) -> dict:
+        from hypatia.planner import environment
+
+        device = self.device()
+        env_key, env = environment.describe(device.type, device.index or 0)
+        return {"device_type": device.type, "device_name": env.get("device_name"), "env_key": env_key,
+                "environment": env, "daemon": self.daemon} | self.pool.stats()
+
+    # -- parsing (server thread) -----------------------------------------------------------
+    def parse(self, body: dict, request_id: int, over_tcp: bool) -> tuple[str, dict]:
+        op = require(body, "op", str, request_id)
+        if op not in ("info", "upload", "execute", "fetch", "release", "close"):
+            raise BadRequest(f"device op {op[:40]!r} is not one of info, upload, execute, fetch, release, close",
+                             request_id)
+        job: dict[str, Any] = {"op": op, "tcp": over_tcp, "rid": request_id}
+        if op == "info":
+            return op, job
+        token = require(body, "session", str, request_id)
+        if not SESSION_RE.fullmatch(token):
+            raise BadRequest("session must be 16 to 32 hexadecimal digits", request_id)
+        pid = None if over_tcp else body.get("pid")
+        if pid is not None and (type(pid) is not int or not 0 < pid < 2**31):
+            raise BadRequest(f"pid {str(pid)[:20]} is not a process id", request_id)
+        job |= {"session": token, "pid": pid}
+        if op in ("release", "fetch"):
+            job["handles"] = _handles(body, "handles", request_id)
+        if op == "upload":
+            tensors = require(body, "tensors", list, request_id)
+            if len(tensors) > MAX_HANDLES_PER_REQUEST:
+                raise BadRequest(f"at most {MAX_HANDLES_PER_REQUEST} tensors per upload", request_id)
+            job["tensors"] = tensors
+        if op == "execute":
+            job["keys"] = tuple(limits.text(body, f, limits.MAX_KEY_CHARS, request_id, required=True)
+                                for f in ("graph_key", "workload_key", "env_key"))
+            for name in ("inputs", "outputs", "fetch", "release"):
+                job[name] = _handles(body, name, request_id)
+            if not set(job["fetch"]) <= set(job["outputs"]):
+                raise BadRequest("fetch must name handles among the outputs", request_id)
+            job["out_bytes"] = body.get("out_bytes", 0) if type(body.get("out_bytes", 0)) is int else 0
+        if op in ("upload", "execute", "fetch"):
+            tag = body.get("tag", "")
+            if not isinstance(tag, str) or not re.fullmatch(r"[0-9a-z]{8,32}", tag):
+                raise BadRequest("tag must be 8 to 32 characters of [0-9a-z]", request_id)
+            job["tag"] = tag
+        return op, job
+
+    def answer_now(self, op: str, job: dict) -> dict:
+        """The cheap ops, on the server thread."""
+        if op == "release":
+            session = self.pool.session(job["session"], job["pid"])
+            return {"released": self.pool.release(session, job["handles"])}
+        if op == "close":
+            return {"released": self.pool.close(job["session"])}
+        raise AssertionError(op)
+
+    # -- the work (pool threads) -----------------------------------------------------------
+    def work(self, job: dict) -> dict:
+        """Run an upload, execute or fetch; an outcome dict, never an exception."""
+        op = job["op"]
+        try:
+            if op == "info":
+                return {"ok": True, "reply": self.info()}
+            session = self.pool.session(job["session"], job["pid"], create=op == "upload")
+            if op == "upload":
+                return {"ok": True, "reply": self._upload(session, job)}
+            if op == "fetch":
+                return {"ok": True, "reply": {"values": self._export(session, job, job["handles"])}}
+            return {"ok": True, "reply": self._execute(session, job)}
+        except ProtocolError as exc:  # BadDescriptor is one too
+            return {"ok": False, "code": int(exc.code), "message": str(exc)}
+        except Exception as exc:  # noqa: BLE001 - the client gets the error, the daemon lives on
+            log.error("device %s failed: %s: %s", op, type(exc).__name__, exc, exc_info=log.isEnabledFor(logging.DEBUG))
+            return {"ok": False, "code": int(ErrorCode.INTERNAL), "message": f"{type(exc).__name__}: {exc}"}
+
+    def _upload(self, session: Session, job: dict) -> dict:
+        device = self.device()
+        missing = []
+        for k, entry in enumerate(job["tensors"]):
+            if not isinstance(entry, dict) or type(entry.get("handle")) is not int:
+                raise BadRequest(f"tensor {k} of the upload has no integer handle")
+            handle, digest, data = entry["handle"], entry.get("digest"), entry.get("data")
+            if digest is not None and (not isinstance(digest, str) or not DIGEST_RE.fullmatch(digest)):
+                raise BadRequest(f"tensor {k}: digest must be 64 hexadecimal digits")
+            if digest is not None and self.pool.adopt(session, handle, digest):
+                continue
+            if data is None:
+                missing.append(handle)
+                continue
+            tensor = self._import(session, job, data, k)
+            self.pool.reserve(_nbytes(tensor), f"uploading a {tuple(tensor.shape)} tensor")
+            self.counters["bytes_uploaded"] += tensor.numel() * tensor.element_size()
+            self.pool.put(session, handle, tensor.to(device) if device.type != "cpu" else tensor, digest)
+        return {"missing": missing}
+
+    def _import(self, session: Session, job: dict, data: Any, k: int) -> Any:
+        import torch
+
+        if not isinstance(data, dict):
+            raise BadRequest(f"tensor {k}: data must be a descriptor or {{bytes, dtype, shape}}")
+        if "bytes" in data:
+            raw, dtype, shape = data.get("bytes"), data.get("dtype"), data.get("shape")
+            if not isinstance(raw, bytes) or dtype not in shm.ITEMSIZE or not isinstance(shape, list):
+                raise BadRequest(f"tensor {k}: inline data needs bytes, a dtype and a shape")
+            if len(raw) != shm.numel(shape) * shm.ITEMSIZE[dtype]:
+                raise BadRequest(f"tensor {k}: {len(raw)} bytes do not make a {dtype}{shape}")
+            if not raw:
+                return torch.empty(shape, dtype=getattr(torch, dtype))
+            return torch.frombuffer(bytearray(raw), dtype=getattr(torch, dtype)).reshape(shape)
+        if job["tcp"] or session.pid is None:
+            raise BadRequest("a client on another host sends tensors inline ({bytes, dtype, shape})")
+        desc = shm.Descriptor.parse(data, session.pid, job["tag"] + "u", self.daemon)
+        return shm.read(desc)
+
+    def _export(self, session: Session, job: dict, handles: list[int]) -> list[dict]:
+        """The values of ``handles`` for the client: segments it unlinks (same host) or inline."""
+        import torch
+
+        values, written = [], []
+        try:
+            for k, h in enumerate(handles):
+                tensor = self.pool.get(session, h).detach().to("cpu")
+                if job["tcp"] or session.pid is None:
+                    dense = tensor.contiguous()
+                    raw = dense.reshape(-1).view(torch.uint8).numpy().tobytes() if dense.numel() else b""
+                    if len(raw) > MAX_INLINE_BYTES:
+                        raise TooLarge(f"a {_mib(len(raw))} tensor is over the {_mib(MAX_INLINE_BYTES)} a message "
+                                       "carries to another host; fetch it in parts (slice it on the device first)")
+                    values.append({"bytes": raw, "dtype": str(dense.dtype).removeprefix("torch."),
+                                   "shape": list(dense.shape)})
+                else:
+                    desc = shm.put(tensor, shm.segment_name(self.daemon, session.pid, f"{job['tag']}o{k}"))
+                    if desc.name:
+                        written.append(desc.name)
+                    values.append(desc.to_wire())
+                self.counters["bytes_fetched"] += tensor.numel() * tensor.element_size()
+        except BaseException:
+            for name in written:
+                shm.unlink(name)
+            raise
+        return values
+
+    def _execute(self, session: Session, job: dict) -> dict:
+        import torch
+
+        self.pool.release(session, job["release"])
+        recipe = self.runs.stored(job["keys"])
+        if recipe is None:
+            raise UnknownGraph(f"no plan is stored for graph {job['keys'][0][:24]}; send make_plan first")
+        executable, built = self.runs.executable(job["keys"], recipe, device=self.device())
+        inputs = [self.pool.get(session, h) for h in job["inputs"]]
+        executable.check_tensors(inputs)
+        self.pool.reserve(job["out_bytes"], "this graph's outputs")
+        with torch.inference_mode():
+            result, plan_failed = executable(*inputs)
+        results = list(result) if isinstance(result, (tuple, list)) else [result]
+        if len(results) != len(job["outputs"]):
+            raise BadRequest(f"the graph has {len(results)} outputs, the request names {len(job['outputs'])}")
+        for h, value in zip(job["outputs"], results):
+            self.pool.put(session, h, value)
+        self.counters["executes"] += 1
+        self.counters["executables_built"] += int(built)
+        self.counters["plan_failures"] += int(plan_failed)
+        fetched = self._export(session, job, job["fetch"]) if job["fetch"] else []
+        return {"values": fetched}
+
+    # -- server thread -----------------------------------------------------------------------
+    def tick(self, now: float) -> None:
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + SWEEP_EVERY_S
+        dead = self.pool.sweep(shm.pid_alive, self.idle_s)
+        if dead:
+            log.info("released the hypatia-device tensors of %d client session(s) that exited or went silent",
+                     len(dead))
+
+    def stats(self) -> dict:
+        return {"device": self.pool.stats() | dict(self.counters)}
+

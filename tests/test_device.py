@@ -1,0 +1,231 @@
+"""The ``hypatia`` device against a real hypatiad: tensors live in the daemon, ops are recorded
+and flushed as keyed graphs, weights are kept once per content for every process, training
+matches the same loop run on the CPU, and a lost daemon or a full device is a clear error."""
+
+from __future__ import annotations
+
+import copy
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from conftest import daemon_of_its_own_home, daemon_stats, wait_until
+
+import hypatia.device as hd
+from hypatia import shm
+from hypatia.daemon.device import DeviceFull as PoolFull, DevicePool, UnknownSession
+from hypatia.device import trace
+
+
+@pytest.fixture(scope="module")
+def config():
+    with daemon_of_its_own_home(HYPATIA_EXECUTOR="aten") as config:
+        yield config
+
+
+@pytest.fixture
+def rec(config):
+    """A fresh device session of this process with the module's daemon."""
+    recorder = trace.connect(config)
+    yield recorder
+    recorder.link.close()
+
+
+def device_stats(config) -> dict:
+    return daemon_stats(config)["device"]
+
+
+def run_child(config, body: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HYPATIA_")} | {
+        "HYPATIA_HOME": str(config.runtime_dir.parent), "HYPATIA_AUTOSTART": "0"}
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(body)], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_the_device_is_torch_s_privateuse1_backend_renamed_and_tensors_behave(rec):
+    assert torch._C._get_privateuse1_backend_name() == "hypatia" and torch.hypatia.device_count() == 1
+    assert torch.hypatia.is_available()
+    x = torch.randn(4, 3)
+    y = x.to("hypatia")
+    assert isinstance(y, hd.HypatiaTensor) and y.device == torch.device("hypatia", 0) and y.is_hypatia
+    z = (y * 2 + 1).relu()
+    torch.testing.assert_close(z.cpu(), (x * 2 + 1).relu())
+    assert z.sum().item() == pytest.approx(float((x * 2 + 1).relu().sum()), rel=1e-6)
+    assert (z.numpy() == (x * 2 + 1).relu().numpy()).all()
+    assert "device='hypatia:0'" in repr(z)
+    torch.testing.assert_close((torch.zeros(2, 3, device="hypatia") + 1).cpu(), torch.ones(2, 3))
+    assert bool((y.abs() >= 0).all())
+    assert rec.counters["flushes"] >= 3 and rec.counters["ops_recorded"] >= 5, rec.counters
+
+
+def test_a_flushed_structure_is_planned_once_and_its_executable_served_to_later_flushes(rec, config):
+    def f(t):
+        return (t @ t.T).softmax(-1).sum(0)
+
+    before = device_stats(config)
+    plans_before = daemon_stats(config)["requests"].get("make_plan", 0)
+    outs = [f(torch.full((5, 5), float(k)).to("hypatia")).cpu() for k in range(3)]
+    for k, out in enumerate(outs):
+        torch.testing.assert_close(out, f(torch.full((5, 5), float(k))))
+    after = device_stats(config)
+    assert after["executes"] - before.get("executes", 0) == 3, after
+    assert after["executables_built"] - before.get("executables_built", 0) == 1, after  # one structure
+    assert daemon_stats(config)["requests"]["make_plan"] - plans_before == 1
+
+
+def test_views_and_in_place_writes_follow_torch_s_aliasing(rec):
+    x = torch.arange(12.0).reshape(3, 4)
+    h = x.clone().to("hypatia")
+    for t in (x, h):
+        t[:, 1:3].mul_(10)
+        t.view(-1)[0] = -1.0
+        t.t()[3].add_(0.5)
+        row = t[2]
+        row.zero_()
+        t.add_(1)
+    torch.testing.assert_close(h.cpu(), x)
+    torch.testing.assert_close(row.cpu(), x[2])
+
+
+def _mlp() -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.LayerNorm(32), torch.nn.Linear(32, 4))
+
+
+def _train(model, opt, batches, to):
+    losses = []
+    for x, y in batches:
+        loss = torch.nn.functional.cross_entropy(model(x.to(to)), y.to(to))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def test_an_mlp_trains_on_the_device_as_on_the_cpu_with_state_resident_in_the_daemon(rec, config):
+    torch.manual_seed(0)
+    ref = _mlp()
+    model = copy.deepcopy(ref).to("hypatia")
+    assert all(isinstance(p, torch.nn.Parameter) and p.device.type == "hypatia" for p in model.parameters())
+    batches = [(torch.randn(8, 16), torch.randint(0, 4, (8,))) for _ in range(4)]
+    got = _train(model, torch.optim.AdamW(model.parameters(), lr=1e-2, capturable=True), batches, "hypatia")
+    want = _train(ref, torch.optim.AdamW(ref.parameters(), lr=1e-2), batches, "cpu")
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.detach().cpu(), q.detach(), rtol=1e-5, atol=1e-6)
+    stats = device_stats(config)
+    assert stats["handles"] >= 3 * len(list(ref.parameters())), stats  # weights, moments, step counts
+    assert rec.link.bytes_up < 64 * 1024, rec.link.bytes_up  # weights went up once; only batches after
+
+
+def test_a_small_transformer_trains_on_the_device_as_on_the_cpu(rec):
+    torch.manual_seed(1)
+    layer = torch.nn.TransformerEncoderLayer(d_model=32, nhead=4, dim_feedforward=64, dropout=0.0, batch_first=True)
+    ref = torch.nn.Sequential(layer, torch.nn.Flatten(), torch.nn.Linear(6 * 32, 3))
+    model = copy.deepcopy(ref).to("hypatia")
+    batches = [(torch.randn(4, 6, 32), torch.randint(0, 3, (4,))) for _ in range(3)]
+    got = _train(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), batches, "hypatia")
+    want = _train(ref, torch.optim.SGD(ref.parameters(), lr=0.05, momentum=0.9), batches, "cpu")
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.detach().cpu(), q.detach(), rtol=1e-4, atol=1e-5)
+
+
+CHILD_SAME_WEIGHTS = """
+import torch, hypatia.device as hd
+torch.manual_seed(7)
+model = torch.nn.Linear(256, 256).to("hypatia")
+torch.hypatia.synchronize()
+print("UP", hd.memory_stats()["client"]["bytes_up"])
+opt = torch.optim.SGD(model.parameters(), lr=1.0)
+model(torch.ones(2, 256).to("hypatia")).sum().backward()
+opt.step()
+print("STEPPED", float(model.weight.detach().sum().cpu()))
+"""
+
+
+def test_two_processes_share_one_copy_of_the_same_weights_and_a_write_copies_first(rec, config):
+    torch.manual_seed(7)
+    here = torch.nn.Linear(256, 256)
+    original = here.weight.detach().clone()
+    here.to("hypatia")
+    torch.hypatia.synchronize()
+    before = device_stats(config)
+    proc = run_child(config, CHILD_SAME_WEIGHTS)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    after = device_stats(config)
+    assert after["uploads_shared"] - before.get("uploads_shared", 0) >= 2, after  # weight and bias adopted
+    assert after["bytes_not_moved"] - before.get("bytes_not_moved", 0) >= 256 * 256 * 4, after
+    up = int(proc.stdout.split("UP ")[1].split()[0])
+    assert up < 256 * 256 * 4, proc.stdout  # the child sent digests, not the weight
+    # the child's optimizer step wrote its own copy: this process still sees the original
+    assert float(proc.stdout.split("STEPPED ")[1]) != pytest.approx(float(original.sum()))
+    torch.testing.assert_close(here.weight.detach().cpu(), original)
+
+
+def test_a_client_that_dies_releases_its_tensors(rec, config):
+    body = """
+        import os, signal, torch, hypatia.device as hd
+        keep = torch.randn(512, 512).to("hypatia") * 3
+        torch.hypatia.synchronize()
+        print("HELD", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    """
+    before = device_stats(config)
+    proc = run_child(config, body)
+    assert proc.returncode == -signal.SIGKILL and "HELD" in proc.stdout, proc.stderr[-2000:]
+    assert wait_until(lambda: device_stats(config)["sessions_swept"] > before.get("sessions_swept", 0), timeout=30)
+    assert device_stats(config)["memory_used_bytes"] <= before["memory_used_bytes"] + 4096
+
+
+def test_a_dead_daemon_is_one_clear_error_and_what_was_moved_back_is_kept():
+    with daemon_of_its_own_home() as own:
+        recorder = trace.connect(own)
+        model = torch.nn.Linear(8, 8).to("hypatia")
+        kept = copy.deepcopy(model).to("cpu")
+        x = torch.randn(2, 8)
+        want = kept(x)
+        pid = recorder.link.client.call("ping")["pid"]
+        os.kill(pid, signal.SIGKILL)
+        assert wait_until(lambda: not shm.pid_alive(pid), timeout=30)
+        with pytest.raises(hd.DeviceLost, match="lost") as caught:
+            model(x.to("hypatia")).cpu()
+        assert "model.to('cpu')" in str(caught.value)
+        with pytest.raises(hd.DeviceLost):  # and every later use says the same
+            torch.ones(1, device="hypatia").cpu()
+        torch.testing.assert_close(kept(x), want)
+    trace.connect()  # a fresh session for whatever runs next
+
+
+def test_a_full_device_is_a_clear_error_that_loses_nothing():
+    with daemon_of_its_own_home(HYPATIA_DEVICE_MEMORY_MB="1") as small:
+        trace.connect(small)
+        small_cpu = torch.randn(64, 64)
+        fits = small_cpu.to("hypatia")
+        torch.hypatia.synchronize()
+        big = torch.randn(1024, 1024).to("hypatia")  # 4 MiB
+        with pytest.raises(hd.DeviceFull, match="HYPATIA_DEVICE_MEMORY_MB"):
+            torch.hypatia.synchronize()
+        del big
+        torch.testing.assert_close((fits * 2).cpu(), small_cpu * 2)
+    trace.connect()
+
+
+def test_the_pool_counts_references_and_drops_a_session_s_buffers():
+    pool = DevicePool(limit_bytes=1 << 20)
+    a, b = pool.session("a" * 16, pid=1, create=True), pool.session("b" * 16, pid=2, create=True)
+    pool.put(a, 1, torch.ones(1024), digest="d" * 64)
+    assert pool.adopt(b, 7, "d" * 64) and pool.used == 4096 and pool.shared["d" * 64].refs == 2
+    pool.release(a, [1])
+    assert pool.used == 4096 and pool.get(b, 7).sum() == 1024
+    with pytest.raises(PoolFull, match="HYPATIA_DEVICE_MEMORY_MB"):
+        pool.reserve(2 << 20, "a test")
+    assert pool.sweep(alive=lambda pid: pid != 2, idle_s=60) == ["b" * 16]
+    assert pool.used == 0 and not pool.shared
+    with pytest.raises(UnknownSession, match="lost"):
+        pool.session("b" * 16, pid=2)
