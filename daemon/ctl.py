@@ -202,6 +202,7 @@ def format_stats_short(s: dict[str, Any]) -> str:
         ("tuning", f"{tuning['tunings']} done, {tuning['failed']} failed, {s['tuning_inflight']} in flight"
                    + ("" if tuning["background"] else " (background tuning off)")),
         ("compiled code", _compiled(s["artifacts"])),
+        *([("hypatia device", _device(s["device"]))] if s.get("device", {}).get("sessions_opened") else []),
         ("errors", f"{s['error_total']}" + (f" ({errors})" if errors else "")),
     ]
     width = max(len(k) for k, _ in rows)
@@ -212,6 +213,15 @@ def _compiled(a: dict[str, Any]) -> str:
     """The compiled artifacts the daemon keeps, and how they served."""
     return (f"{a['count']} artifacts, {_fmt_bytes(a['bytes'])} of {_fmt_bytes(a['limit_bytes'])}; {a['hits']} served, "
             f"{a['stored']} stored, {a['evicted']} evicted, {a['quarantined']} quarantined, {a['compiling']} compiling")
+
+
+def _device(d: dict[str, Any]) -> str:
+    """The hypatia device's memory, sessions and work (shared weights counted once)."""
+    limit = _fmt_bytes(d["memory_limit_bytes"]) if d["memory_limit_bytes"] else "no limit"
+    return (f"{_fmt_bytes(d['memory_used_bytes'])} in use of {limit}; {d['sessions']} session(s), "
+            f"{d['shared_buffers']} shared buffer(s) ({d.get('uploads_shared', 0)} uploads found by content, "
+            f"{_fmt_bytes(d.get('bytes_not_moved', 0))} not moved); {d.get('executes', 0)} graphs run, "
+            f"{_fmt_bytes(d.get('bytes_uploaded', 0))} up, {_fmt_bytes(d.get('bytes_fetched', 0))} down")
 
 
 def _store_state(store: dict[str, Any]) -> str:
@@ -292,6 +302,8 @@ def format_stats(s: dict[str, Any]) -> str:
                 ("shared memory", f"{m['transfers']} transfers ({m['segments_read']} in, {m['segments_written']} out), "
                                   f"{_fmt_bytes(m['bytes'])}; {m['segments_swept']} segments of exited clients swept"),
             ]
+        if "device" in s:
+            rows.append(("hypatia device", _device(s["device"])))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
 

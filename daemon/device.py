@@ -27,7 +27,7 @@ Requests (method ``device``, body ``{"op", "session", ...}``):
   outputs listed in ``fetch``, and first release the handles of ``release``.
 - ``fetch`` {handles}: the values of buffers. ``release`` {handles}. ``close``: the session.
 
-Full is an error the client shows as it is (:class:`DeviceFull`): what is in use, the limit
+Full is an error the client shows as it is (:class:`~hypatia.daemon.device_pool.DeviceFull`): what is in use, the limit
 (``HYPATIA_DEVICE_MEMORY_MB``) and how to free memory; nothing is evicted behind a client's back.
 """
 
@@ -35,13 +35,11 @@ from __future__ import annotations
 
 import logging
 import re
-import threading
-import time
 from collections import Counter
-from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from hypatia import limits, shm
+from hypatia.daemon.device_pool import DevicePool, Session, mib, nbytes_of
 from hypatia.protocol import BadRequest, ErrorCode, ProtocolError, TooLarge, UnknownGraph, require
 
 log = logging.getLogger("hypatia.daemon")
@@ -51,169 +49,6 @@ DIGEST_RE = re.compile(r"[0-9a-f]{64}")
 MAX_HANDLES_PER_REQUEST = 1 << 16
 MAX_INLINE_BYTES = 64 << 20  # one tensor sent inside a message (TCP clients)
 SWEEP_EVERY_S = 2.0
-
-
-class DeviceFull(TooLarge):
-    """The buffers a request would add do not fit under the device's memory limit."""
-
-
-class UnknownHandle(BadRequest):
-    """A handle this session does not hold (released, or the daemon restarted since)."""
-
-
-class UnknownSession(BadRequest):
-    """A session this daemon does not know: it restarted (or swept the session as dead) since
-    the client made it, so the client's tensors are gone."""
-
-
-@dataclass
-class Buffer:
-    """One tensor in the pool; ``refs`` counts the handles naming it (shared buffers only)."""
-
-    tensor: Any
-    nbytes: int
-    digest: str | None = None
-    refs: int = 1
-
-
-@dataclass
-class Session:
-    token: str
-    pid: int | None  # a client on this host; None over TCP
-    handles: dict[int, Buffer] = field(default_factory=dict)
-    seen: float = 0.0
-
-
-def _nbytes(tensor: Any) -> int:
-    return tensor.untyped_storage().nbytes() if tensor.numel() else 0
-
-
-class DevicePool:
-    """Every buffer of the device, by session and handle; thread-safe."""
-
-    def __init__(self, limit_bytes: int):
-        self.limit = limit_bytes
-        self.used = 0
-        self.sessions: dict[str, Session] = {}
-        self.shared: dict[str, Buffer] = {}
-        self.counters: Counter = Counter()
-        self._lock = threading.Lock()
-
-    def session(self, token: str, pid: int | None, create: bool = False) -> Session:
-        with self._lock:
-            found = self.sessions.get(token)
-            if found is None:
-                if not create:
-                    raise UnknownSession(
-                        "this hypatia device session is unknown to hypatiad (it restarted, or dropped the session "
-                        "of a client it took for dead): the tensors on the device are lost")
-                found = self.sessions[token] = Session(token, pid)
-                self.counters["sessions_opened"] += 1
-            found.seen = time.monotonic()
-            return found
-
-    def reserve(self, nbytes: int, what: str) -> None:
-        """:class:`DeviceFull` unless ``nbytes`` more fit under the limit."""
-        if self.limit and self.used + nbytes > self.limit:
-            self.counters["full"] += 1
-            raise DeviceFull(
-                f"the hypatia device is full: {what} needs {_mib(nbytes)} more, {_mib(self.used)} of "
-                f"{_mib(self.limit)} are in use (HYPATIA_DEVICE_MEMORY_MB). Free device tensors (del them, or "
-                "move models back with model.to('cpu')) or start hypatiad with a larger HYPATIA_DEVICE_MEMORY_MB")
-
-    def get(self, session: Session, handle: int) -> Any:
-        found = session.handles.get(handle)
-        if found is None:
-            raise UnknownHandle(f"handle {handle} is not held by this session (released, or never made)")
-        return found.tensor
-
-    def adopt(self, session: Session, handle: int, digest: str) -> bool:
-        """Name the shared buffer of ``digest`` ``handle``; False if there is none."""
-        with self._lock:
-            found = self.shared.get(digest)
-            if found is None:
-                return False
-            found.refs += 1
-            self._bind(session, handle, found)
-            self.counters["uploads_shared"] += 1
-            self.counters["bytes_not_moved"] += found.nbytes
-            return True
-
-    def put(self, session: Session, handle: int, tensor: Any, digest: str | None = None) -> None:
-        """Keep ``tensor`` under ``handle`` (shared under ``digest`` when given, and when another
-        upload of the same content got there first, that buffer is named instead)."""
-        nbytes = _nbytes(tensor)
-        with self._lock:
-            if digest is not None and digest in self.shared:
-                found = self.shared[digest]
-                found.refs += 1
-                self._bind(session, handle, found)
-                return
-            buf = Buffer(tensor, nbytes, digest)
-            self.used += nbytes
-            self.counters["buffers_made"] += 1
-            if digest is not None:
-                self.shared[digest] = buf
-            self._bind(session, handle, buf)
-
-    def _bind(self, session: Session, handle: int, buf: Buffer) -> None:
-        old = session.handles.get(handle)
-        session.handles[handle] = buf
-        if old is not None:
-            self._drop(old)
-
-    def release(self, session: Session, handles: list[int]) -> int:
-        with self._lock:
-            n = 0
-            for h in handles:
-                buf = session.handles.pop(h, None)
-                if buf is not None:
-                    self._drop(buf)
-                    n += 1
-            self.counters["released"] += n
-            return n
-
-    def close(self, token: str) -> int:
-        """Drop a session and every handle it holds; how many handles that was."""
-        with self._lock:
-            session = self.sessions.pop(token, None)
-            if session is None:
-                return 0
-            for buf in session.handles.values():
-                self._drop(buf)
-            self.counters["sessions_closed"] += 1
-            return len(session.handles)
-
-    def _drop(self, buf: Buffer) -> None:
-        buf.refs -= 1
-        if buf.refs > 0:
-            return
-        self.used -= buf.nbytes
-        self.counters["buffers_freed"] += 1
-        if buf.digest is not None and self.shared.get(buf.digest) is buf:
-            del self.shared[buf.digest]
-        buf.tensor = None
-
-    def sweep(self, alive: Callable[[int], bool], idle_s: float) -> list[str]:
-        """Close the sessions of clients that died (same host) or went silent (TCP)."""
-        now = time.monotonic()
-        with self._lock:
-            dead = [t for t, s in self.sessions.items()
-                    if (s.pid is not None and not alive(s.pid)) or (s.pid is None and now - s.seen > idle_s)]
-        for token in dead:
-            self.close(token)
-        self.counters["sessions_swept"] += len(dead)
-        return dead
-
-    def stats(self) -> dict:
-        with self._lock:
-            return {"memory_used_bytes": self.used, "memory_limit_bytes": self.limit,
-                    "sessions": len(self.sessions), "shared_buffers": len(self.shared),
-                    "handles": sum(len(s.handles) for s in self.sessions.values())} | dict(self.counters)
-
-
-def _mib(nbytes: int) -> str:
-    return f"{nbytes / (1 << 20):.1f} MiB"
 
 
 def _handles(body: dict, name: str, request_id: int) -> list[int]:
@@ -251,6 +86,8 @@ class DeviceService:
                 raise BadRequest("HYPATIA_DEVICE_BACKEND=cuda, but torch sees no GPU in hypatiad")
             use_cuda = wanted == "cuda" or (wanted == "auto" and torch.cuda.is_available())
             self._device = torch.device("cuda", 0) if use_cuda else torch.device("cpu")
+            if use_cuda and not self.pool.limit:  # HYPATIA_DEVICE_MEMORY_MB=0: 90% of the GPU's memory
+                self.pool.limit = int(torch.cuda.get_device_properties(0).total_memory * 0.9)
         return self._device
 
     def info(self) -> dict:
@@ -315,7 +152,9 @@ class DeviceService:
         try:
             if op == "info":
                 return {"ok": True, "reply": self.info()}
-            session = self.pool.session(job["session"], job["pid"], create=op == "upload")
+            # an upload or an execute may open the session (a graph of factories reads no handle); a
+            # handle a fresh session does not hold is UnknownHandle, which the client reads as lost
+            session = self.pool.session(job["session"], job["pid"], create=op in ("upload", "execute"))
             if op == "upload":
                 return {"ok": True, "reply": self._upload(session, job)}
             if op == "fetch":
@@ -342,7 +181,7 @@ class DeviceService:
                 missing.append(handle)
                 continue
             tensor = self._import(session, job, data, k)
-            self.pool.reserve(_nbytes(tensor), f"uploading a {tuple(tensor.shape)} tensor")
+            self.pool.reserve(nbytes_of(tensor), f"uploading a {tuple(tensor.shape)} tensor")
             self.counters["bytes_uploaded"] += tensor.numel() * tensor.element_size()
             self.pool.put(session, handle, tensor.to(device) if device.type != "cpu" else tensor, digest)
         return {"missing": missing}
@@ -378,7 +217,7 @@ class DeviceService:
                     dense = tensor.contiguous()
                     raw = dense.reshape(-1).view(torch.uint8).numpy().tobytes() if dense.numel() else b""
                     if len(raw) > MAX_INLINE_BYTES:
-                        raise TooLarge(f"a {_mib(len(raw))} tensor is over the {_mib(MAX_INLINE_BYTES)} a message "
+                        raise TooLarge(f"a {mib(len(raw))} tensor is over the {mib(MAX_INLINE_BYTES)} a message "
                                        "carries to another host; fetch it in parts (slice it on the device first)")
                     values.append({"bytes": raw, "dtype": str(dense.dtype).removeprefix("torch."),
                                    "shape": list(dense.shape)})
@@ -410,6 +249,8 @@ class DeviceService:
         results = list(result) if isinstance(result, (tuple, list)) else [result]
         if len(results) != len(job["outputs"]):
             raise BadRequest(f"the graph has {len(results)} outputs, the request names {len(job['outputs'])}")
+        # the client's estimate was checked before the run; what the outputs really take, now
+        self.pool.reserve(sum(nbytes_of(r) for r in results if isinstance(r, torch.Tensor)), "this graph's outputs")
         for h, value in zip(job["outputs"], results):
             self.pool.put(session, h, value)
         self.counters["executes"] += 1

@@ -5,6 +5,7 @@ matches the same loop run on the CPU, and a lost daemon or a full device is a cl
 from __future__ import annotations
 
 import copy
+import json
 import os
 import signal
 import subprocess
@@ -14,11 +15,11 @@ import textwrap
 import pytest
 import torch
 
-from conftest import daemon_of_its_own_home, daemon_stats, wait_until
+from conftest import daemon_of_its_own_home, daemon_stats, free_port, wait_until
 
 import hypatia.device as hd
 from hypatia import shm
-from hypatia.daemon.device import DeviceFull as PoolFull, DevicePool, UnknownSession
+from hypatia.daemon.device_pool import DeviceFull as PoolFull, DevicePool, UnknownSession
 from hypatia.device import trace
 
 
@@ -229,3 +230,67 @@ def test_the_pool_counts_references_and_drops_a_session_s_buffers():
     assert pool.used == 0 and not pool.shared
     with pytest.raises(UnknownSession, match="lost"):
         pool.session("b" * 16, pid=2)
+
+
+CHILD_OVER_TCP = """
+import copy, json, torch, hypatia.device as hd
+torch.manual_seed(3)
+ref = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
+model = copy.deepcopy(ref).to("hypatia")
+xs, ys = torch.randn(3, 4, 8), torch.randn(3, 4, 2)
+for m, opt, dev in ((model, torch.optim.SGD(model.parameters(), lr=0.1), "hypatia"),
+                    (ref, torch.optim.SGD(ref.parameters(), lr=0.1), "cpu")):
+    for x, y in zip(xs, ys):
+        loss = torch.nn.functional.mse_loss(m(x.to(dev)), y.to(dev))
+        loss.backward(); opt.step(); opt.zero_grad()
+for p, q in zip(model.parameters(), ref.parameters()):
+    torch.testing.assert_close(p.detach().cpu(), q.detach())
+print(json.dumps(hd.memory_stats()["client"]))
+"""
+
+
+def test_a_client_on_another_host_uses_the_device_over_curve_with_tensors_in_the_messages(home):
+    from test_curve import remote_host
+
+    home.ctl("keys", "--client", "alice")
+    bundle = home.config.keys_dir / "clients" / "alice.json"
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    home.env["HYPATIA_LISTEN"] = endpoint
+    home.hypatiad("start")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HYPATIA_")} | remote_host(bundle, endpoint)
+    proc = subprocess.run([sys.executable, "-c", CHILD_OVER_TCP], env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = json.loads(proc.stdout.strip().splitlines()[-1])
+    # three steps recorded lazily: nothing asked for a value until the parameters were compared
+    assert client["flushes"] >= 1 and client["ops_recorded"] > 50 and client["bytes_up"] > 0, client
+    assert client["bytes_down"] >= sum(p.numel() * 4 for p in torch.nn.Sequential(
+        torch.nn.Linear(8, 16), torch.nn.Linear(16, 2)).parameters()), client
+    stats = home.stats()
+    assert stats["peers"]["curve_accepted"] >= 1
+    device = stats["device"]
+    assert device["executes"] >= 1 and device["bytes_uploaded"] == client["bytes_up"], device
+    assert device["sessions_closed"] == 1 and device["memory_used_bytes"] == 0, device  # released at exit
+
+
+def test_recorded_ops_flush_at_the_size_limit_and_data_dependent_ops_run_on_the_client(rec):
+    rec.max_ops = 8
+    x = torch.arange(6.0).to("hypatia")
+    y = x
+    for _ in range(20):
+        y = y + 1
+    assert rec.counters["flushes_at_size"] >= 2, rec.counters
+    torch.testing.assert_close(y.cpu(), torch.arange(6.0) + 20)
+    with pytest.warns(hd.DeviceWarning, match="nonzero"):
+        nz = torch.nonzero(x > 2)
+    assert isinstance(nz, hd.HypatiaTensor)
+    torch.testing.assert_close(nz.cpu(), torch.nonzero(torch.arange(6.0) > 2))
+
+
+def test_a_compiled_model_on_the_device_runs_and_matches(rec):
+    torch.manual_seed(4)
+    ref = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU())
+    model = copy.deepcopy(ref).to("hypatia")
+    compiled = torch.compile(model, backend="hypatia")
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(compiled(x.to("hypatia")).cpu(), ref(x))
+    assert rec.counters["flushes"] >= 1

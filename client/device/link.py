@@ -88,7 +88,7 @@ class Link:
         except RemoteError as exc:
             if exc.code == ErrorCode.TOO_LARGE:
                 raise DeviceFull(exc.remote_message) from None
-            if "session is unknown" in exc.remote_message:
+            if "session is unknown" in exc.remote_message or "is not held by this session" in exc.remote_message:
                 raise self._lose("hypatiad restarted since this process put tensors on the device") from None
             raise DeviceError(f"the hypatia device refused {op}: {exc.remote_message}") from None
 

@@ -21,11 +21,13 @@ class Unsupported(RuntimeError):
     """An operation the hypatia device cannot record; the message says what to do instead."""
 
 
+@functools.lru_cache(maxsize=None)
 def mutated_args(op: torch._ops.OpOverload) -> list[str]:
     """Names of the arguments ``op`` writes into (``Tensor(a!)``), in schema order."""
     return [a.name for a in op._schema.arguments if a.alias_info is not None and a.alias_info.is_write]
 
 
+@functools.lru_cache(maxsize=None)
 def is_view(op: torch._ops.OpOverload) -> bool:
     """True for an op whose outputs alias its first argument without writing it."""
     returns = op._schema.returns

@@ -22,14 +22,9 @@ class RegistrationError(RuntimeError):
 def _factory(op: torch._ops.OpOverload, *args, **kwargs):
     """The PrivateUse1 kernel of every op without a hypatia tensor argument (factories such as
     ``torch.zeros(..., device="hypatia")``, and ``empty_strided`` for ``x.to("hypatia")``)."""
-    from hypatia.device.tensor import _lock, dispatch
-    from hypatia.device.trace import recorder
+    from hypatia.device.tensor import record_op
 
-    with _lock:
-        rec = recorder()
-        out = dispatch(rec, op, args, kwargs)
-        rec.maybe_flush()
-        return out
+    return record_op(op, args, kwargs)
 
 
 def register() -> None:

@@ -22,10 +22,9 @@ import threading
 from typing import Any
 
 import torch
-from torch.utils._pytree import tree_flatten, tree_map
 
 from hypatia.device import ops
-from hypatia.device.values import Storage, Value, meta_like, upload_value
+from hypatia.device.values import Storage, Value, leaves, map_leaves, meta_like, upload_value
 
 log = logging.getLogger("hypatia.client")
 
@@ -69,13 +68,24 @@ class HypatiaTensor(torch.Tensor):
 
     @classmethod
     def __torch_dispatch__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        from hypatia.device.trace import recorder
+        if torch.compiler.is_compiling():  # Dynamo tracing into the recorder: it runs it instead
+            return _record_outside_dynamo(func, args, kwargs or {})
+        return record_op(func, args, kwargs or {})
 
-        with _lock:
-            rec = recorder()
-            out = dispatch(rec, func, args, kwargs or {})
-            rec.maybe_flush()
-            return out
+
+def record_op(func: Any, args: tuple, kwargs: dict) -> Any:
+    """Record (or run, see :func:`dispatch`) one op on the device; flush if enough are waiting."""
+    from hypatia.device.trace import recorder
+
+    with _lock:
+        rec = recorder()
+        out = dispatch(rec, func, args, kwargs)
+        rec.maybe_flush()
+        return out
+
+
+# Recording is not model code: under torch.compile it runs as it is, never traced (a graph break).
+_record_outside_dynamo = torch.compiler.disable(record_op)
 
 
 def new_tensor(meta: torch.Tensor, value: Value, recorder: Any) -> HypatiaTensor:
@@ -129,7 +139,7 @@ def _to_values(args: Any, recorder: Any) -> Any:
                                       ".to('hypatia') or .cpu() first")
             return upload_value(x)
         return x
-    return tree_map(one, args)
+    return map_leaves(one, args)
 
 
 def dispatch(recorder: Any, func: Any, args: tuple, kwargs: dict) -> Any:
@@ -151,7 +161,7 @@ def dispatch(recorder: Any, func: Any, args: tuple, kwargs: dict) -> Any:
     if mutated:
         return write_op(recorder, func, args, kwargs, mutated)
     if ops.is_view(func) and isinstance(args[0], HypatiaTensor) and not any(
-            isinstance(x, torch.Tensor) for x in tree_flatten((args[1:], kwargs))[0]):
+            isinstance(x, torch.Tensor) for x in leaves((args[1:], kwargs))):
         return view_op(recorder, func, args, kwargs)
     return compute(recorder, func, args, kwargs)
 
@@ -172,11 +182,13 @@ def compute(recorder: Any, func: Any, args: tuple, kwargs: dict) -> Any:
         out_meta = recorder.infer(func, vargs, vkwargs)
     except recorder.needs_data as exc:
         return on_client(recorder, func, args, kwargs, why=str(exc))
-    flat, _ = tree_flatten(out_meta)
-    if not all(isinstance(m, torch.Tensor) for m in flat):  # a number or a bool the client needs
+    if not (isinstance(out_meta, torch.Tensor) or isinstance(out_meta, (list, tuple)) and all(
+            isinstance(m, torch.Tensor) for m in out_meta)):  # a number or a bool the client needs
         return on_client(recorder, func, args, kwargs)
     value = recorder.record_inferred(func, vargs, vkwargs, out_meta)
-    return tree_map(lambda v: new_tensor(v.meta, v, recorder) if isinstance(v, Value) else v, value)
+    if isinstance(value, Value):
+        return new_tensor(value.meta, value, recorder)
+    return type(value)(new_tensor(v.meta, v, recorder) for v in value)
 
 
 def view_op(recorder: Any, func: Any, args: tuple, kwargs: dict) -> Any:
@@ -196,7 +208,7 @@ def write_op(recorder: Any, func: Any, args: tuple, kwargs: dict, mutated: list[
     if not all(isinstance(t, HypatiaTensor) for t in flat_targets if t is not None):
         return on_client(recorder, func, args, kwargs, keep_on_client=True)
     # torch's own checks (shapes that do not broadcast into the target, a cast it refuses) on meta
-    meta_bound = tree_map(lambda x: meta_like(x) if isinstance(x, torch.Tensor) else x, bound)
+    meta_bound = map_leaves(lambda x: meta_like(x) if isinstance(x, torch.Tensor) else x, bound)
     _check_on_meta(func, names, meta_bound)
     twin = ops.functional(func)
     vbound = _to_values({k: v for k, v in bound.items() if k in {a.name for a in twin._schema.arguments}}, recorder)
@@ -230,7 +242,7 @@ def on_client(recorder: Any, func: Any, args: tuple, kwargs: dict, keep_on_clien
               why: str | None = None) -> Any:
     """Compute ``func`` here on CPU copies of its hypatia tensors (fetched, which flushes);
     tensor results go back to the device unless ``keep_on_client``."""
-    hyp = [x for x in tree_flatten((args, kwargs))[0] if isinstance(x, HypatiaTensor)]
+    hyp = [x for x in leaves((args, kwargs)) if isinstance(x, HypatiaTensor)]
     fetched = dict(zip(map(id, hyp), recorder.fetch([value_of(x, recorder) for x in hyp])))
     if why is not None or not keep_on_client and func is not torch.ops.aten._local_scalar_dense.default:
         recorder.ran_on_client(func, why)
@@ -241,11 +253,11 @@ def on_client(recorder: Any, func: Any, args: tuple, kwargs: dict, keep_on_clien
         if _is_device(x) if isinstance(x, torch.device) else False:
             return torch.device("cpu")
         return x
-    cargs, ckwargs = tree_map(local, (args, kwargs))
+    cargs, ckwargs = map_leaves(local, (args, kwargs))
     if isinstance(ckwargs.get("device"), str) and ckwargs["device"].startswith(NAME):
         ckwargs["device"] = "cpu"
     result = func(*cargs, **ckwargs)
     if keep_on_client:
         return result
-    return tree_map(lambda r: new_tensor(meta_like(r), upload_value(r), recorder) if isinstance(r, torch.Tensor) else r,
-                    result)
+    return map_leaves(lambda r: new_tensor(meta_like(r), upload_value(r), recorder) if isinstance(r, torch.Tensor) else r,
+                      result)

@@ -29,10 +29,9 @@ from typing import Any, Callable
 
 import torch
 import torch.fx
-from torch.utils._pytree import tree_flatten, tree_map
 
 from hypatia.client import torch_internals
-from hypatia.device.values import Storage, Value
+from hypatia.device.values import Storage, Value, leaves, map_leaves
 
 log = logging.getLogger("hypatia.client")
 
@@ -54,8 +53,14 @@ def _meta_device(x: Any) -> Any:
 META_CACHE_SIZE = 1 << 16
 
 
-def _leaf_key(x: Any) -> Any:
-    if isinstance(x, Value):
+def _key(x: Any) -> Any:
+    """A hashable key of an op's arguments: their structure, and each leaf's value or metadata."""
+    t = type(x)
+    if t is list or t is tuple:
+        return (t, tuple(_key(y) for y in x))
+    if t is dict:
+        return (dict, tuple((k, _key(v)) for k, v in x.items()))
+    if t is Value:
         m = x.meta
         return ("V", tuple(m.shape), tuple(m.stride()), m.dtype) if isinstance(m, torch.Tensor) else ("V", id(x))
     if isinstance(x, torch.device):
@@ -65,21 +70,11 @@ def _leaf_key(x: Any) -> Any:
     return (type(x), x)
 
 
-def _to_specs(out: Any) -> Any:
-    """What rebuilds ``out`` (a tensor or a list/tuple of tensors) on the meta device; None when
-    it is anything else (never cached)."""
-    if isinstance(out, torch.Tensor):
-        return (tuple(out.shape), tuple(out.stride()), out.storage_offset(), out.dtype)
-    if isinstance(out, (list, tuple)) and all(isinstance(t, torch.Tensor) for t in out):
-        return (type(out), tuple(_to_specs(t) for t in out))
-    return None
-
-
-def _from_specs(specs: Any) -> Any:
-    if isinstance(specs[0], type):
-        return specs[0](_from_specs(s) for s in specs[1])
-    shape, stride, offset, dtype = specs
-    return torch.empty_strided(shape, stride, dtype=dtype, device="meta")
+def _cacheable(out: Any) -> bool:
+    """A meta kernel's output worth remembering: a tensor, or a list/tuple of tensors. Meta
+    tensors are never written (writes are checked on fresh copies), so one serves every value
+    recorded with the same metadata."""
+    return isinstance(out, torch.Tensor) or isinstance(out, (list, tuple)) and all(isinstance(t, torch.Tensor) for t in out)
 
 
 class Recorder:
@@ -107,24 +102,22 @@ class Recorder:
     def infer(self, func: Callable, vargs: Any, vkwargs: Any) -> Any:
         """``func``'s output metadata: its meta kernel's, remembered per op and argument
         metadata (meta kernels cost far more than the lookup; a miss is counted)."""
-        flat, spec = tree_flatten((vargs, vkwargs))
         try:
-            key = (func, spec, tuple(_leaf_key(x) for x in flat))
+            key = (func, _key(vargs), _key(vkwargs))
             hash(key)
         except TypeError:  # an argument that cannot be a key: infer every time
             key = None
         found = self._metas.get(key) if key is not None else None
         if found is not None:
             self.counters["meta_cache_hits"] += 1
-            return _from_specs(found)
-        margs, mkwargs = tree_map(_meta_device, (vargs, vkwargs))
+            return found
+        margs, mkwargs = map_leaves(_meta_device, (vargs, vkwargs))
         out = func(*margs, **mkwargs)
         self.counters["meta_cache_misses"] += 1
-        specs = _to_specs(out)
-        if key is not None and specs is not None:
+        if key is not None and _cacheable(out):
             if len(self._metas) >= META_CACHE_SIZE:
                 self._metas.clear()
-            self._metas[key] = specs
+            self._metas[key] = out
         return out
 
     def record_inferred(self, func: Callable, vargs: tuple, vkwargs: dict, out_meta: Any) -> Any:
@@ -243,7 +236,7 @@ def _schedule(targets: list[Value]) -> tuple[list[Value], list[Value]]:
                 inputs[id(v)] = v
             continue
         stack.append((v, True))
-        for a in reversed(tree_flatten((v.args, v.kwargs))[0]):
+        for a in reversed(leaves((v.args, v.kwargs))):
             if isinstance(a, Value) and id(a) not in seen:
                 stack.append((a, False))
     # a target that is an upload or a held value is not computed: it is not an output either
@@ -271,7 +264,7 @@ def _graph_module(order: list[Value], inputs: list[Value], outputs: list[Value],
         node.meta["val"] = v.meta
         env[id(v)] = node
     for v in order:
-        node = g.call_function(v.op, tree_map(arg, v.args), tree_map(arg, v.kwargs))
+        node = g.call_function(v.op, map_leaves(arg, v.args), map_leaves(arg, v.kwargs))
         node.meta["val"] = v.meta
         env[id(v)] = node
     g.output(tuple(env[id(v)] for v in outputs))

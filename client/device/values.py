@@ -81,3 +81,23 @@ def upload_value(t: torch.Tensor) -> Value:
     v.digest = None
     v.args = (t._version,)
     return v
+
+
+def map_leaves(fn: Callable[[Any], Any], x: Any) -> Any:
+    """``fn`` applied to every leaf of nested lists, tuples and dicts (an op's arguments): the
+    recorder's hot path, much cheaper than a general pytree walk."""
+    t = type(x)
+    if t is list:
+        return [map_leaves(fn, y) for y in x]
+    if t is tuple:
+        return tuple(map_leaves(fn, y) for y in x)
+    if t is dict:
+        return {k: map_leaves(fn, v) for k, v in x.items()}
+    return fn(x)
+
+
+def leaves(x: Any) -> list[Any]:
+    """The leaves of nested lists, tuples and dicts, in order."""
+    out: list[Any] = []
+    map_leaves(out.append, x)
+    return out

@@ -1,0 +1,53 @@
+"""The hypatia device on the GPU machine (``pytest -m gpu``): the daemon keeps its tensors on
+the GPU, a client that sees no GPU trains the small transformer there, and the result matches
+the same loop run on CUDA in the test process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.gpu
+
+CHILD = """
+import json, torch, hypatia.device as hd
+assert not torch.cuda.is_available()
+torch.manual_seed(5)
+layer = torch.nn.TransformerEncoderLayer(d_model=64, nhead=4, dim_feedforward=128, dropout=0.0, batch_first=True)
+model = torch.nn.Sequential(layer, torch.nn.Flatten(), torch.nn.Linear(16 * 64, 3)).to("hypatia")
+opt = torch.optim.AdamW(model.parameters(), lr=1e-3, capturable=True)
+torch.manual_seed(6)
+batches = [(torch.randn(8, 16, 64), torch.randint(0, 3, (8,))) for _ in range(4)]
+losses = []
+for x, y in batches:
+    loss = torch.nn.functional.cross_entropy(model(x.to("hypatia")), y.to("hypatia"))
+    loss.backward(); opt.step(); opt.zero_grad()
+    losses.append(loss.item())
+stats = hd.memory_stats()
+print(json.dumps({"losses": losses, "device": stats["device_type"], "params": [p.detach().cpu().tolist() for p in model.parameters()][-1]}))
+"""
+
+
+def test_a_client_without_a_gpu_trains_on_the_daemon_s_gpu_as_cuda_does(daemon):
+    proc = subprocess.run([sys.executable, "-c", CHILD], env=daemon.env | {"CUDA_VISIBLE_DEVICES": ""},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["device"] == "cuda"
+    torch.manual_seed(5)
+    layer = torch.nn.TransformerEncoderLayer(d_model=64, nhead=4, dim_feedforward=128, dropout=0.0, batch_first=True)
+    ref = torch.nn.Sequential(layer, torch.nn.Flatten(), torch.nn.Linear(16 * 64, 3)).cuda()
+    opt = torch.optim.AdamW(ref.parameters(), lr=1e-3, capturable=True)
+    torch.manual_seed(6)
+    batches = [(torch.randn(8, 16, 64), torch.randint(0, 3, (8,))) for _ in range(4)]
+    losses = []
+    for x, y in batches:
+        loss = torch.nn.functional.cross_entropy(ref(x.cuda()), y.cuda())
+        loss.backward(); opt.step(); opt.zero_grad()
+        losses.append(loss.item())
+    torch.testing.assert_close(got["losses"], losses, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(torch.tensor(got["params"]), list(ref.parameters())[-1].detach().cpu(), rtol=1e-3, atol=1e-4)
