@@ -51,9 +51,11 @@ GPU_WORKLOADS = {
 CPU_WORKLOADS = {"transformer_block": ("float32", CONFIGS)}
 QUICK_WORKLOADS = {"mlp_small": ("float32", ("eager_backend", "aot_eager", "hypatia_cold", "hypatia_warm",
                                              "hypatia_daemon_warm", "hypatia_new_host"))}
-# --quick, a smoke run CI makes, measures these in training alone (forward and backward: both of
-# Inductor's caches), where each costs a cold Inductor compile until the daemon serves artifacts.
-QUICK_MODES = {"hypatia_daemon_warm": ("training",), "hypatia_new_host": ("training",)}
+# --quick, a smoke run CI makes, measures Hypatia in training alone (forward and backward: both of
+# Inductor's caches), where each process costs a cold Inductor compile until the daemon serves
+# artifacts; the eager and aot_eager floors, cheap, in both modes.
+QUICK_MODES = {config: ("training",) for config in
+               ("hypatia_cold", "hypatia_warm", "hypatia_daemon_warm", "hypatia_new_host")}
 REDIS_HOST, REDIS_PORT = "127.0.0.1", 6379
 Case = tuple[str, str]  # (workload, mode)
 # Calls the cold Hypatia process makes after its timed first call, as a job would: enough for the

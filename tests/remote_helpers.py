@@ -18,15 +18,12 @@ def segments() -> set[str]:
 
 
 def _daemons_of(request) -> set[str]:
-    """The ids of the daemons a test's fixtures name (a home, a config, a registered graph)."""
+    """The ids of the daemons a test's fixtures name (a home, a config, a registered graph);
+    read from the values the test was given, which outlive their fixtures' teardown."""
     from hypatia.config import Config
 
     ids = set()
-    for name in request.fixturenames:
-        try:
-            value = request.getfixturevalue(name)
-        except Exception:  # noqa: BLE001 - a fixture that is not a value (request, monkeypatch...)
-            continue
+    for value in request.node.funcargs.values():
         config = value if isinstance(value, Config) else getattr(value, "config", None)
         if isinstance(config, Config):
             ids.add(shm.daemon_id(config.socket_path))

@@ -78,7 +78,9 @@ def test_conv_bn_passes_opcheck_and_gradcheck_and_matches_the_unfused_ops(bias, 
     mean, var = torch.randn(4, dtype=F64), torch.rand(4, dtype=F64) + 0.5
     rest = (1e-5, [1, 1], [1, 1], [1, 1], 1, relu)
     args = (x, w, b, gamma, beta, mean, var, *rest)
-    for result in torch.library.opcheck(ops.conv_bn, args).values():
+    # the dynamic-shape AOT check compiles the op (half a minute on two cores): once, on the full case
+    utils = None if (bias and relu) else ("test_schema", "test_autograd_registration", "test_faketensor")
+    for result in torch.library.opcheck(ops.conv_bn, args, **({} if utils is None else {"test_utils": utils})).values():
         assert result == "SUCCESS"
     torch.testing.assert_close(ops.conv_bn(*args), ops.conv_bn_reference(*args))
     differentiable = (x, w, gamma, beta) + ((b,) if bias else ())
