@@ -129,6 +129,9 @@ class DeviceService:
             if not set(job["fetch"]) <= set(job["outputs"]):
                 raise BadRequest("fetch must name handles among the outputs", request_id)
             job["out_bytes"] = body.get("out_bytes", 0) if type(body.get("out_bytes", 0)) is int else 0
+            job["tensors"] = body.get("uploads", [])  # uploads carried by the execute, made first
+            if not isinstance(job["tensors"], list) or len(job["tensors"]) > MAX_HANDLES_PER_REQUEST:
+                raise BadRequest(f"uploads must be a list of at most {MAX_HANDLES_PER_REQUEST} tensors", request_id)
         if op in ("upload", "execute", "fetch"):
             tag = body.get("tag", "")
             if not isinstance(tag, str) or not re.fullmatch(r"[0-9a-z]{8,32}", tag):
@@ -237,6 +240,8 @@ class DeviceService:
         import torch
 
         self.pool.release(session, job["release"])
+        if job["tensors"] and self._upload(session, job)["missing"]:
+            raise BadRequest("the uploads an execute carries must carry their data")
         recipe = self.runs.stored(job["keys"])
         if recipe is None:
             raise UnknownGraph(f"no plan is stored for graph {job['keys'][0][:24]}; send make_plan first")

@@ -27,7 +27,7 @@ from hypatia.client.rpc import DaemonClient, DaemonGone, DaemonUnavailable
 from hypatia.config import Config
 from hypatia.protocol import ErrorCode, RemoteError
 
-INLINE_BELOW = 64 << 10  # smaller uploads go with the first request, without asking for their digest first
+ASK_ABOVE = 1 << 20  # larger uploads ask whether the daemon holds their content before sending it
 RELEASE_BATCH = 4096  # released handles that make a request of their own
 
 
@@ -154,8 +154,11 @@ class Link:
         self.bytes_down += out.numel() * out.element_size()
         return out
 
-    def upload(self, values: list[Value]) -> None:
-        """Send the CPU tensors of ``values`` (by digest first for the large ones)."""
+    def upload(self, values: list[Value], defer: bool = False) -> list[tuple[int, Value]]:
+        """Send the CPU tensors of ``values``: parameters and those of at least :data:`ASK_ABOVE`
+        bytes by digest first (another process may have sent the same weights), the others with
+        their data. With ``defer`` the small ones are returned instead, as (handle, value), for the
+        execute that follows to carry (one round trip for a step's batch)."""
         entries = []
         for v in values:
             if v.args and v.args[0] != v.cpu._version:
@@ -164,47 +167,63 @@ class Link:
                                   "or call torch.hypatia.synchronize() after moving it")
             v.digest = v.digest or content_digest(v.cpu)
             entries.append((next(self._handles), v))
-        large = [(h, v) for h, v in entries if v.cpu.numel() * v.cpu.element_size() >= INLINE_BELOW]
-        missing = set(h for h, _ in entries if (h, _) not in large)
+        large = [(h, v) for h, v in entries if v.ask or v.cpu.numel() * v.cpu.element_size() >= ASK_ABOVE]
+        small = [(h, v) for h, v in entries if not (v.ask or v.cpu.numel() * v.cpu.element_size() >= ASK_ABOVE)]
+        missing = {h for h, _ in small} if not defer else set()
         if large:
             reply = self._call("upload", {"tag": secrets.token_hex(6), "tensors": [
                 {"handle": h, "digest": v.digest, "data": None} for h, v in large]})
             missing |= set(reply["missing"])
+        send = [(h, v) for h, v in entries if h in missing]
+        if send:
+            tag, made = secrets.token_hex(6), []
+            try:
+                self._call("upload", {"tag": tag, "tensors": self._entries(send, tag, made)})
+            finally:
+                for name in made:
+                    shm.unlink(name)
+        self.held_any = True
+        deferred = small if defer else []
+        for h, v in entries:
+            if (h, v) not in deferred:
+                v.held(h, self.forget)
+        return deferred
+
+    def _entries(self, pairs: list[tuple[int, Value]], tag: str, made: list[str]) -> list[dict]:
+        return [{"handle": h, "digest": v.digest, "data": self._pack(v.cpu, tag, k, made)}
+                for k, (h, v) in enumerate(pairs)]
+
+    def execute(self, gm: torch.fx.GraphModule, inputs: list[Value], outputs: list[Value],
+                wanted: list[Value], carried: list[tuple[int, Value]] = ()) -> list[torch.Tensor]:
+        """Run ``gm`` in the daemon on ``inputs``; ``outputs`` become held values, and the CPU
+        copies of ``wanted`` (some of the outputs) come back. ``carried``: uploads (see
+        :meth:`upload`) sent in the same request."""
+        keys, registration = self._keys(gm)
+        out_handles = [next(self._handles) for _ in outputs]
+        by_id = dict(zip(map(id, outputs), out_handles))
+        carried_ids = {id(v): h for h, v in carried}
+        with self._lock:
+            released, self._released = self._released, []
         tag, made = secrets.token_hex(6), []
         try:
-            send = [{"handle": h, "digest": v.digest, "data": self._pack(v.cpu, tag, k, made)}
-                    for k, (h, v) in enumerate(entries) if h in missing]
-            if send:
-                self._call("upload", {"tag": tag, "tensors": send})
+            body = {"graph_key": keys[0], "workload_key": keys[1], "env_key": keys[2], "tag": tag,
+                    "inputs": [carried_ids.get(id(v), v.handle) for v in inputs], "outputs": out_handles,
+                    "fetch": [by_id[id(v)] for v in wanted], "release": released,
+                    "out_bytes": sum(_nbytes(v.meta) for v in outputs),
+                    "uploads": self._entries(list(carried), tag, made)}
+            try:
+                reply = self._call("execute", body)
+            except DeviceError as exc:
+                if "send make_plan first" not in str(exc):
+                    raise
+                self._call_plan(registration)
+                reply = self._call("execute", dict(body, release=[]))
         finally:
             for name in made:
                 shm.unlink(name)
         self.held_any = True
-        for h, v in entries:
+        for h, v in carried:
             v.held(h, self.forget)
-
-    def execute(self, gm: torch.fx.GraphModule, inputs: list[Value], outputs: list[Value],
-                wanted: list[Value]) -> list[torch.Tensor]:
-        """Run ``gm`` in the daemon on ``inputs``; ``outputs`` become held values, and the CPU
-        copies of ``wanted`` (some of the outputs) come back."""
-        keys, registration = self._keys(gm)
-        out_handles = [next(self._handles) for _ in outputs]
-        by_id = dict(zip(map(id, outputs), out_handles))
-        with self._lock:
-            released, self._released = self._released, []
-        tag = secrets.token_hex(6)
-        body = {"graph_key": keys[0], "workload_key": keys[1], "env_key": keys[2], "tag": tag,
-                "inputs": [v.handle for v in inputs], "outputs": out_handles,
-                "fetch": [by_id[id(v)] for v in wanted], "release": released,
-                "out_bytes": sum(_nbytes(v.meta) for v in outputs)}
-        try:
-            reply = self._call("execute", body)
-        except DeviceError as exc:
-            if "send make_plan first" not in str(exc):
-                raise
-            self._call_plan(registration)
-            reply = self._call("execute", dict(body, release=[]))
-        self.held_any = True
         for v, h in zip(outputs, out_handles):
             v.held(h, self.forget)
         return [self._unpack(e, tag) for e in reply["values"]]

@@ -139,31 +139,65 @@ def _to_values(args: Any, recorder: Any) -> Any:
                                       ".to('hypatia') or .cpu() first")
             return upload_value(x)
         return x
+    if type(args) is tuple:  # the hot path: a flat tuple of tensors and plain values
+        return tuple(value_of(x, recorder) if type(x) is HypatiaTensor else map_leaves(one, x) for x in args)
     return map_leaves(one, args)
 
 
+_aten = torch.ops.aten
+_KINDS: dict[int, str] = {}  # id(op) -> what dispatch does with it (ops are never freed)
+
+
+def _kind(func: Any) -> str:
+    kind = _KINDS.get(id(func))
+    if kind is None:
+        if func is _aten._to_copy.default:
+            kind = "to_copy"
+        elif func is _aten.copy_.default:
+            kind = "copy_"
+        elif func.overloadpacket in (_aten.lift_fresh, _aten.alias) or func is _aten.detach.default:
+            kind = "alias"
+        elif ops.mutated_args(func):
+            kind = "write"
+        elif ops.is_view(func):
+            kind = "view"
+        else:
+            kind = "compute"
+        _KINDS[id(func)] = kind
+    return kind
+
+
 def dispatch(recorder: Any, func: Any, args: tuple, kwargs: dict) -> Any:
-    recorder.counters["ops_intercepted"] += 1
-    target = kwargs.get("device")
-    if func is torch.ops.aten._to_copy.default and target is not None and not _is_device(torch.device(target)):
-        return on_client(recorder, func, args, kwargs, keep_on_client=True)
-    if func is torch.ops.aten.copy_.default and not isinstance(args[0], HypatiaTensor):
-        return on_client(recorder, func, args, kwargs, keep_on_client=True)  # into a CPU tensor
-    if func.overloadpacket in (torch.ops.aten.lift_fresh, torch.ops.aten.alias) or func is torch.ops.aten.detach.default:
+    recorder.intercepted += 1
+    kind = _kind(func)
+    if kind == "compute":
+        return compute(recorder, func, args, kwargs)
+    if kind == "view":
+        if isinstance(args[0], HypatiaTensor) and not any(isinstance(x, torch.Tensor) for x in leaves((args[1:], kwargs))):
+            return view_op(recorder, func, args, kwargs)
+        return compute(recorder, func, args, kwargs)
+    if kind == "to_copy":
+        target = kwargs.get("device")
+        if target is not None and not _is_device(torch.device(target)):
+            return on_client(recorder, func, args, kwargs, keep_on_client=True)
+        return compute(recorder, func, args, kwargs)
+    if kind == "alias":
         src = args[0]
         return HypatiaTensor(meta_like(src), src._hstorage, src._chain) if isinstance(src, HypatiaTensor) else src
-    if func is torch.ops.aten.copy_.default and _fills_fresh(args[0], args[1]):
-        # x.to("hypatia"), model.to("hypatia"): the upload itself becomes the tensor's value, so
-        # that the daemon keeps it by content (shared between processes), not a private copy
-        write(args[0], upload_value(args[1]), recorder)
-        return args[0]
-    mutated = ops.mutated_args(func)
-    if mutated:
-        return write_op(recorder, func, args, kwargs, mutated)
-    if ops.is_view(func) and isinstance(args[0], HypatiaTensor) and not any(
-            isinstance(x, torch.Tensor) for x in leaves((args[1:], kwargs))):
-        return view_op(recorder, func, args, kwargs)
-    return compute(recorder, func, args, kwargs)
+    if kind == "copy_":
+        if not isinstance(args[0], HypatiaTensor):
+            return on_client(recorder, func, args, kwargs, keep_on_client=True)  # into a CPU tensor
+        src = args[1]
+        if isinstance(src, torch.Tensor) and not isinstance(src, HypatiaTensor) and src.device.type != "cpu":
+            # a GPU tensor of this process goes up through host memory (no CUDA IPC handles yet)
+            recorder.count("host_copies")
+            args = (args[0], src.cpu(), *args[2:])
+        if _fills_fresh(args[0], args[1]):
+            # x.to("hypatia"), model.to("hypatia"): the upload itself becomes the tensor's value, so
+            # that the daemon keeps it by content (shared between processes), not a private copy
+            write(args[0], upload_value(args[1]), recorder)
+            return args[0]
+    return write_op(recorder, func, args, kwargs, ops.mutated_args(func))
 
 
 _EMPTY = (torch.ops.aten.empty_strided.default, torch.ops.aten.empty.memory_format)
@@ -177,7 +211,8 @@ def _fills_fresh(dst: Any, src: Any) -> bool:
 
 
 def compute(recorder: Any, func: Any, args: tuple, kwargs: dict) -> Any:
-    vargs, vkwargs = _to_values((args, kwargs), recorder)
+    vargs = _to_values(args, recorder)
+    vkwargs = _to_values(kwargs, recorder) if kwargs else kwargs
     try:
         out_meta = recorder.infer(func, vargs, vkwargs)
     except recorder.needs_data as exc:
@@ -193,7 +228,7 @@ def compute(recorder: Any, func: Any, args: tuple, kwargs: dict) -> Any:
 
 def view_op(recorder: Any, func: Any, args: tuple, kwargs: dict) -> Any:
     src = args[0]
-    out_meta = func(meta_like(src), *args[1:], **kwargs)
+    out_meta = recorder.infer_view(func, src, args[1:], kwargs)
     if isinstance(out_meta, torch.Tensor):
         return HypatiaTensor(out_meta, src._hstorage, src._chain + ((func, args[1:], kwargs, None),))
     return [HypatiaTensor(m, src._hstorage, src._chain + ((func, args[1:], kwargs, i),)) for i, m in enumerate(out_meta)]

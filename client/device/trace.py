@@ -56,13 +56,13 @@ META_CACHE_SIZE = 1 << 16
 def _key(x: Any) -> Any:
     """A hashable key of an op's arguments: their structure, and each leaf's value or metadata."""
     t = type(x)
+    if t is Value:
+        m = x.meta
+        return (m.shape, m.stride(), m.dtype) if isinstance(m, torch.Tensor) else ("V", id(x))
     if t is list or t is tuple:
         return (t, tuple(_key(y) for y in x))
     if t is dict:
         return (dict, tuple((k, _key(v)) for k, v in x.items()))
-    if t is Value:
-        m = x.meta
-        return ("V", tuple(m.shape), tuple(m.stride()), m.dtype) if isinstance(m, torch.Tensor) else ("V", id(x))
     if isinstance(x, torch.device):
         return ("D", str(x))
     if isinstance(x, float):
@@ -86,13 +86,23 @@ class Recorder:
     def __init__(self, link: Any, max_ops: int):
         self.link = link
         self.max_ops = max_ops
-        self.counters: Counter = Counter()
+        self._counters: Counter = Counter()
+        self.intercepted = self.recorded_total = self.meta_hits = 0  # per op: plain ints, cheaper than a Counter
         self.epoch = 0  # bumped at each flush: view values derived before it are not reused
         self._dirty: weakref.WeakSet[Storage] = weakref.WeakSet()
         self._recorded = 0
         self._warned: set[str] = set()
         self._flushing = False
         self._metas: dict[tuple, Any] = {}
+
+    @property
+    def counters(self) -> Counter:
+        """What this process recorded, flushed, moved and ran on the client."""
+        return self._counters + Counter({"ops_intercepted": self.intercepted, "ops_recorded": self.recorded_total,
+                                         "meta_cache_hits": self.meta_hits})
+
+    def count(self, name: str, n: int = 1) -> None:
+        self._counters[name] += n
 
     # -- recording ---------------------------------------------------------------------------
     def dirty(self, storage: Storage) -> None:
@@ -103,27 +113,44 @@ class Recorder:
         """``func``'s output metadata: its meta kernel's, remembered per op and argument
         metadata (meta kernels cost far more than the lookup; a miss is counted)."""
         try:
-            key = (func, _key(vargs), _key(vkwargs))
+            key = (id(func), _key(vargs), _key(vkwargs) if vkwargs else None)
             hash(key)
         except TypeError:  # an argument that cannot be a key: infer every time
             key = None
         found = self._metas.get(key) if key is not None else None
         if found is not None:
-            self.counters["meta_cache_hits"] += 1
+            self.meta_hits += 1
             return found
         margs, mkwargs = map_leaves(_meta_device, (vargs, vkwargs))
         out = func(*margs, **mkwargs)
-        self.counters["meta_cache_misses"] += 1
+        self._counters["meta_cache_misses"] += 1
         if key is not None and _cacheable(out):
             if len(self._metas) >= META_CACHE_SIZE:
                 self._metas.clear()
             self._metas[key] = out
         return out
 
+    def infer_view(self, func: Callable, src: torch.Tensor, rest: tuple, kwargs: dict) -> Any:
+        """The metadata of view ``func`` of ``src`` (remembered like :meth:`infer`'s)."""
+        try:
+            key = ("view", id(func), src.shape, src.stride(), src.dtype, _key(rest), _key(kwargs) if kwargs else None)
+            found = self._metas.get(key)
+        except TypeError:
+            key = found = None
+        if found is not None:
+            self.meta_hits += 1
+            return found
+        from hypatia.device.values import meta_like
+
+        out = func(meta_like(src), *rest, **kwargs)
+        if key is not None and _cacheable(out):
+            self._metas[key] = out
+        return out
+
     def record_inferred(self, func: Callable, vargs: tuple, vkwargs: dict, out_meta: Any) -> Any:
         """Values for ``func``'s outputs (a structure like ``out_meta``), recorded."""
-        self.counters["ops_recorded"] += 1
         self._recorded += 1
+        self.recorded_total += 1
         if isinstance(out_meta, torch.Tensor):
             out: Any = Value(out_meta, func, tuple(vargs), dict(vkwargs))
         else:
@@ -146,7 +173,7 @@ class Recorder:
         return self.record(torch.ops.aten._to_copy.default, value, dtype=dtype)
 
     def ran_on_client(self, func: Any, why: str | None) -> None:
-        self.counters["ops_on_client"] += 1
+        self._counters["ops_on_client"] += 1
         name = str(func)
         if name not in self._warned and func is not torch.ops.aten._local_scalar_dense.default:
             self._warned.add(name)
@@ -156,7 +183,7 @@ class Recorder:
     def maybe_flush(self) -> None:
         """Flush once ``HYPATIA_DEVICE_MAX_OPS`` ops are waiting."""
         if self._recorded >= self.max_ops and not self._flushing:
-            self.counters["flushes_at_size"] += 1
+            self._counters["flushes_at_size"] += 1
             self.flush()
 
     # -- flushing ----------------------------------------------------------------------------
@@ -196,17 +223,18 @@ class Recorder:
         order, inputs = _schedule(sorted(targets.values(), key=lambda v: v.seq))
         uploads = [v for v in inputs if v.handle is None] + [v for v in targets.values() if v.cpu is not None]
         uploads = list({id(v): v for v in uploads}.values())
-        if uploads:
-            link.upload(uploads)
-            self.counters["uploads"] += len(uploads)
         outputs = sorted((v for v in targets.values() if v.pending), key=lambda v: v.seq)
+        carried = []
+        if uploads:  # a step's batch rides on the execute; weights ask by digest first
+            carried = link.upload(uploads, defer=bool(outputs))
+            self._counters["uploads"] += len(uploads)
         if outputs:
             wanted = [v for v in want if v.pending]
             gm = _graph_module(order, inputs, outputs, link.device_type())
-            values = link.execute(gm, inputs, outputs, wanted)
+            values = link.execute(gm, inputs, outputs, wanted, carried)
             fetched.update(zip(map(id, wanted), values))
-            self.counters["flushes"] += 1
-            self.counters["ops_flushed"] += len(order)
+            self._counters["flushes"] += 1
+            self._counters["ops_flushed"] += len(order)
         for v in order:  # what no output needed is dropped: nothing may refer to it any more
             if v.pending:
                 v.op, v.args, v.kwargs = None, (), {}

@@ -23,7 +23,7 @@ _SEQUENCE = itertools.count()
 
 
 class Value:
-    __slots__ = ("meta", "op", "args", "kwargs", "cpu", "digest", "handle", "release", "seq", "__weakref__")
+    __slots__ = ("meta", "op", "args", "kwargs", "cpu", "digest", "handle", "release", "seq", "ask", "__weakref__")
 
     def __init__(self, meta: Any, op: Callable | None = None, args: tuple = (), kwargs: dict | None = None,
                  cpu: torch.Tensor | None = None):
@@ -36,6 +36,7 @@ class Value:
         self.handle: int | None = None
         self.release: Callable[[int], None] | None = None
         self.seq = next(_SEQUENCE)  # creation order: a flush's outputs are ordered by it, so keys repeat
+        self.ask = False  # an upload the daemon may hold already (a parameter): its digest goes first
 
     @property
     def pending(self) -> bool:
@@ -74,10 +75,12 @@ def upload_value(t: torch.Tensor) -> Value:
     """A value that uploads the CPU tensor ``t`` with the next flush. A small tensor is copied
     now (a batch buffer the loader refills must go up as it was); a large one (a parameter) is
     sent as it is then, and checked not to have been written since (see :mod:`.link`)."""
+    weight = isinstance(t, torch.nn.Parameter)
     t = t.detach()
     if t.numel() * t.element_size() < SNAPSHOT_BELOW:
         t = t.clone()
     v = Value(meta_like(t), cpu=t)
+    v.ask = weight
     v.digest = None
     v.args = (t._version,)
     return v
