@@ -294,3 +294,17 @@ def test_a_compiled_model_on_the_device_runs_and_matches(rec):
     x = torch.randn(3, 8)
     torch.testing.assert_close(compiled(x.to("hypatia")).cpu(), ref(x))
     assert rec.counters["flushes"] >= 1
+
+
+def test_a_backward_op_with_outputs_it_does_not_compute_stays_on_the_device(rec):
+    """layer norm's backward with an input that needs no gradient returns None for it: recorded
+    as it is, not fetched and computed on the client (no DeviceWarning: warnings are errors)."""
+    torch.manual_seed(0)
+    ref = torch.nn.Sequential(torch.nn.LayerNorm(8), torch.nn.Linear(8, 8))
+    model = copy.deepcopy(ref).to("hypatia")
+    x = torch.randn(2, 4, 8)
+    model(x.to("hypatia")).square().sum().backward()
+    ref(x).square().sum().backward()
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad.cpu(), q.grad)
+    assert rec.counters["ops_on_client"] == 0, rec.counters

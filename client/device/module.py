@@ -46,8 +46,8 @@ def _is_in_bad_fork() -> bool:
 
 
 def manual_seed(seed: int) -> None:
-    """Seeds the daemon's generator only through the graphs' own random ops (not supported:
-    the daemon's generator is shared); kept for torch.manual_seed, which calls it."""
+    """A no-op: the daemon's generator, shared by every client, draws the device's random
+    numbers (torch.manual_seed calls this for every registered device)."""
 
 
 def manual_seed_all(seed: int) -> None:

@@ -218,12 +218,13 @@ def compute(recorder: Any, func: Any, args: tuple, kwargs: dict) -> Any:
     except recorder.needs_data as exc:
         return on_client(recorder, func, args, kwargs, why=str(exc))
     if not (isinstance(out_meta, torch.Tensor) or isinstance(out_meta, (list, tuple)) and all(
-            isinstance(m, torch.Tensor) for m in out_meta)):  # a number or a bool the client needs
+            m is None or isinstance(m, torch.Tensor) for m in out_meta)):  # a number or a bool the client needs
         return on_client(recorder, func, args, kwargs)
     value = recorder.record_inferred(func, vargs, vkwargs, out_meta)
     if isinstance(value, Value):
         return new_tensor(value.meta, value, recorder)
-    return type(value)(new_tensor(v.meta, v, recorder) for v in value)
+    # None where an optional output is not computed (a backward op's output_mask)
+    return type(value)(None if v is None else new_tensor(v.meta, v, recorder) for v in value)
 
 
 def view_op(recorder: Any, func: Any, args: tuple, kwargs: dict) -> Any:

@@ -74,7 +74,8 @@ def _cacheable(out: Any) -> bool:
     """A meta kernel's output worth remembering: a tensor, or a list/tuple of tensors. Meta
     tensors are never written (writes are checked on fresh copies), so one serves every value
     recorded with the same metadata."""
-    return isinstance(out, torch.Tensor) or isinstance(out, (list, tuple)) and all(isinstance(t, torch.Tensor) for t in out)
+    return isinstance(out, torch.Tensor) or isinstance(out, (list, tuple)) and all(
+        t is None or isinstance(t, torch.Tensor) for t in out)
 
 
 class Recorder:
@@ -155,7 +156,8 @@ class Recorder:
             out: Any = Value(out_meta, func, tuple(vargs), dict(vkwargs))
         else:
             parent = Value(list(out_meta), func, tuple(vargs), dict(vkwargs))
-            out = type(out_meta)(Value(m, operator.getitem, (parent, i)) for i, m in enumerate(out_meta))
+            out = type(out_meta)(None if m is None else Value(m, operator.getitem, (parent, i))
+                                 for i, m in enumerate(out_meta))
         return out
 
     def record(self, func: Callable, *args: Any, **kwargs: Any) -> Any:
