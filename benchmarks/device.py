@@ -41,7 +41,7 @@ def _row(env: dict, *argv: str, timeout: float) -> dict:
 
 
 def run(quick: bool, workloads: tuple[str, ...] | None = None, steps: int | None = None,
-        timeout: float = 1800) -> dict:
+        timeout: float = 1800, kinds: tuple[str, ...] = KINDS) -> dict:
     sizes = QUICK if quick else FULL
     workloads = workloads or sizes["workloads"]
     steps = steps or sizes["steps"]
@@ -60,7 +60,7 @@ def run(quick: bool, workloads: tuple[str, ...] | None = None, steps: int | None
             w = by_name(name)
             batch = w.batch_for("cuda" if gpu else "cpu", quick)
             for mode in ("inference", "training") if name in TRAINING or quick else ("inference",):
-                for kind in KINDS:
+                for kind in kinds:
                     row_env = client_env if kind == "device" else env
                     rows.append(_row(row_env, kind, name, mode, str(steps), dtype, str(batch), timeout=timeout))
     finally:
@@ -105,8 +105,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("device-results"), help="where results.json and results.md go")
     p.add_argument("--workloads", help="comma-separated workload names (default: bert_base,gpt2_small,transformer_block)")
     p.add_argument("--steps", type=int, help="timed steps per row")
+    p.add_argument("--kinds", default=",".join(KINDS),
+                   help="which rows per workload: eager and hypatia (local), device (default: all three)")
     args = p.parse_args(argv)
-    results = run(args.quick, tuple(args.workloads.split(",")) if args.workloads else None, args.steps)
+    kinds = tuple(k for k in args.kinds.split(",") if k)
+    unknown = set(kinds) - set(KINDS)
+    if unknown:
+        p.error(f"unknown kind(s) {', '.join(sorted(unknown))}; known: {', '.join(KINDS)}")
+    results = run(args.quick, tuple(args.workloads.split(",")) if args.workloads else None, args.steps, kinds=kinds)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     (args.out / "results.md").write_text(markdown(results))
