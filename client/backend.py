@@ -23,7 +23,6 @@ import logging
 import sys
 import os
 import threading
-import time
 from collections import Counter, deque
 from dataclasses import replace
 from pathlib import Path
@@ -38,34 +37,22 @@ from hypatia.client import compiled as code, executors, graphs as model_graphs, 
 from hypatia.client.explain import debug_fx_plan, fusion_summary
 from hypatia.client.torch_internals import compiled_model_name, dynamo_tracing_context
 from hypatia.client.userwarn import warn
-from hypatia.client.autostart import AutostartFailed, ensure_daemon
 from hypatia.client.choice import ExecutorChoice, Measured
+from hypatia.client.planning import DaemonPlans, NotPlanned
 from hypatia.client.remote import RemoteRunner
-from hypatia.client.rpc import DaemonClient, DaemonGone, DaemonUnavailable, GaveUpWaiting, VersionSkew
+from hypatia.client.rpc import DaemonClient
 from hypatia.config import Config, load
 from hypatia.debug.trail import Trail
 from hypatia.kernels import transparent
-from hypatia.planner import Plan, plan_graph
+from hypatia.planner import Plan
 from hypatia.planner import environment
-from hypatia.planner.plan import PlanFormatError, Region, region_key
-from hypatia.protocol import ErrorCode, RemoteError
+from hypatia.planner.plan import Region, region_key
 
 log = logging.getLogger("hypatia.client")
-
-# After a daemon that runs but does not answer, leave it alone this long before trying again.
-UNRESPONSIVE_BACKOFF_S = 10.0
 
 
 class HypatiaFallbackWarning(RuntimeWarning):
     """A graph runs as eager PyTorch because Hypatia could not plan or run it."""
-
-
-class NotPlanned(Exception):
-    """A graph beyond the configured bounds (size, planning deadline): it runs unrewritten."""
-
-    def __init__(self, kind: str, message: str):
-        super().__init__(message)
-        self.kind = kind
 
 
 class Guarded:
@@ -112,7 +99,7 @@ class Session:
         # others run unfused. Set by debugging tools (KernelDiff's attribution), not by users.
         self.region_filter: Callable[[int, Region], bool] | None = None
         self._warned: set[str] = set()
-        self._skip_daemon_until = 0.0
+        self.daemon = DaemonPlans(self.config, self.client, self.counters, self._note_once)
         self._lock = threading.Lock()
         self.artifacts = None  # HYPATIA_ARTIFACTS: this process's artifacts folder
         if self.config.artifacts:
@@ -145,75 +132,13 @@ class Session:
             self._warned.add(kind)
             warn(f"Hypatia runs this graph as eager PyTorch ({reason}). Set HYPATIA_LOG_LEVEL=DEBUG "
                  "for details; `hypatia-ctl stats` counts fallbacks.", HypatiaFallbackWarning)
-        self._tell_daemon({"fallbacks": 1, "reason": reason[:500], "pid": os.getpid()}, 500)
-
-    def _tell_daemon(self, body: dict, timeout_ms: int) -> dict | None:
-        """A best-effort report; None when the daemon is not there to hear it."""
-        if time.monotonic() < self._skip_daemon_until:
-            return None
-        try:
-            return self.client.call("report", body, timeout_ms=timeout_ms)
-        except Exception as exc:  # noqa: BLE001 - what is not reported is measured again elsewhere
-            log.debug("could not report to the daemon: %s", exc)
-            return None
+        self.daemon.tell({"fallbacks": 1, "reason": reason[:500], "pid": os.getpid()}, 500)
 
     # -- planning -------------------------------------------------------------------------
-    def _ask_daemon(self, graph: CanonicalGraph, keys: tuple[str, str, str], workload: list, env: dict,
-                    model: str) -> dict:
-        if self.config.autostart and not self.config.remote:  # a remote daemon is not ours to start
-            try:
-                ensure_daemon(self.config)
-            except AutostartFailed as exc:
-                raise DaemonUnavailable(f"could not start hypatiad: {exc}") from None
-        policy = self.config.policy
-        body = {"graph_key": keys[0], "workload_key": keys[1], "env_key": keys[2], "policy": policy}
-        recipe = self.client.call("get_plan", body)["plan"]
-        if recipe is not None:
-            self.counters["daemon_hits"] += 1
-            return recipe
-        self.counters["daemon_misses"] += 1
-        body |= {"graph": graph.to_wire(), "workload": workload, "environment": env} | ({"model": model} if model else {})
-        # EXPLORE measures every candidate before answering: seconds, not milliseconds
-        timeout_ms = self.config.tune_timeout_s * 1000 if policy == "EXPLORE" else None
-        try:  # a plan the daemon says it is making is waited for (HYPATIA_PLAN_WAIT_S), load or not
-            recipe = self.client.call("make_plan", body, timeout_ms=timeout_ms, wait_s=self.config.plan_wait_s)["plan"]
-        except GaveUpWaiting:
-            self.counters["daemon_plan_gave_up"] += 1
-            self._tell_daemon({"gave_up": 1, "pid": os.getpid()}, 500)
-            raise
-        if self.client.acknowledged:
-            self.counters["daemon_plan_waits"] += 1
-        return recipe
-
     def plan(self, graph: CanonicalGraph, keys: tuple[str, str, str], workload: list, env: dict,
              model: str = "") -> tuple[Plan, bool]:
-        """The plan for these keys and whether the daemon gave it (else it was planned here);
-        ``model`` labels the graph in the daemon's store."""
-        if time.monotonic() >= self._skip_daemon_until:
-            try:
-                plan = Plan.from_recipe(self._ask_daemon(graph, keys, workload, env, model))
-                if plan.graph_key != graph.key:
-                    raise RemoteError(0, "the daemon served a plan for another graph")
-                return plan, True
-            except DaemonUnavailable as exc:
-                if not isinstance(exc, DaemonGone):  # alive but silent: leave it alone a while
-                    self._skip_daemon_until = time.monotonic() + UNRESPONSIVE_BACKOFF_S
-                self._note_once("unavailable", f"hypatiad unavailable ({exc}); planning in-process")
-            except VersionSkew as exc:
-                self.counters["version_skew"] += 1
-                self._skip_daemon_until = float("inf")
-                self._note_once("skew", f"{exc}; planning in-process for the rest of this process")
-            except RemoteError as exc:
-                if exc.code in (ErrorCode.TOO_LARGE, ErrorCode.DEADLINE_EXCEEDED):
-                    # the daemon's bounds: planning it here would cost this process what it refused
-                    raise NotPlanned(exc.code.name, f"hypatiad: {exc.remote_message}") from None
-                self.counters["daemon_errors"] += 1
-                self._note_once("error", f"hypatiad could not plan a graph ({exc}); planning it in-process")
-            except PlanFormatError as exc:  # this graph only: the next asks again
-                self.counters["daemon_errors"] += 1
-                self._note_once("error", f"hypatiad could not plan a graph ({exc}); planning it in-process")
-        self.counters["local_plans"] += 1
-        return plan_graph(graph, env=env), False
+        """The plan for these keys and whether the daemon gave it (see :class:`DaemonPlans`)."""
+        return self.daemon.plan(graph, keys, workload, env, model)
 
     def _not_planned(self, exc: NotPlanned) -> None:
         """Count a graph left unplanned; say why once per kind of reason."""
@@ -310,7 +235,7 @@ class Session:
         # neither served nor shared: it is compiled here
         shareable = self.sharing is not None and self.region_filter is None and not accel.adapters()
         source = self.sharing.source(gm, example_inputs, phase) if shareable else None
-        if source is not None and self.remote is None and time.monotonic() >= self._skip_daemon_until:
+        if source is not None and self.remote is None and self.daemon.available:
             warm = self.sharing.warm_start(graphs, source, index)
             if warm is not None:
                 compiled, warm_plan, warm_keys = warm
@@ -436,7 +361,7 @@ class Session:
         if reportable and from_daemon:
             wire = [v.to_wire() | {"region_key": region_key(graph, by_output[v.region]),
                                    "implementation": by_output[v.region].implementation} for v in reportable]
-            self._tell_daemon({"graph_key": keys[0], "workload_key": keys[1], "env_key": keys[2], "verdicts": wire}, 1000)
+            self.daemon.tell({"graph_key": keys[0], "workload_key": keys[1], "env_key": keys[2], "verdicts": wire}, 1000)
         return plan
 
     # -- executors ------------------------------------------------------------------------
@@ -484,7 +409,7 @@ class Session:
             body = {"graph_key": keys[0], "workload_key": keys[1], "env_key": keys[2], "executor": {
                 "revision": plan.revision, "chosen": chosen, "training": graphs.training,
                 "times": [m.to_wire(n) for n, m in results.items()]}}
-            self._tell_daemon(body, 1000)
+            self.daemon.tell(body, 1000)
 
         return ExecutorChoice(names, first, build, cuda=graphs.device == "cuda", report=report)
 

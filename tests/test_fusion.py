@@ -157,7 +157,9 @@ def test_bad_plan_falls_back_to_eager_with_one_warning(home, dynamo_reset, monke
         out = max(graph.output_refs())
         return Plan(graph.key, (Region("linear_relu", "no/such/kernel", (0,), (None,), out, (out,)),))
 
-    monkeypatch.setattr(backend, "plan_graph", bogus)
+    from hypatia.client import planning
+
+    monkeypatch.setattr(planning, "plan_graph", bogus)  # the in-process planner, used with no daemon
     model = MLP(torch.nn.ReLU())
     x, x2 = torch.randn(3, 32), torch.randn(7, 32)
     with pytest.warns(backend.HypatiaFallbackWarning, match="no/such/kernel") as record:
