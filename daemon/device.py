@@ -40,6 +40,7 @@ from typing import Any
 
 from hypatia import limits, shm
 from hypatia.daemon.device_pool import DevicePool, Session, mib, nbytes_of
+from hypatia.daemon.remote import REQUEST_TAG
 from hypatia.protocol import BadRequest, ErrorCode, ProtocolError, TooLarge, UnknownGraph, require
 
 log = logging.getLogger("hypatia.daemon")
@@ -63,7 +64,7 @@ def _handles(body: dict, name: str, request_id: int) -> list[int]:
 class DeviceService:
     """The ``device`` requests of one daemon. ``info``/``release``/``close`` are answered on the
     server thread; ``upload``/``execute``/``fetch`` move tensors or compute and run on the pool
-    (:meth:`work`), returning an outcome that :meth:`finished` counts."""
+    (:meth:`work`), returning an outcome that the server turns into the reply."""
 
     def __init__(self, config: Any, daemon: str, runs: Any, limit_bytes: int, idle_s: float):
         self.config = config
@@ -104,7 +105,7 @@ class DeviceService:
         if op not in ("info", "upload", "execute", "fetch", "release", "close"):
             raise BadRequest(f"device op {op[:40]!r} is not one of info, upload, execute, fetch, release, close",
                              request_id)
-        job: dict[str, Any] = {"op": op, "tcp": over_tcp, "rid": request_id}
+        job: dict[str, Any] = {"op": op, "tcp": over_tcp}
         if op == "info":
             return op, job
         token = require(body, "session", str, request_id)
@@ -134,7 +135,7 @@ class DeviceService:
                 raise BadRequest(f"uploads must be a list of at most {MAX_HANDLES_PER_REQUEST} tensors", request_id)
         if op in ("upload", "execute", "fetch"):
             tag = body.get("tag", "")
-            if not isinstance(tag, str) or not re.fullmatch(r"[0-9a-z]{8,32}", tag):
+            if not isinstance(tag, str) or not REQUEST_TAG.fullmatch(tag):
                 raise BadRequest("tag must be 8 to 32 characters of [0-9a-z]", request_id)
             job["tag"] = tag
         return op, job
@@ -190,19 +191,13 @@ class DeviceService:
         return {"missing": missing}
 
     def _import(self, session: Session, job: dict, data: Any, k: int) -> Any:
-        import torch
-
         if not isinstance(data, dict):
             raise BadRequest(f"tensor {k}: data must be a descriptor or {{bytes, dtype, shape}}")
         if "bytes" in data:
-            raw, dtype, shape = data.get("bytes"), data.get("dtype"), data.get("shape")
-            if not isinstance(raw, bytes) or dtype not in shm.ITEMSIZE or not isinstance(shape, list):
-                raise BadRequest(f"tensor {k}: inline data needs bytes, a dtype and a shape")
-            if len(raw) != shm.numel(shape) * shm.ITEMSIZE[dtype]:
-                raise BadRequest(f"tensor {k}: {len(raw)} bytes do not make a {dtype}{shape}")
-            if not raw:
-                return torch.empty(shape, dtype=getattr(torch, dtype))
-            return torch.frombuffer(bytearray(raw), dtype=getattr(torch, dtype)).reshape(shape)
+            try:
+                return shm.from_inline(data)
+            except shm.BadDescriptor as exc:
+                raise BadRequest(f"tensor {k}: {exc}") from None
         if job["tcp"] or session.pid is None:
             raise BadRequest("a client on another host sends tensors inline ({bytes, dtype, shape})")
         desc = shm.Descriptor.parse(data, session.pid, job["tag"] + "u", self.daemon)
@@ -210,20 +205,16 @@ class DeviceService:
 
     def _export(self, session: Session, job: dict, handles: list[int]) -> list[dict]:
         """The values of ``handles`` for the client: segments it unlinks (same host) or inline."""
-        import torch
-
         values, written = [], []
         try:
             for k, h in enumerate(handles):
                 tensor = self.pool.get(session, h).detach().to("cpu")
                 if job["tcp"] or session.pid is None:
-                    dense = tensor.contiguous()
-                    raw = dense.reshape(-1).view(torch.uint8).numpy().tobytes() if dense.numel() else b""
-                    if len(raw) > MAX_INLINE_BYTES:
-                        raise TooLarge(f"a {mib(len(raw))} tensor is over the {mib(MAX_INLINE_BYTES)} a message "
-                                       "carries to another host; fetch it in parts (slice it on the device first)")
-                    values.append({"bytes": raw, "dtype": str(dense.dtype).removeprefix("torch."),
-                                   "shape": list(dense.shape)})
+                    entry = shm.to_inline(tensor)
+                    if len(entry["bytes"]) > MAX_INLINE_BYTES:
+                        raise TooLarge(f"a {mib(len(entry['bytes']))} tensor is over the {mib(MAX_INLINE_BYTES)} a "
+                                       "message carries to another host; fetch it in parts (slice it on the device first)")
+                    values.append(entry)
                 else:
                     desc = shm.put(tensor, shm.segment_name(self.daemon, session.pid, f"{job['tag']}o{k}"))
                     if desc.name:

@@ -25,7 +25,7 @@ mmap would raise in the daemon. Writing creates the segment ``O_EXCL`` with mode
 it with write(2), so a full ``/dev/shm`` is ENOSPC here, not a SIGBUS on first touch.
 
 Every descriptor read from the wire goes through :meth:`Descriptor.parse` and, when opened,
-is checked against the segment itself (owner, mode, size). torch is imported only by the two
+is checked against the segment itself (owner, mode, size). torch is imported only by the
 functions that handle tensors: the daemon validates and sweeps without loading it.
 """
 
@@ -385,3 +385,28 @@ def read(desc: Descriptor) -> "torch.Tensor":
     finally:
         os.close(fd)
     return buf.view(dtype).as_strided(desc.shape, desc.stride, desc.offset)
+
+
+def to_inline(tensor: "torch.Tensor") -> dict:
+    """A CPU tensor carried inside a message (to or from a host that shares no memory with
+    this one): ``{"bytes", "dtype", "shape"}``, contiguous."""
+    import torch
+
+    dense = tensor.detach().contiguous()
+    raw = dense.reshape(-1).view(torch.uint8).numpy().tobytes() if dense.numel() else b""
+    return {"bytes": raw, "dtype": str(dense.dtype).removeprefix("torch."), "shape": list(dense.shape)}
+
+
+def from_inline(data: Any) -> "torch.Tensor":
+    """The tensor of a :func:`to_inline` entry read from the wire, checked; :class:`BadDescriptor`."""
+    import torch
+
+    raw, dtype, shape = data.get("bytes"), data.get("dtype"), data.get("shape")
+    if not isinstance(raw, bytes) or dtype not in ITEMSIZE:
+        raise BadDescriptor("inline tensor data needs bytes and a dtype of " + ", ".join(ITEMSIZE))
+    shape = _int_list(shape, "shape")
+    if len(raw) != numel(shape) * ITEMSIZE[dtype]:
+        raise BadDescriptor(f"{len(raw)} bytes do not make a {dtype}{shape}")
+    if not raw:
+        return torch.empty(shape, dtype=getattr(torch, dtype))
+    return torch.frombuffer(bytearray(raw), dtype=getattr(torch, dtype)).reshape(shape)

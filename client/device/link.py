@@ -105,6 +105,10 @@ class Link:
             self._info = self._call("info")
         return self._info
 
+    def stats(self) -> dict:
+        """The daemon's device figures now (``info`` is kept for keys; this is asked afresh)."""
+        return self._call("info")
+
     def device_type(self) -> str:
         return self.info()["device_type"]
 
@@ -132,8 +136,7 @@ class Link:
         t = t.detach().contiguous()
         self.bytes_up += t.numel() * t.element_size()
         if self.config.remote:
-            return {"bytes": t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"",
-                    "dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
+            return shm.to_inline(t)
         desc = shm.put(t, shm.segment_name(self._daemon(), self.pid, f"{tag}u{k}"))
         if desc.name:
             made.append(desc.name)
@@ -141,9 +144,7 @@ class Link:
 
     def _unpack(self, entry: dict, tag: str) -> torch.Tensor:
         if "bytes" in entry:
-            raw, dtype = entry["bytes"], getattr(torch, entry["dtype"])
-            out = torch.frombuffer(bytearray(raw), dtype=dtype).reshape(entry["shape"]) if raw else \
-                torch.empty(entry["shape"], dtype=dtype)
+            out = shm.from_inline(entry)
         else:
             desc = shm.Descriptor.parse(entry, self.pid, tag + "o", self._daemon())
             try:
@@ -161,7 +162,7 @@ class Link:
         execute that follows to carry (one round trip for a step's batch)."""
         entries = []
         for v in values:
-            if v.args and v.args[0] != v.cpu._version:
+            if v.version != v.cpu._version:
                 raise DeviceError(f"a {tuple(v.cpu.shape)} CPU tensor was written in place after it was moved to the "
                                   "hypatia device and before the device needed it; move a copy (t.clone().to('hypatia')) "
                                   "or call torch.hypatia.synchronize() after moving it")

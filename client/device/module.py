@@ -74,7 +74,7 @@ def memory_stats(device: Any = None) -> dict[str, Any]:
     """The daemon's device memory: in use and limit (bytes), sessions, shared buffers, and this
     process's counters (ops recorded, flushes, bytes moved)."""
     rec = _recorder()
-    info = dict(rec.link._call("info"))
+    info = dict(rec.link.stats())
     info.pop("environment", None)
     return info | {"client": dict(rec.counters) | {"bytes_up": rec.link.bytes_up, "bytes_down": rec.link.bytes_down}}
 

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from hypatia.device import ops
-from hypatia.device.values import Storage, Value, leaves, map_leaves, meta_like, upload_value
+from hypatia.device.values import Storage, Value, device_as, leaves, map_leaves, meta_like, names_device, upload_value
 
 log = logging.getLogger("hypatia.client")
 
@@ -124,8 +124,7 @@ def write(t: HypatiaTensor, new: Value, recorder: Any) -> None:
     recorder.dirty(storage)
 
 
-def _is_device(d: Any) -> bool:
-    return isinstance(d, torch.device) and d.type == NAME
+_CPU = torch.device("cpu")
 
 
 def _to_values(args: Any, recorder: Any) -> Any:
@@ -178,7 +177,7 @@ def dispatch(recorder: Any, func: Any, args: tuple, kwargs: dict) -> Any:
         return compute(recorder, func, args, kwargs)
     if kind == "to_copy":
         target = kwargs.get("device")
-        if target is not None and not _is_device(torch.device(target)):
+        if target is not None and not names_device(target):  # off the device: the copy is the client's
             return on_client(recorder, func, args, kwargs, keep_on_client=True)
         return compute(recorder, func, args, kwargs)
     if kind == "alias":
@@ -284,14 +283,8 @@ def on_client(recorder: Any, func: Any, args: tuple, kwargs: dict, keep_on_clien
         recorder.ran_on_client(func, why)
 
     def local(x: Any) -> Any:
-        if isinstance(x, HypatiaTensor):
-            return fetched[id(x)]
-        if _is_device(x) if isinstance(x, torch.device) else False:
-            return torch.device("cpu")
-        return x
+        return fetched[id(x)] if isinstance(x, HypatiaTensor) else device_as(x, _CPU)
     cargs, ckwargs = map_leaves(local, (args, kwargs))
-    if isinstance(ckwargs.get("device"), str) and ckwargs["device"].startswith(NAME):
-        ckwargs["device"] = "cpu"
     result = func(*cargs, **ckwargs)
     if keep_on_client:
         return result

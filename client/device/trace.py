@@ -31,7 +31,7 @@ import torch
 import torch.fx
 
 from hypatia.client import torch_internals
-from hypatia.device.values import Storage, Value, leaves, map_leaves
+from hypatia.device.values import Storage, Value, device_as, leaves, map_leaves
 
 log = logging.getLogger("hypatia.client")
 
@@ -40,14 +40,11 @@ class DeviceWarning(RuntimeWarning):
     """An op on the hypatia device ran on the client (fetched, computed here, sent back)."""
 
 
+_META = torch.device("meta")
+
+
 def _meta_device(x: Any) -> Any:
-    if isinstance(x, Value):
-        return x.meta
-    if isinstance(x, torch.device) and x.type == "hypatia":
-        return torch.device("meta")
-    if isinstance(x, str) and x.startswith("hypatia"):
-        return "meta"
-    return x
+    return x.meta if isinstance(x, Value) else device_as(x, _META)
 
 
 META_CACHE_SIZE = 1 << 16
@@ -281,13 +278,7 @@ def _graph_module(order: list[Value], inputs: list[Value], outputs: list[Value],
     target = torch.device(device_type)
 
     def arg(x: Any) -> Any:
-        if isinstance(x, Value):
-            return env[id(x)]
-        if isinstance(x, torch.device) and x.type == "hypatia":
-            return target
-        if isinstance(x, str) and x.startswith("hypatia"):
-            return target
-        return x
+        return env[id(x)] if isinstance(x, Value) else device_as(x, target)
 
     for k, v in enumerate(inputs):
         node = g.placeholder(f"in{k}")

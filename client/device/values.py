@@ -23,7 +23,7 @@ _SEQUENCE = itertools.count()
 
 
 class Value:
-    __slots__ = ("meta", "op", "args", "kwargs", "cpu", "digest", "handle", "release", "seq", "ask", "__weakref__")
+    __slots__ = ("meta", "op", "args", "kwargs", "cpu", "digest", "handle", "release", "seq", "ask", "version", "__weakref__")
 
     def __init__(self, meta: Any, op: Callable | None = None, args: tuple = (), kwargs: dict | None = None,
                  cpu: torch.Tensor | None = None):
@@ -37,6 +37,7 @@ class Value:
         self.release: Callable[[int], None] | None = None
         self.seq = next(_SEQUENCE)  # creation order: a flush's outputs are ordered by it, so keys repeat
         self.ask = False  # an upload the daemon may hold already (a parameter): its digest goes first
+        self.version = cpu._version if cpu is not None else 0  # an upload's CPU tensor as it was moved
 
     @property
     def pending(self) -> bool:
@@ -84,6 +85,17 @@ def upload_value(t: torch.Tensor) -> Value:
     v.digest = None
     v.args = (t._version,)
     return v
+
+
+def names_device(x: Any) -> bool:
+    """True for the hypatia device as an op argument: a ``torch.device`` or a string."""
+    return isinstance(x, torch.device) and x.type == "hypatia" or isinstance(x, str) and x.startswith("hypatia")
+
+
+def device_as(x: Any, target: Any) -> Any:
+    """``x``, or ``target`` where ``x`` names the hypatia device: how an op's device arguments
+    read on meta tensors, on the client's CPU, or in the daemon."""
+    return target if names_device(x) else x
 
 
 def map_leaves(fn: Callable[[Any], Any], x: Any) -> Any:
