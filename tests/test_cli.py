@@ -44,3 +44,22 @@ def test_ctl_reports_bad_configuration_clearly(home):
     proc = home.ctl("status", check=False, extra_env={"HYPATIA_TIMEOUT_MS": "soon"})
     assert proc.returncode == 2
     assert "HYPATIA_TIMEOUT_MS='soon' is not a whole number" in proc.stderr
+
+
+def test_every_package_imports_from_the_checkout_without_an_editable_install():
+    """A script run from the repository root sees the checkout's ``hypatia/`` first; with a
+    non-editable install (or none) every package pyproject maps must still resolve there."""
+    import subprocess
+    import sys
+    import tomllib
+
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    script = ("import importlib, sys\n"
+              "sys.meta_path = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]\n"
+              f"for name in {packages!r}:\n"
+              "    m = importlib.import_module(name)\n"
+              "    assert m.__file__.startswith(sys.argv[1]), (name, m.__file__)\n"
+              "print(len(sys.modules))\n")
+    proc = subprocess.run([sys.executable, "-c", script, str(ROOT)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "hypatia.device" in packages and "hypatia.debug" in packages
