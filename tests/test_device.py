@@ -64,6 +64,27 @@ def test_the_device_is_torch_s_privateuse1_backend_renamed_and_tensors_behave(re
     assert rec.counters["flushes"] >= 3 and rec.counters["ops_recorded"] >= 5, rec.counters
 
 
+def test_tensors_from_data_and_factories_written_through_out_land_on_the_device(rec):
+    """``torch.tensor(data, device=...)`` copies with the Python dispatch key off, and
+    ``torch.arange(n, device=...)`` reaches the device as ``arange.start_out``: both must make
+    hypatia tensors recorded on the device (GPT-2's position ids and cache set-up), not CPU
+    values or a run on the client."""
+    on_client = rec.counters["ops_on_client"]
+    for data, dtype in (([1.5, -2.0], None), ([], torch.bfloat16), (3, None), ([[1, 2], [3, 4]], torch.int32)):
+        t = torch.tensor(data, dtype=dtype, device="hypatia")
+        assert isinstance(t, hd.HypatiaTensor)
+        torch.testing.assert_close(t.cpu(), torch.tensor(data, dtype=dtype))
+    positions = torch.arange(6, device="hypatia") + 2
+    assert isinstance(positions, hd.HypatiaTensor) and positions.dtype == torch.int64
+    x = torch.empty(4, dtype=torch.float64, device="hypatia")
+    torch.arange(4, out=x)
+    mask = torch.where(positions > 4, torch.ones(6, device="hypatia"), torch.tensor(-1.0))
+    torch.testing.assert_close(positions.cpu(), torch.arange(6) + 2)
+    torch.testing.assert_close(x.cpu(), torch.arange(4, dtype=torch.float64))
+    torch.testing.assert_close(mask.cpu(), torch.tensor([-1.0, -1.0, -1.0, 1.0, 1.0, 1.0]))
+    assert rec.counters["ops_on_client"] == on_client, rec.counters
+
+
 def test_a_flushed_structure_is_planned_once_and_its_executable_served_to_later_flushes(rec, config):
     def f(t):
         return (t @ t.T).softmax(-1).sum(0)

@@ -1,6 +1,8 @@
 """Registration of the ``hypatia`` device with PyTorch: the PrivateUse1 backend renamed, its
 device module ``torch.hypatia``, and one fallback kernel for the ops that reach the backend
-without a hypatia tensor argument (factories)."""
+without a hypatia tensor argument (factories), plus ``_to_copy``'s own kernel: ``torch.tensor(data,
+device="hypatia")`` copies with the Python dispatch key turned off, where only a kernel
+registered for the op itself is called (torch asserts on a fallback there)."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from hypatia.client import torch_internals
 NAME = "hypatia"
 _registered = threading.Lock()
 _library: torch.library.Library | None = None
+_aten_library: torch.library.Library | None = None
 
 
 class RegistrationError(RuntimeError):
@@ -27,9 +30,15 @@ def _factory(op: torch._ops.OpOverload, *args, **kwargs):
     return record_op(op, args, kwargs)
 
 
+def _to_copy(*args, **kwargs):
+    from hypatia.device.tensor import record_op
+
+    return record_op(torch.ops.aten._to_copy.default, args, kwargs)
+
+
 def register() -> None:
     """Make ``device="hypatia"`` work in this process (idempotent)."""
-    global _library
+    global _library, _aten_library
     with _registered:
         if _library is not None:
             return
@@ -43,4 +52,6 @@ def register() -> None:
             torch_internals.setup_python_backend(NAME, module)
         lib = torch.library.Library("_", "IMPL")
         lib.fallback(_factory, dispatch_key="PrivateUse1")
-        _library = lib
+        aten = torch.library.Library("aten", "IMPL")
+        aten.impl("_to_copy", _to_copy, "PrivateUse1")
+        _library, _aten_library = lib, aten

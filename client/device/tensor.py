@@ -249,6 +249,11 @@ def write_op(recorder: Any, func: Any, args: tuple, kwargs: dict, mutated: list[
     vbound = _to_values({k: v for k, v in bound.items() if k in {a.name for a in twin._schema.arguments}}, recorder)
     positional = [vbound[a.name] for a in twin._schema.arguments if not a.kwarg_only and a.name in vbound]
     keywords = {a.name: vbound[a.name] for a in twin._schema.arguments if a.kwarg_only and a.name in vbound}
+    twin_args = {a.name for a in twin._schema.arguments}
+    if "device" in twin_args and "device" not in vbound:  # a factory's out= form (``arange(..., out=t)``)
+        keywords["device"] = DEVICE
+        if "dtype" in twin_args and "dtype" not in vbound and len(flat_targets) == 1:
+            keywords["dtype"] = flat_targets[0].dtype
     out = recorder.record(twin, *positional, **keywords)
     results = out if len(mutated) > 1 else [out]
     for group, result in zip(targets, results):
