@@ -221,7 +221,14 @@ def _device(d: dict[str, Any]) -> str:
     return (f"{_fmt_bytes(d['memory_used_bytes'])} in use of {limit}; {d['sessions']} session(s), "
             f"{d['shared_buffers']} shared buffer(s) ({d.get('uploads_shared', 0)} uploads found by content, "
             f"{_fmt_bytes(d.get('bytes_not_moved', 0))} not moved); {d.get('executes', 0)} graphs run, "
-            f"{_fmt_bytes(d.get('bytes_uploaded', 0))} up, {_fmt_bytes(d.get('bytes_fetched', 0))} down")
+            f"{_fmt_bytes(d.get('bytes_uploaded', 0))} up, {_fmt_bytes(d.get('bytes_fetched', 0))} down"
+            + _device_choices(d))
+
+
+def _device_choices(d: dict[str, Any]) -> str:
+    """How many device graphs settled on each executor, by measuring."""
+    chosen = {k.removeprefix("chose_"): v for k, v in sorted(d.items()) if k.startswith("chose_")}
+    return "; executors chosen: " + ", ".join(f"{v} {k}" for k, v in chosen.items()) if chosen else ""
 
 
 def _store_state(store: dict[str, Any]) -> str:

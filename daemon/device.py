@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 from collections import Counter
 from typing import Any
 
@@ -50,6 +51,7 @@ DIGEST_RE = re.compile(r"[0-9a-f]{64}")
 MAX_HANDLES_PER_REQUEST = 1 << 16
 MAX_INLINE_BYTES = 64 << 20  # one tensor sent inside a message (TCP clients)
 SWEEP_EVERY_S = 2.0
+MAX_CHOICES_SHOWN = 32
 
 
 def _handles(body: dict, name: str, request_id: int) -> list[int]:
@@ -75,6 +77,8 @@ class DeviceService:
         self.counters: Counter = Counter()
         self._device = None
         self._next_sweep = 0.0
+        self._choosing_lock = threading.Lock()
+        self.choices: dict[str, dict] = {}  # the latest executor choices, by graph key (shown by stats)
 
     # -- the device ------------------------------------------------------------------------
     def device(self) -> Any:
@@ -240,8 +244,10 @@ class DeviceService:
         inputs = [self.pool.get(session, h) for h in job["inputs"]]
         executable.check_tensors(inputs)
         self.pool.reserve(job["out_bytes"], "this graph's outputs")
+        failures = executable.plan_failures
         with torch.inference_mode():
-            result, plan_failed = executable(*inputs)
+            result = self._runner(job["keys"], executable)(*inputs)
+        plan_failed = executable.plan_failures > failures
         results = list(result) if isinstance(result, (tuple, list)) else [result]
         if len(results) != len(job["outputs"]):
             raise BadRequest(f"the graph has {len(results)} outputs, the request names {len(job['outputs'])}")
@@ -255,6 +261,30 @@ class DeviceService:
         fetched = self._export(session, job, job["fetch"]) if job["fetch"] else []
         return {"values": fetched}
 
+    def _runner(self, keys: Any, executable: Any) -> Any:
+        """What runs ``executable``: itself where only ``aten`` is a candidate, else its measured
+        choice (made once per executable, for every session: see :mod:`.device_executors`)."""
+        from hypatia.daemon import device_executors
+
+        names = device_executors.candidates(self.config.device_executors, self.device().type)
+        if len(names) == 1:
+            return executable.forward
+        with self._choosing_lock:
+            runner = getattr(executable, "device_choice", None)
+            if runner is None:
+                runner = executable.device_choice = device_executors.Choosing(
+                    executable, names, self.device().type == "cuda", lambda best, measured: self._chosen(keys, best, measured))
+        return runner
+
+    def _chosen(self, keys: Any, best: str, measured: dict) -> None:
+        self.counters["executor_choices"] += 1
+        self.counters[f"chose_{best}"] += 1
+        self.choices[keys[0][:16]] = {"chosen": best, "measured": [m.to_wire(n) for n, m in measured.items()]}
+        while len(self.choices) > MAX_CHOICES_SHOWN:
+            self.choices.pop(next(iter(self.choices)))
+        log.info("device graph %s runs under %s (%s)", keys[0][:16], best,
+                 ", ".join(f"{n} {m.median_s * 1e6:.0f} us" if not m.error else f"{n} failed" for n, m in measured.items()))
+
     # -- server thread -----------------------------------------------------------------------
     def tick(self, now: float) -> None:
         if now < self._next_sweep:
@@ -266,5 +296,5 @@ class DeviceService:
                      len(dead))
 
     def stats(self) -> dict:
-        return {"device": self.pool.stats() | dict(self.counters)}
+        return {"device": self.pool.stats() | dict(self.counters) | {"executor_choices_made": dict(self.choices)}}
 

@@ -59,10 +59,13 @@ class RunJob:
 class Executable:
     """A rebuilt graph with its plan applied; the plain graph runs if the planned one fails."""
 
-    def __init__(self, plain: Callable, planned: Callable | None, inputs: list[tuple[list[int], str]]):
+    def __init__(self, plain: Callable, planned: Callable | None, inputs: list[tuple[list[int], str]],
+                 graph: Any = None):
         self.plain = plain
         self.planned = planned
         self.inputs = inputs  # (shape, dtype) the graph was traced with
+        self.graph = graph  # the rebuilt graph module, unplanned (what the device's other executors compile)
+        self.plan_failures = 0
 
     def check(self, descs: tuple[shm.Descriptor, ...]) -> None:
         """:class:`BadRequest` unless the tensors are as many, and of the shapes and dtypes,
@@ -92,8 +95,13 @@ class Executable:
                 log.warning("a planned graph failed in the daemon (%s: %s); it runs unplanned from now on",
                             type(exc).__name__, exc)
                 self.planned = None
+                self.plan_failures += 1
                 return self.plain(*inputs), True
         return self.plain(*inputs), False
+
+    def forward(self, *inputs: Any) -> Any:
+        """The graph's outputs alone (a failed plan is counted in ``plan_failures``)."""
+        return self(*inputs)[0]
 
 
 def _outcome(code: ErrorCode, message: str) -> dict:
@@ -276,7 +284,7 @@ class RunService:
                 planned = executable.apply_plan(gm, nodes, plan).forward
         except (PlanFormatError, executable.PlanMismatch, UnknownKernel) as exc:
             log.warning("plan for %s does not apply in the daemon (%s); running the graph unplanned", keys[0][:16], exc)
-        return Executable(gm.forward, planned, rebuild.input_specs(graph))
+        return Executable(gm.forward, planned, rebuild.input_specs(graph), gm)
 
     def _bound(self, what: str, nbytes: int, graph: str | None = None) -> None:
         """:class:`RunTooLarge` when ``nbytes`` of ``what`` pass HYPATIA_REMOTE_MAX_OUTPUT_MB."""

@@ -112,6 +112,7 @@ class Config:
     device_memory_mb: int = 0
     device_idle_s: int = 600
     device_max_ops: int = 4096
+    device_executors: str = "auto"
 
     @property
     def remote_max_output_bytes(self) -> int:
@@ -249,6 +250,7 @@ def load(env: Mapping[str, str] | None = None) -> Config:
         device_memory_mb=_int(env, "HYPATIA_DEVICE_MEMORY_MB", 0),
         device_idle_s=_int(env, "HYPATIA_DEVICE_IDLE_S", 600, minimum=1),
         device_max_ops=_int(env, "HYPATIA_DEVICE_MAX_OPS", 4096, minimum=1),
+        device_executors=env.get("HYPATIA_DEVICE_EXECUTORS", "auto").strip().lower() or "auto",
         plan_wait_s=_int(env, "HYPATIA_PLAN_WAIT_S", 60),
         log_max_bytes=_int(env, "HYPATIA_LOG_MAX_BYTES", 10 * 1024 * 1024, minimum=1024),
         max_graph_nodes=_int(env, "HYPATIA_MAX_GRAPH_NODES", 50_000, minimum=1),
@@ -291,6 +293,14 @@ def load(env: Mapping[str, str] | None = None) -> Config:
             parse_candidate(config.executor)
         except UnknownCandidate as exc:
             raise ConfigError(f"HYPATIA_EXECUTOR: {exc}; or auto (the default) to choose by measurement") from None
+    if config.device_executors != "auto":
+        try:
+            for name in config.device_executors.split(","):
+                if name.strip() and parse_candidate(name.strip())[0] == "eager":
+                    raise UnknownCandidate("the device's graphs are ATen graphs already: name aten, not eager")
+        except UnknownCandidate as exc:
+            raise ConfigError(f"HYPATIA_DEVICE_EXECUTORS: {exc}; a comma-separated list, or auto (the default): "
+                              "aten, aten+cudagraphs, inductor and inductor+cudagraphs on a GPU, aten on a CPU") from None
     if config.policy not in POLICIES:
         raise ConfigError(
             f"HYPATIA_POLICY={config.policy!r} is not one of {', '.join(POLICIES)}; HEURISTIC plans with the "

@@ -238,6 +238,32 @@ def test_a_full_device_is_a_clear_error_that_loses_nothing():
     trace.connect()
 
 
+def test_a_structure_flushed_every_step_runs_under_the_executor_measured_fastest():
+    """With two candidates, the daemon runs a repeated structure under ``aten`` at once, then
+    builds Inductor's code for it, times both on the client's own steps and keeps the faster;
+    every step's result matches the CPU's, and ``stats`` names the choice and its timings."""
+    with daemon_of_its_own_home(HYPATIA_DEVICE_EXECUTORS="aten,inductor") as home:
+        rec = trace.connect(home)
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 4))
+        on_device = copy.deepcopy(model).to("hypatia")
+        calls = 3 * (3 + 10) + 2  # each candidate: warm-up and timed calls; then the choice
+        for _ in range(calls):
+            x = torch.randn(8, 32)
+            with torch.no_grad():
+                torch.testing.assert_close(on_device(x.to("hypatia")).cpu(), model(x), rtol=1e-5, atol=1e-5)
+        stats = device_stats(home)
+        assert rec.counters["structures_reused"] >= calls - 2, rec.counters
+        assert stats["executor_choices"] == 1, stats
+        ((graph, choice),) = stats["executor_choices_made"].items()
+        assert choice["chosen"] in ("aten", "inductor") and stats[f"chose_{choice['chosen']}"] == 1
+        measured = {m["name"]: m for m in choice["measured"]}
+        assert set(measured) == {"aten", "inductor"}, measured
+        assert all(m["samples"] == 10 and not m["error"] and m["median_us"] > 0 for m in measured.values()), measured
+        rec.link.close()
+    trace.connect()
+
+
 def test_the_pool_counts_references_and_drops_a_session_s_buffers():
     pool = DevicePool(limit_bytes=1 << 20)
     a, b = pool.session("a" * 16, pid=1, create=True), pool.session("b" * 16, pid=2, create=True)

@@ -15,7 +15,8 @@ import itertools
 import os
 import secrets
 import threading
-from typing import Any
+from collections import Counter, OrderedDict
+from typing import Any, Callable
 
 import torch
 
@@ -27,7 +28,8 @@ from hypatia.client.rpc import DaemonClient, DaemonGone, DaemonUnavailable
 from hypatia.config import Config
 from hypatia.protocol import ErrorCode, RemoteError
 
-ASK_ABOVE = 1 << 20  # larger uploads ask whether the daemon holds their content before sending it
+SHARE_ABOVE = 16 << 20  # uploads this large (and parameters) are named by digest, to be shared
+STRUCTURES = 512  # flushed structures whose keys a link remembers
 RELEASE_BATCH = 4096  # released handles that make a request of their own
 
 
@@ -62,10 +64,11 @@ class Link:
         self._handles = itertools.count(1)
         self._released: list[int] = []
         self._info: dict | None = None
-        self._structures: dict[tuple, tuple] = {}  # a flushed graph's structure -> its keys and registration
+        self._structures: OrderedDict[tuple, tuple] = OrderedDict()  # a flush's structure -> keys, registration
         self.lost: str | None = None
         self.held_any = False
         self.bytes_up = self.bytes_down = 0
+        self.counters: Counter = Counter()
         self._lock = threading.Lock()
         atexit.register(self.close)
 
@@ -156,20 +159,22 @@ class Link:
         return out
 
     def upload(self, values: list[Value], defer: bool = False) -> list[tuple[int, Value]]:
-        """Send the CPU tensors of ``values``: parameters and those of at least :data:`ASK_ABOVE`
+        """Send the CPU tensors of ``values``: parameters and those of at least :data:`SHARE_ABOVE`
         bytes by digest first (another process may have sent the same weights), the others with
-        their data. With ``defer`` the small ones are returned instead, as (handle, value), for the
-        execute that follows to carry (one round trip for a step's batch)."""
+        their data and no digest (a batch is new every step: hashing it would only cost). With
+        ``defer`` the others are returned instead, as (handle, value), for the execute that
+        follows to carry (one round trip for a step's batch)."""
         entries = []
         for v in values:
             if v.version != v.cpu._version:
                 raise DeviceError(f"a {tuple(v.cpu.shape)} CPU tensor was written in place after it was moved to the "
                                   "hypatia device and before the device needed it; move a copy (t.clone().to('hypatia')) "
                                   "or call torch.hypatia.synchronize() after moving it")
-            v.digest = v.digest or content_digest(v.cpu)
+            if v.digest is None and (v.ask or v.cpu.numel() * v.cpu.element_size() >= SHARE_ABOVE):
+                v.digest = content_digest(v.cpu)
             entries.append((next(self._handles), v))
-        large = [(h, v) for h, v in entries if v.ask or v.cpu.numel() * v.cpu.element_size() >= ASK_ABOVE]
-        small = [(h, v) for h, v in entries if not (v.ask or v.cpu.numel() * v.cpu.element_size() >= ASK_ABOVE)]
+        large = [(h, v) for h, v in entries if v.digest is not None]
+        small = [(h, v) for h, v in entries if v.digest is None]
         missing = {h for h, _ in small} if not defer else set()
         if large:
             reply = self._call("upload", {"tag": secrets.token_hex(6), "tensors": [
@@ -194,12 +199,25 @@ class Link:
         return [{"handle": h, "digest": v.digest, "data": self._pack(v.cpu, tag, k, made)}
                 for k, (h, v) in enumerate(pairs)]
 
-    def execute(self, gm: torch.fx.GraphModule, inputs: list[Value], outputs: list[Value],
+    def execute(self, structure: tuple | None, graph: Callable[[], Any], inputs: list[Value], outputs: list[Value],
                 wanted: list[Value], carried: list[tuple[int, Value]] = ()) -> list[torch.Tensor]:
-        """Run ``gm`` in the daemon on ``inputs``; ``outputs`` become held values, and the CPU
-        copies of ``wanted`` (some of the outputs) come back. ``carried``: uploads (see
-        :meth:`upload`) sent in the same request."""
-        keys, registration = self._keys(gm)
+        """Run the graph ``graph()`` makes in the daemon on ``inputs``; ``outputs`` become held
+        values, and the CPU copies of ``wanted`` (some of the outputs) come back. ``carried``:
+        uploads (see :meth:`upload`) sent in the same request. ``structure`` determines the
+        graph (see :func:`hypatia.device.trace._structure`): its keys are computed once per
+        structure, and ``graph`` is not called again."""
+        found = self._structures.get(structure) if structure is not None else None
+        if found is None:
+            found = self._keys(graph())
+            if structure is not None:
+                self._structures[structure] = found
+                if len(self._structures) > STRUCTURES:
+                    self._structures.popitem(last=False)
+            self.counters["structures_keyed"] += 1
+        else:
+            self._structures.move_to_end(structure)
+            self.counters["structures_reused"] += 1
+        keys, registration = found
         out_handles = [next(self._handles) for _ in outputs]
         by_id = dict(zip(map(id, outputs), out_handles))
         carried_ids = {id(v): h for h, v in carried}

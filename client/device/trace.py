@@ -96,8 +96,8 @@ class Recorder:
     @property
     def counters(self) -> Counter:
         """What this process recorded, flushed, moved and ran on the client."""
-        return self._counters + Counter({"ops_intercepted": self.intercepted, "ops_recorded": self.recorded_total,
-                                         "meta_cache_hits": self.meta_hits})
+        return self._counters + self.link.counters + Counter({
+            "ops_intercepted": self.intercepted, "ops_recorded": self.recorded_total, "meta_cache_hits": self.meta_hits})
 
     def count(self, name: str, n: int = 1) -> None:
         self._counters[name] += n
@@ -229,8 +229,10 @@ class Recorder:
             self._counters["uploads"] += len(uploads)
         if outputs:
             wanted = [v for v in want if v.pending]
-            gm = _graph_module(order, inputs, outputs, link.device_type())
-            values = link.execute(gm, inputs, outputs, wanted, carried)
+            device_type = link.device_type()
+            values = link.execute(_structure(order, inputs, outputs),
+                                  lambda: _graph_module(order, inputs, outputs, device_type),
+                                  inputs, outputs, wanted, carried)
             fetched.update(zip(map(id, wanted), values))
             self._counters["flushes"] += 1
             self._counters["ops_flushed"] += len(order)
@@ -268,6 +270,46 @@ def _schedule(targets: list[Value]) -> tuple[list[Value], list[Value]]:
                 stack.append((a, False))
     # a target that is an upload or a held value is not computed: it is not an output either
     return order, [v for v in inputs.values()]
+
+
+class _Ref(int):
+    """A value's place in a flush (an input's, or a recorded op's), in a structure key."""
+
+    __slots__ = ()
+
+
+def _sig(x: Any, place: dict[int, int]) -> Any:
+    t = type(x)
+    if t is Value:
+        return _Ref(place[id(x)])
+    if t is list or t is tuple:
+        return (t, tuple(_sig(y, place) for y in x))
+    if t is dict:
+        return (dict, tuple((k, _sig(v, place)) for k, v in x.items()))
+    return (t, x)  # 1, 1.0 and True are equal and hash alike; as arguments they differ
+
+
+def _structure(order: list[Value], inputs: list[Value], outputs: list[Value]) -> tuple | None:
+    """What determines a flush's graph, exactly and hashably (None where an argument cannot be
+    hashed): each input's metadata, each op with its arguments (values by their place), and the
+    outputs' places. Two flushes of one structure have one canonical graph and keys, so the link
+    computes those once per structure, not once per flush."""
+    place: dict[int, int] = {}
+    parts: list[Any] = []
+    for v in inputs:
+        place[id(v)] = len(place)
+        m = v.meta
+        parts.append((tuple(m.shape), m.stride(), m.dtype))
+    for v in order:
+        parts.append((v.op, _sig(v.args, place), _sig(v.kwargs, place) if v.kwargs else None))
+        place[id(v)] = len(place)
+    parts.append(tuple(place[id(v)] for v in outputs))
+    key = tuple(parts)
+    try:
+        hash(key)
+    except TypeError:
+        return None
+    return key
 
 
 def _graph_module(order: list[Value], inputs: list[Value], outputs: list[Value], device_type: str) -> Any:

@@ -1,0 +1,113 @@
+"""The executors of the hypatia device's graphs in hypatiad, chosen by measuring.
+
+A flushed structure's executable (its stored graph rebuilt, its plan applied) runs at once as
+it is: ATen op by op, ``aten``. A structure that clients keep flushing (each training or
+inference step is one) is worth more. On a GPU its other candidates are built in turn and timed
+on the clients' own executes, with the backend's measured choice
+(:class:`hypatia.client.choice.ExecutorChoice`), and the fastest is kept for every client of
+the daemon:
+
+- ``aten+cudagraphs``: the same graph captured once as a CUDA graph and replayed, which removes
+  the host's cost of launching its kernels one by one;
+- ``inductor``: Inductor's code for the graph (Triton on a GPU, C++ on a CPU);
+- ``inductor+cudagraphs``: that code, captured.
+
+``HYPATIA_DEVICE_EXECUTORS`` names the candidates (``auto``: all four on a GPU, ``aten`` alone
+on a CPU, where Inductor's C++ compiles take long and rarely win on a graph this small).
+
+A captured graph reads private copies of its inputs. An input that is the same buffer as on the
+last replay (a weight) is not copied again; a new one (a batch, an updated parameter) is. Its
+outputs are copied out of the graph's memory, because the next replay writes there and a
+device buffer never changes once made.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import weakref
+from typing import Any, Callable
+
+from hypatia.executors import ALL_CANDIDATES, CUDAGRAPHS, UnknownCandidate, parse
+
+log = logging.getLogger("hypatia.daemon")
+
+AUTO_CUDA = ("aten", "aten" + CUDAGRAPHS, "inductor", "inductor" + CUDAGRAPHS)
+AUTO_CPU = ("aten",)
+
+
+def candidates(setting: str, device_type: str) -> tuple[str, ...]:
+    """The candidates ``HYPATIA_DEVICE_EXECUTORS`` names, ``aten`` first (what runs at once);
+    CUDA graphs are left out off a GPU."""
+    if setting == "auto":
+        return AUTO_CUDA if device_type == "cuda" else AUTO_CPU
+    names = [n.strip() for n in setting.split(",") if n.strip()]  # checked when the configuration loads
+    names = [n for n in names if device_type == "cuda" or not n.endswith(CUDAGRAPHS)]
+    return tuple(dict.fromkeys(["aten", *names]))
+
+
+class Captured:
+    """``fn`` recorded once as a CUDA graph on private copies of ``inputs``, then replayed."""
+
+    def __init__(self, fn: Callable[..., Any], inputs: list):
+        import torch
+
+        self.static = [x.clone() for x in inputs]
+        self.last: list[Any] = [None] * len(inputs)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm-up: lazy initialization and autotuning stay out of the graph
+                fn(*self.static)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            out = fn(*self.static)
+        self.tuple_out = isinstance(out, (tuple, list))
+        self.outputs = list(out) if self.tuple_out else [out]
+
+    def __call__(self, *inputs: Any) -> Any:
+        for k, x in enumerate(inputs):
+            seen = self.last[k]
+            if seen is None or seen() is not x:
+                self.static[k].copy_(x)
+                self.last[k] = weakref.ref(x)
+        self.graph.replay()
+        out = [o.clone() for o in self.outputs]
+        return tuple(out) if self.tuple_out else out[0]
+
+
+def build(name: str, executable: Any, inputs: list) -> Callable[..., Any]:
+    """The callable of candidate ``name`` for ``executable`` (a :class:`~hypatia.daemon.remote.Executable`
+    whose ``graph`` is the rebuilt, unplanned graph module), built on this call's ``inputs``."""
+    executor, captured = parse(name)
+    if executor == "aten":
+        fn = executable.forward
+    elif executor == "inductor":
+        from hypatia.client.executors.inductor import config_patches
+        from hypatia.client.graphs import copy_of
+        from hypatia.client.torch_internals import inductor_compile
+
+        fn = inductor_compile(copy_of(executable.graph, executable.graph), inputs, config_patches(False))
+    else:
+        raise UnknownCandidate(f"{name!r} is not a candidate for the device's graphs")
+    return Captured(fn, inputs) if captured else fn
+
+
+class Choosing:
+    """One executable's measured choice, shared by every session that flushes its structure
+    (calls are serialized: the choice counts them, and a captured graph has one set of inputs)."""
+
+    def __init__(self, executable: Any, names: tuple[str, ...], cuda: bool, report: Callable[[str, dict], None]):
+        from hypatia.client.choice import ExecutorChoice
+
+        self.lock = threading.Lock()
+        self.choice = ExecutorChoice(list(names), executable.forward, lambda name, args: build(name, executable, args),
+                                     cuda=cuda, report=report)
+
+    def __call__(self, *inputs: Any) -> Any:
+        with self.lock:
+            return self.choice(*inputs)
+
+
+__all__ = ["ALL_CANDIDATES", "AUTO_CPU", "AUTO_CUDA", "Captured", "Choosing", "build", "candidates"]
