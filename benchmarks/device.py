@@ -3,7 +3,7 @@ models run on the device from a process that sees no GPU, against the same model
 process of the daemon's host on its device (eager, and Hypatia's backend). Ratios only: every
 row of one run is measured on one machine, side by side.
 
-``python -m benchmarks.device [--quick] [--out DIR] [--workloads a,b] [--steps N]``
+``python -m benchmarks.device [--quick] [--out DIR] [--workloads a,b] [--steps N] [--batch N] [--kinds a,b]``
 
 One hypatiad is started the way a user starts it, in a fresh HYPATIA_HOME; each row is one
 process (:mod:`benchmarks.device_worker`). The device rows' clients run with
@@ -41,7 +41,7 @@ def _row(env: dict, *argv: str, timeout: float) -> dict:
 
 
 def run(quick: bool, workloads: tuple[str, ...] | None = None, steps: int | None = None,
-        timeout: float = 1800, kinds: tuple[str, ...] = KINDS) -> dict:
+        timeout: float = 1800, kinds: tuple[str, ...] = KINDS, batch: int | None = None) -> dict:
     sizes = QUICK if quick else FULL
     workloads = workloads or sizes["workloads"]
     steps = steps or sizes["steps"]
@@ -58,11 +58,11 @@ def run(quick: bool, workloads: tuple[str, ...] | None = None, steps: int | None
         rows.append(_row(client_env, "intercept", "-", "-", str(2000 if quick else 20000), dtype, "0", timeout=timeout))
         for name in workloads:
             w = by_name(name)
-            batch = w.batch_for("cuda" if gpu else "cpu", quick)
+            size = batch or w.batch_for("cuda" if gpu else "cpu", quick)
             for mode in ("inference", "training") if name in TRAINING or quick else ("inference",):
                 for kind in kinds:
                     row_env = client_env if kind == "device" else env
-                    rows.append(_row(row_env, kind, name, mode, str(steps), dtype, str(batch), timeout=timeout))
+                    rows.append(_row(row_env, kind, name, mode, str(steps), dtype, str(size), timeout=timeout))
     finally:
         run_module(env, "hypatia.daemon", "stop", timeout=120)
         shutil.rmtree(home, ignore_errors=True)
@@ -78,7 +78,7 @@ def summarize(rows: list[dict]) -> list[dict]:
         if kind != "device":
             continue
         eager, local = by.get((workload, mode, "eager")), by.get((workload, mode, "hypatia"))
-        out.append({"workload": workload, "mode": mode, "device_ms": r["median_ms"],
+        out.append({"workload": workload, "mode": mode, "batch": r.get("batch"), "device_ms": r["median_ms"],
                     "vs_local_eager": round(r["median_ms"] / eager["median_ms"], 3) if eager else None,
                     "vs_local_hypatia": round(r["median_ms"] / local["median_ms"], 3) if local else None,
                     "bytes_up_per_step": r.get("bytes_up_per_step"), "bytes_up_first": r.get("bytes_up_first")})
@@ -87,10 +87,10 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 def markdown(results: dict) -> str:
     lines = [f"# The hypatia device ({results['gpu'] or 'CPU'}, {results['dtype']})", "",
-             "| workload | mode | device ms | / local eager | / local hypatia | bytes up per step | bytes up, first |",
-             "|---|---|---|---|---|---|---|"]
+             "| workload | mode | batch | device ms | / local eager | / local hypatia | bytes up per step | bytes up, first |",
+             "|---|---|---|---|---|---|---|---|"]
     for s in results["summary"]:
-        lines.append(f"| {s['workload']} | {s['mode']} | {s['device_ms']} | {s['vs_local_eager']} | "
+        lines.append(f"| {s['workload']} | {s['mode']} | {s['batch']} | {s['device_ms']} | {s['vs_local_eager']} | "
                      f"{s['vs_local_hypatia']} | {s['bytes_up_per_step']} | {s['bytes_up_first']} |")
     intercept = next((r for r in results["rows"] if r["kind"] == "intercept"), {})
     lines += ["", f"Per-op interception on the client (us): {intercept.get('us_per_op', intercept.get('error'))}"]
@@ -105,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("device-results"), help="where results.json and results.md go")
     p.add_argument("--workloads", help="comma-separated workload names (default: bert_base,gpt2_small,transformer_block)")
     p.add_argument("--steps", type=int, help="timed steps per row")
+    p.add_argument("--batch", type=int, help="the batch size of every workload (default: each workload's own)")
     p.add_argument("--kinds", default=",".join(KINDS),
                    help="which rows per workload: eager and hypatia (local), device (default: all three)")
     args = p.parse_args(argv)
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(kinds) - set(KINDS)
     if unknown:
         p.error(f"unknown kind(s) {', '.join(sorted(unknown))}; known: {', '.join(KINDS)}")
-    results = run(args.quick, tuple(args.workloads.split(",")) if args.workloads else None, args.steps, kinds=kinds)
+    results = run(args.quick, tuple(args.workloads.split(",")) if args.workloads else None, args.steps, kinds=kinds, batch=args.batch)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     (args.out / "results.md").write_text(markdown(results))

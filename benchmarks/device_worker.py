@@ -80,7 +80,11 @@ def _run(kind: str, workload: str, mode: str, steps: int, dtype: torch.dtype, ba
 
     first = step()
     first_s = time.perf_counter() - t0
-    step()
+    # Hypatia measures its executors on a graph's first calls (the device's in the daemon, four
+    # candidates of 13 calls each on a GPU): the timed steps come after the choice
+    warmup = WARMUP_GPU if kind != "eager" and (torch.cuda.is_available() or kind == "device" and _daemon_gpu()) else 1
+    for k in range(warmup):
+        step(k)
     up0, down0 = moved()
     times = []
     for k in range(steps):
@@ -90,13 +94,34 @@ def _run(kind: str, workload: str, mode: str, steps: int, dtype: torch.dtype, ba
     up1, down1 = moved()
     row = {"kind": kind, "workload": workload, "mode": mode, "dtype": str(dtype).removeprefix("torch."),
            "batch": batch, "device": device, "steps": steps, "median_ms": round(statistics.median(times) * 1e3, 3),
-           "first_step_s": round(first_s, 3), "first_value": first}
+           "first_step_s": round(first_s, 3), "first_value": first, "warmup_steps": warmup + 1}
     if kind == "device":
         stats = hd.memory_stats()
         row |= {"bytes_up_per_step": (up1 - up0) / steps, "bytes_down_per_step": (down1 - down0) / steps,
                 "bytes_up_first": up0, "daemon_device": stats["device_type"], "client": stats["client"],
-                "daemon_memory_bytes": stats["memory_used_bytes"]}
+                "daemon_memory_bytes": stats["memory_used_bytes"], "executors": _daemon_choices()}
     return row
+
+
+WARMUP_GPU = 60
+
+
+def _daemon_gpu() -> bool:
+    import hypatia.device as hd
+
+    return hd.memory_stats()["device_type"] == "cuda"
+
+
+def _daemon_choices() -> dict:
+    """The executors the daemon chose for the device's graphs, with their timings."""
+    from hypatia.client.rpc import DaemonClient
+    from hypatia.config import load
+
+    client = DaemonClient(load())
+    try:
+        return client.call("stats", {})["device"].get("executor_choices_made", {})
+    finally:
+        client.close()
 
 
 def main(argv: list[str]) -> int:

@@ -234,12 +234,12 @@ class DeviceService:
     def _execute(self, session: Session, job: dict) -> dict:
         import torch
 
+        recipe = self.runs.stored(job["keys"])
+        if recipe is None:  # before anything is released or uploaded: the client sends it all again
+            raise UnknownGraph(f"no plan is stored for graph {job['keys'][0][:24]}; send make_plan first")
         self.pool.release(session, job["release"])
         if job["tensors"] and self._upload(session, job)["missing"]:
             raise BadRequest("the uploads an execute carries must carry their data")
-        recipe = self.runs.stored(job["keys"])
-        if recipe is None:
-            raise UnknownGraph(f"no plan is stored for graph {job['keys'][0][:24]}; send make_plan first")
         executable, built = self.runs.executable(job["keys"], recipe, device=self.device())
         inputs = [self.pool.get(session, h) for h in job["inputs"]]
         executable.check_tensors(inputs)

@@ -51,3 +51,46 @@ def test_a_client_without_a_gpu_trains_on_the_daemon_s_gpu_as_cuda_does(daemon):
         losses.append(loss.item())
     torch.testing.assert_close(got["losses"], losses, rtol=1e-3, atol=1e-4)
     torch.testing.assert_close(torch.tensor(got["params"]), list(ref.parameters())[-1].detach().cpu(), rtol=1e-3, atol=1e-4)
+
+
+CHOOSING = """
+import json, torch, hypatia.device as hd
+from hypatia.client.rpc import DaemonClient
+from hypatia.config import load
+assert not torch.cuda.is_available()
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.GELU(), torch.nn.LayerNorm(512), torch.nn.Linear(512, 16))
+outs = []
+with torch.no_grad():
+    on_device = model.to("hypatia")
+    torch.manual_seed(1)
+    for _ in range(60):
+        outs.append(on_device(torch.randn(32, 256).to("hypatia")).cpu().tolist())
+print(json.dumps({"outs": outs, "device": DaemonClient(load()).call("stats", {})["device"]}))
+"""
+
+
+def test_a_repeated_device_graph_runs_under_each_gpu_executor_and_keeps_the_fastest(home):
+    """On the GPU the daemon builds and times aten, CUDA graphs and Inductor (with and without
+    CUDA graphs) on a structure's executes; every step matches the same model on CUDA, each
+    candidate was timed without error, and one was kept."""
+    env = home.env | {"HYPATIA_BACKGROUND_TUNING": "0"}  # a revised plan would start the choice again
+    home.hypatiad("start", extra_env=env)
+    proc = subprocess.run([sys.executable, "-c", CHOOSING], env=env | {"CUDA_VISIBLE_DEVICES": "", "HYPATIA_AUTOSTART": "0"},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.GELU(), torch.nn.LayerNorm(512),
+                                torch.nn.Linear(512, 16)).cuda()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for out in got["outs"]:
+            torch.testing.assert_close(torch.tensor(out), model(torch.randn(32, 256).cuda()).cpu(), rtol=1e-3, atol=1e-3)
+    device = got["device"]
+    assert device["executor_choices"] >= 1, device
+    choice = next(iter(device["executor_choices_made"].values()))
+    measured = {m["name"]: m for m in choice["measured"]}
+    assert set(measured) == {"aten", "aten+cudagraphs", "inductor", "inductor+cudagraphs"}, measured
+    assert all(not m["error"] and m["samples"] == 10 for m in measured.values()), measured
+    assert choice["chosen"] in measured

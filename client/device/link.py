@@ -236,7 +236,7 @@ class Link:
                 if "send make_plan first" not in str(exc):
                     raise
                 self._call_plan(registration)
-                reply = self._call("execute", dict(body, release=[]))
+                reply = self._call("execute", body)  # the daemon took nothing of the first
         finally:
             for name in made:
                 shm.unlink(name)

@@ -30,10 +30,19 @@ def _factory(op: torch._ops.OpOverload, *args, **kwargs):
     return record_op(op, args, kwargs)
 
 
-def _to_copy(*args, **kwargs):
-    from hypatia.device.tensor import record_op
+def _to_copy(x, *, dtype=None, layout=None, device=None, pin_memory=None, non_blocking=False, memory_format=None):
+    """``x.to("hypatia")`` as torch's own composite kernel does it (a fresh tensor, then a copy:
+    a CPU tensor so moved is an upload, its weights shared by digest), recorded directly since
+    the Python dispatch key may be off here."""
+    from hypatia.device.tensor import HypatiaTensor, record_op
 
-    return record_op(torch.ops.aten._to_copy.default, args, kwargs)
+    if isinstance(x, HypatiaTensor):
+        return record_op(torch.ops.aten._to_copy.default, (x,), {"dtype": dtype, "memory_format": memory_format})
+    like = torch.empty_like(x, device="meta", dtype=dtype, memory_format=memory_format or torch.preserve_format)
+    out = record_op(torch.ops.aten.empty_strided.default, (like.shape, like.stride()),
+                    {"dtype": like.dtype, "device": torch.device(NAME, 0)})
+    record_op(torch.ops.aten.copy_.default, (out, x), {})
+    return out
 
 
 def register() -> None:
