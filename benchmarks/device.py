@@ -41,7 +41,8 @@ def _row(env: dict, *argv: str, timeout: float) -> dict:
 
 
 def run(quick: bool, workloads: tuple[str, ...] | None = None, steps: int | None = None,
-        timeout: float = 1800, kinds: tuple[str, ...] = KINDS, batch: int | None = None) -> dict:
+        timeout: float = 1800, kinds: tuple[str, ...] = KINDS, batch: int | None = None,
+        progress: Path | None = None) -> dict:
     sizes = QUICK if quick else FULL
     workloads = workloads or sizes["workloads"]
     steps = steps or sizes["steps"]
@@ -63,6 +64,9 @@ def run(quick: bool, workloads: tuple[str, ...] | None = None, steps: int | None
                 for kind in kinds:
                     row_env = client_env if kind == "device" else env
                     rows.append(_row(row_env, kind, name, mode, str(steps), dtype, str(size), timeout=timeout))
+                    if progress is not None:  # each row as it comes: a run cut short keeps what it measured
+                        with progress.open("a") as f:
+                            f.write(json.dumps(rows[-1]) + "\n")
     finally:
         run_module(env, "hypatia.daemon", "stop", timeout=120)
         shutil.rmtree(home, ignore_errors=True)
@@ -113,7 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(kinds) - set(KINDS)
     if unknown:
         p.error(f"unknown kind(s) {', '.join(sorted(unknown))}; known: {', '.join(KINDS)}")
-    results = run(args.quick, tuple(args.workloads.split(",")) if args.workloads else None, args.steps, kinds=kinds, batch=args.batch)
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = run(args.quick, tuple(args.workloads.split(",")) if args.workloads else None, args.steps, kinds=kinds, batch=args.batch,
+                  progress=args.out / "rows.jsonl")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     (args.out / "results.md").write_text(markdown(results))

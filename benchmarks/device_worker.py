@@ -80,6 +80,7 @@ def _run(kind: str, workload: str, mode: str, steps: int, dtype: torch.dtype, ba
 
     first = step()
     first_s = time.perf_counter() - t0
+    up_first, _ = moved()  # the weights and the first batch
     # Hypatia measures its executors on a graph's first calls (the device's in the daemon, four
     # candidates of 13 calls each on a GPU): the timed steps come after the choice
     warmup = WARMUP_GPU if kind != "eager" and (torch.cuda.is_available() or kind == "device" and _daemon_gpu()) else 1
@@ -98,7 +99,7 @@ def _run(kind: str, workload: str, mode: str, steps: int, dtype: torch.dtype, ba
     if kind == "device":
         stats = hd.memory_stats()
         row |= {"bytes_up_per_step": (up1 - up0) / steps, "bytes_down_per_step": (down1 - down0) / steps,
-                "bytes_up_first": up0, "daemon_device": stats["device_type"], "client": stats["client"],
+                "bytes_up_first": up_first, "daemon_device": stats["device_type"], "client": stats["client"],
                 "daemon_memory_bytes": stats["memory_used_bytes"], "executors": _daemon_choices()}
     return row
 

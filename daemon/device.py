@@ -213,7 +213,7 @@ class DeviceService:
         try:
             for k, h in enumerate(handles):
                 tensor = self.pool.get(session, h).detach().to("cpu")
-                if job["tcp"] or session.pid is None:
+                if job["tcp"] or session.pid is None or tensor.numel() * tensor.element_size() <= shm.INLINE_UP_TO:
                     entry = shm.to_inline(tensor)
                     if len(entry["bytes"]) > MAX_INLINE_BYTES:
                         raise TooLarge(f"a {mib(len(entry['bytes']))} tensor is over the {mib(MAX_INLINE_BYTES)} a "

@@ -88,10 +88,23 @@ def build(name: str, executable: Any, inputs: list) -> Callable[..., Any]:
         from hypatia.client.graphs import copy_of
         from hypatia.client.torch_internals import inductor_compile
 
-        fn = inductor_compile(copy_of(executable.graph, executable.graph), inputs, config_patches(False))
+        fn = inductor_compile(_reshaping(copy_of(executable.graph, executable.graph)), inputs, config_patches(False))
     else:
         raise UnknownCandidate(f"{name!r} is not a candidate for the device's graphs")
     return Captured(fn, inputs) if captured else fn
+
+
+def _reshaping(gm: Any) -> Any:
+    """``gm`` with its ``view`` calls as ``reshape``: the recorded graph's views hold for eager's
+    strides, and Inductor may lay an intermediate out otherwise (GPT-2's attention did). The
+    graph is functional, so nothing depends on a view sharing its base's memory."""
+    import torch
+
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is torch.ops.aten.view.default:
+            node.target = torch.ops.aten.reshape.default
+    gm.recompile()
+    return gm
 
 
 class Choosing:

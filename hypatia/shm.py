@@ -59,6 +59,7 @@ MAX_DIMS = 16
 MAX_DIM_SIZE = 1 << 48
 MAX_SEGMENT_BYTES = 1 << 36  # one tensor
 MAX_TRANSFER_BYTES = 1 << 36  # all tensors of one request or reply
+INLINE_UP_TO = 64 << 10  # a tensor this small rides inside the message: a segment's system calls cost more
 MAX_TENSORS = 4096  # per request or reply
 _WRITE_CHUNK = 1 << 30  # write(2) moves at most ~2 GiB per call on Linux
 

@@ -264,6 +264,28 @@ def test_a_structure_flushed_every_step_runs_under_the_executor_measured_fastest
     trace.connect()
 
 
+def test_the_device_s_executor_candidates_and_the_graph_inductor_is_given():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from hypatia.config import ConfigError, load
+    from hypatia.daemon import device_executors as dx
+
+    assert dx.candidates("auto", "cuda") == ("aten", "aten+cudagraphs", "inductor", "inductor+cudagraphs")
+    assert dx.candidates("auto", "cpu") == ("aten",)
+    assert dx.candidates("inductor+cudagraphs,inductor", "cpu") == ("aten", "inductor")  # no CUDA graphs off a GPU
+    assert load({"HYPATIA_DEVICE_EXECUTORS": "aten+cudagraphs, inductor"}).device_executors == "aten+cudagraphs, inductor"
+    for bad, said in (("eager", "name aten, not eager"), ("aten,turbo", "'turbo' is not a candidate")):
+        with pytest.raises(ConfigError, match=said):
+            load({"HYPATIA_DEVICE_EXECUTORS": bad})
+    x = torch.randn(4, 6)
+    gm = make_fx(lambda t: (t.t().contiguous().view(3, 8) * 2,))(x)
+    assert torch.ops.aten.view.default in {n.target for n in gm.graph.nodes}
+    reshaped = dx._reshaping(gm)
+    targets = {n.target for n in reshaped.graph.nodes}
+    assert torch.ops.aten.view.default not in targets and torch.ops.aten.reshape.default in targets
+    torch.testing.assert_close(reshaped(x)[0], x.t().contiguous().view(3, 8) * 2)
+
+
 def test_the_pool_counts_references_and_drops_a_session_s_buffers():
     pool = DevicePool(limit_bytes=1 << 20)
     a, b = pool.session("a" * 16, pid=1, create=True), pool.session("b" * 16, pid=2, create=True)

@@ -20,8 +20,11 @@ def test_kernel_diff_on_cuda_passes_a_correct_model_at_every_chunk_size(daemon, 
     torch.manual_seed(0)
     model = Block().cuda().to(torch.bfloat16)
     x = torch.randn(2, 64, 256, device="cuda", dtype=torch.bfloat16)
-    whole = compare(model, (x,), reference="float64", atol=5e-2, rtol=5e-2, repeats=2)
-    chunked = compare(model, (x,), reference="float64", atol=5e-2, rtol=5e-2, repeats=2, chunk_elems=4096)
+    # bfloat16 weight gradients (sums of 128 products) against float64: a handful of the 196,608
+    # elements of grad.qkv.weight land past 5% (one did, by 0.2, on an H200), so 0.1% may
+    whole = compare(model, (x,), reference="float64", atol=5e-2, rtol=5e-2, allowed_share=1e-3, repeats=2)
+    chunked = compare(model, (x,), reference="float64", atol=5e-2, rtol=5e-2, allowed_share=1e-3, repeats=2,
+                      chunk_elems=4096)
     assert whole.passed and chunked.passed, str(whole)
     names = [t.name for t in whole.tensors]
     assert names == [t.name for t in chunked.tensors] and "out" in names and any(n.startswith("grad.") for n in names)

@@ -137,8 +137,9 @@ class Link:
     # -- tensors up and down -----------------------------------------------------------------
     def _pack(self, t: torch.Tensor, tag: str, k: int, made: list[str]) -> dict:
         t = t.detach().contiguous()
-        self.bytes_up += t.numel() * t.element_size()
-        if self.config.remote:
+        nbytes = t.numel() * t.element_size()
+        self.bytes_up += nbytes
+        if self.config.remote or nbytes <= shm.INLINE_UP_TO:
             return shm.to_inline(t)
         desc = shm.put(t, shm.segment_name(self._daemon(), self.pid, f"{tag}u{k}"))
         if desc.name:

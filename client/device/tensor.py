@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from hypatia.device import ops
+from hypatia.device import ops, trace
 from hypatia.device.values import Storage, Value, device_as, leaves, map_leaves, meta_like, names_device, upload_value
 
 log = logging.getLogger("hypatia.client")
@@ -75,12 +75,11 @@ class HypatiaTensor(torch.Tensor):
 
 def record_op(func: Any, args: tuple, kwargs: dict) -> Any:
     """Record (or run, see :func:`dispatch`) one op on the device; flush if enough are waiting."""
-    from hypatia.device.trace import recorder
-
     with _lock:
-        rec = recorder()
+        rec = trace.recorder()
         out = dispatch(rec, func, args, kwargs)
-        rec.maybe_flush()
+        if rec._recorded >= rec.max_ops:
+            rec.maybe_flush()
         return out
 
 
@@ -139,7 +138,7 @@ def _to_values(args: Any, recorder: Any) -> Any:
             return upload_value(x)
         return x
     if type(args) is tuple:  # the hot path: a flat tuple of tensors and plain values
-        return tuple(value_of(x, recorder) if type(x) is HypatiaTensor else map_leaves(one, x) for x in args)
+        return tuple([value_of(x, recorder) if type(x) is HypatiaTensor else map_leaves(one, x) for x in args])
     return map_leaves(one, args)
 
 

@@ -54,10 +54,13 @@ def _key(x: Any) -> Any:
     """A hashable key of an op's arguments: their structure, and each leaf's value or metadata."""
     t = type(x)
     if t is Value:
-        m = x.meta
-        return (m.shape, m.stride(), m.dtype) if isinstance(m, torch.Tensor) else ("V", id(x))
+        k = x.key
+        if k is None:
+            m = x.meta
+            k = x.key = (m.shape, m.stride(), m.dtype) if isinstance(m, torch.Tensor) else ("V", id(x))
+        return k
     if t is list or t is tuple:
-        return (t, tuple(_key(y) for y in x))
+        return (t, tuple([_key(y) for y in x]))
     if t is dict:
         return (dict, tuple((k, _key(v)) for k, v in x.items()))
     if isinstance(x, torch.device):
@@ -87,7 +90,7 @@ class Recorder:
         self._counters: Counter = Counter()
         self.intercepted = self.recorded_total = self.meta_hits = 0  # per op: plain ints, cheaper than a Counter
         self.epoch = 0  # bumped at each flush: view values derived before it are not reused
-        self._dirty: weakref.WeakSet[Storage] = weakref.WeakSet()
+        self._dirty: list[weakref.ref] = []  # storages written since the last flush (repeats allowed)
         self._recorded = 0
         self._warned: set[str] = set()
         self._flushing = False
@@ -105,7 +108,7 @@ class Recorder:
     # -- recording ---------------------------------------------------------------------------
     def dirty(self, storage: Storage) -> None:
         """``storage`` holds a value the daemon does not have yet."""
-        self._dirty.add(storage)
+        self._dirty.append(weakref.ref(storage))
 
     def infer(self, func: Callable, vargs: Any, vkwargs: Any) -> Any:
         """``func``'s output metadata: its meta kernel's, remembered per op and argument
@@ -203,15 +206,15 @@ class Recorder:
     def _flush(self, want: list[Value]) -> list[torch.Tensor]:
         fetched: dict[int, torch.Tensor] = {id(v): v.cpu.clone() for v in want if v.cpu is not None}
         targets: dict[int, Value] = {}
-        for storage in list(self._dirty):
-            v = storage.value
-            if v.handle is None:
-                targets[id(v)] = v
-        dirty, self._dirty = self._dirty, weakref.WeakSet()
+        for ref in self._dirty:
+            storage = ref()
+            if storage is not None and storage.value.handle is None:
+                targets[id(storage.value)] = storage.value
+        dirty, self._dirty = self._dirty, []
         try:
             return self._send(want, targets, fetched)
         except BaseException:  # nothing was lost: the next flush sends it again
-            self._dirty |= dirty
+            self._dirty = dirty + self._dirty
             raise
 
     def _send(self, want: list[Value], targets: dict[int, Value], fetched: dict[int, torch.Tensor]) -> list[torch.Tensor]:

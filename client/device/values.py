@@ -23,7 +23,8 @@ _SEQUENCE = itertools.count()
 
 
 class Value:
-    __slots__ = ("meta", "op", "args", "kwargs", "cpu", "digest", "handle", "release", "seq", "ask", "version", "__weakref__")
+    __slots__ = ("meta", "op", "args", "kwargs", "cpu", "digest", "handle", "release", "seq", "ask", "version", "key",
+                 "__weakref__")
 
     def __init__(self, meta: Any, op: Callable | None = None, args: tuple = (), kwargs: dict | None = None,
                  cpu: torch.Tensor | None = None):
@@ -38,6 +39,7 @@ class Value:
         self.seq = next(_SEQUENCE)  # creation order: a flush's outputs are ordered by it, so keys repeat
         self.ask = False  # an upload the daemon may hold already (a parameter): its digest goes first
         self.version = cpu._version if cpu is not None else 0  # an upload's CPU tensor as it was moved
+        self.key: tuple | None = None  # its metadata as a meta-cache key, made when first needed
 
     @property
     def pending(self) -> bool:
