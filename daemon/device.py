@@ -37,7 +37,7 @@ import logging
 import re
 import threading
 from collections import Counter
-from typing import Any
+from typing import Any, Callable
 
 from hypatia import limits, shm
 from hypatia.daemon.device_pool import DevicePool, Session, mib, nbytes_of
@@ -68,7 +68,8 @@ class DeviceService:
     server thread; ``upload``/``execute``/``fetch`` move tensors or compute and run on the pool
     (:meth:`work`), returning an outcome that the server turns into the reply."""
 
-    def __init__(self, config: Any, daemon: str, runs: Any, limit_bytes: int, idle_s: float):
+    def __init__(self, config: Any, daemon: str, runs: Any, limit_bytes: int, idle_s: float,
+                 record_executor: Callable[[Any, int, Any], Any] | None = None):
         self.config = config
         self.daemon = daemon  # the id in this daemon's shared-memory segment names
         self.runs = runs  # the RunService: its executables (rebuilt graph + plan) serve both paths
@@ -78,6 +79,8 @@ class DeviceService:
         self._device = None
         self._next_sweep = 0.0
         self._choosing_lock = threading.Lock()
+        self.record_executor = record_executor  # stores a choice with its plan (server thread)
+        self._decided: list[tuple[Any, int, Any]] = []  # choices made on the pool, to store
         self.choices: dict[str, dict] = {}  # the latest executor choices, by graph key (shown by stats)
 
     # -- the device ------------------------------------------------------------------------
@@ -246,7 +249,7 @@ class DeviceService:
         self.pool.reserve(job["out_bytes"], "this graph's outputs")
         failures = executable.plan_failures
         with torch.inference_mode():
-            result = self._runner(job["keys"], executable)(*inputs)
+            result = self._runner(job["keys"], recipe, executable)(*inputs)
         plan_failed = executable.plan_failures > failures
         results = list(result) if isinstance(result, (tuple, list)) else [result]
         if len(results) != len(job["outputs"]):
@@ -261,9 +264,10 @@ class DeviceService:
         fetched = self._export(session, job, job["fetch"]) if job["fetch"] else []
         return {"values": fetched}
 
-    def _runner(self, keys: Any, executable: Any) -> Any:
-        """What runs ``executable``: itself where only ``aten`` is a candidate, else its measured
-        choice (made once per executable, for every session: see :mod:`.device_executors`)."""
+    def _runner(self, keys: Any, recipe: dict, executable: Any) -> Any:
+        """What runs ``executable``: itself where only ``aten`` is a candidate; the executor its
+        plan already names (a choice made before, by this daemon or an earlier one); else its
+        measured choice, made once per executable for every session (see :mod:`.device_executors`)."""
         from hypatia.daemon import device_executors
 
         names = device_executors.candidates(self.config.device_executors, self.device().type)
@@ -272,21 +276,44 @@ class DeviceService:
         with self._choosing_lock:
             runner = getattr(executable, "device_choice", None)
             if runner is None:
-                runner = executable.device_choice = device_executors.Choosing(
-                    executable, names, self.device().type == "cuda", lambda best, measured: self._chosen(keys, best, measured))
+                stored = recipe.get("executor") or {}
+                if stored.get("chosen") in names:
+                    self.counters["executor_choices_reused"] += 1
+                    runner = device_executors.Chosen(executable, stored["chosen"])
+                else:
+                    revision = recipe.get("revision", 0)
+                    runner = device_executors.Choosing(
+                        executable, names, self.device().type == "cuda",
+                        lambda best, measured: self._chosen(keys, revision, best, measured))
+                executable.device_choice = runner
         return runner
 
-    def _chosen(self, keys: Any, best: str, measured: dict) -> None:
+    def _chosen(self, keys: Any, revision: int, best: str, measured: dict) -> None:
+        from hypatia.planner.plan import ExecutorDecision, ExecutorTime
+
         self.counters["executor_choices"] += 1
         self.counters[f"chose_{best}"] += 1
-        self.choices[keys[0][:16]] = {"chosen": best, "measured": [m.to_wire(n) for n, m in measured.items()]}
+        times = [m.to_wire(n) for n, m in measured.items()]
+        self.choices[keys[0][:16]] = {"chosen": best, "measured": times}
         while len(self.choices) > MAX_CHOICES_SHOWN:
             self.choices.pop(next(iter(self.choices)))
+        decision = ExecutorDecision(best, False, tuple(ExecutorTime.from_dict(t) for t in times))
+        with self._choosing_lock:
+            self._decided.append((keys, revision, decision))
         log.info("device graph %s runs under %s (%s)", keys[0][:16], best,
                  ", ".join(f"{n} {m.median_s * 1e6:.0f} us" if not m.error else f"{n} failed" for n, m in measured.items()))
 
     # -- server thread -----------------------------------------------------------------------
     def tick(self, now: float) -> None:
+        if self._decided:  # choices made on the pool go into the store here, on the server thread
+            with self._choosing_lock:
+                decided, self._decided = self._decided, []
+            for keys, revision, decision in decided:
+                if self.record_executor is not None:
+                    try:
+                        self.record_executor(keys, revision, decision)
+                    except Exception as exc:  # noqa: BLE001 - a choice not stored is measured again later
+                        log.warning("the executor chosen for device graph %s was not stored: %s", keys[0][:16], exc)
         if now < self._next_sweep:
             return
         self._next_sweep = now + SWEEP_EVERY_S

@@ -5,7 +5,7 @@ it is: ATen op by op, ``aten``. A structure that clients keep flushing (each tra
 inference step is one) is worth more. On a GPU its other candidates are built in turn and timed
 on the clients' own executes, with the backend's measured choice
 (:class:`hypatia.client.choice.ExecutorChoice`), and the fastest is kept for every client of
-the daemon:
+the daemon, and stored with the graph's plan, so that a restarted daemon builds it at once:
 
 - ``aten+cudagraphs``: the same graph captured once as a CUDA graph and replayed, which removes
   the host's cost of launching its kernels one by one;
@@ -107,6 +107,36 @@ def _reshaping(gm: Any) -> Any:
     return gm
 
 
+class Chosen:
+    """The executor a plan names for an executable (chosen by measuring before): built on the
+    first call's inputs. One that fails to build or to run gives way to ``aten`` for good."""
+
+    def __init__(self, executable: Any, name: str):
+        self.lock = threading.Lock()
+        self.executable, self.name = executable, name
+        self.fn: Callable[..., Any] | None = None
+
+    def __call__(self, *inputs: Any) -> Any:
+        with self.lock:
+            if self.fn is None:
+                try:
+                    self.fn = build(self.name, self.executable, list(inputs))
+                except Exception as exc:  # noqa: BLE001 - the graph still runs, as it is
+                    self._give_way(exc)
+            try:
+                return self.fn(*inputs)
+            except Exception as exc:  # noqa: BLE001
+                if self.fn is self.executable.forward:
+                    raise
+                self._give_way(exc)
+                return self.fn(*inputs)
+
+    def _give_way(self, exc: BaseException) -> None:
+        log.warning("device graph executor %s failed (%s: %s); the graph runs under aten from now on",
+                    self.name, type(exc).__name__, exc)
+        self.fn = self.executable.forward
+
+
 class Choosing:
     """One executable's measured choice, shared by every session that flushes its structure
     (calls are serialized: the choice counts them, and a captured graph has one set of inputs)."""
@@ -123,4 +153,4 @@ class Choosing:
             return self.choice(*inputs)
 
 
-__all__ = ["ALL_CANDIDATES", "AUTO_CPU", "AUTO_CUDA", "Captured", "Choosing", "build", "candidates"]
+__all__ = ["ALL_CANDIDATES", "AUTO_CPU", "AUTO_CUDA", "Captured", "Chosen", "Choosing", "build", "candidates"]

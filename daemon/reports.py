@@ -68,6 +68,11 @@ class Reports:
             raise BadRequest(f"executor: {exc}", request_id) from None
         if decision.chosen not in {t.name for t in decision.times if not t.error}:
             raise BadRequest("executor.chosen must be one of the candidates measured without error", request_id)
+        return self.record_executor(keys, revision, decision)
+
+    def record_executor(self, keys: PlanKeys, revision: int, decision: ExecutorDecision) -> dict | None:
+        """Store ``decision`` with the plan of ``keys`` if it is still at ``revision`` (server
+        thread); the revised recipe, or None for a stale report."""
         current = self.store.get_plan(keys)
         if current is None or current.revision != revision:
             self.counters["executor_reports_stale"] += 1

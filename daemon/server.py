@@ -120,7 +120,7 @@ class Server(Flights):
                                self.config.remote_max_output_bytes)
         self.runs.tick(time.monotonic())  # segments of clients that died while no daemon ran
         self.device = DeviceService(self.config, self.daemon_id, self.runs, self.config.device_memory_mb << 20,
-                                    self.config.device_idle_s)
+                                    self.config.device_idle_s, self.service.record_executor)
         ctx = zmq.Context()
         self.zap = ZapHandler(ctx, os.getuid(), self.config.keys_dir)
         self.zap.start()

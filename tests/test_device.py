@@ -260,6 +260,23 @@ def test_a_structure_flushed_every_step_runs_under_the_executor_measured_fastest
         measured = {m["name"]: m for m in choice["measured"]}
         assert set(measured) == {"aten", "inductor"}, measured
         assert all(m["samples"] == 10 and not m["error"] and m["median_us"] > 0 for m in measured.values()), measured
+        # the choice is stored with the graph's plan: a restarted daemon builds it at once
+        assert wait_until(lambda: daemon_stats(home)["executors"]["choices"] == 1, timeout=30)
+        rec.link.close()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HYPATIA_")} | {
+            "HYPATIA_HOME": str(home.runtime_dir.parent), "HYPATIA_BACKGROUND_TUNING": "0",
+            "HYPATIA_DEVICE_EXECUTORS": "aten,inductor"}
+        for verb in ("stop", "start"):
+            subprocess.run([sys.executable, "-m", "hypatia.daemon", verb], env=env, check=True, capture_output=True,
+                           timeout=120)
+        rec = trace.connect(home)
+        on_device = copy.deepcopy(model).to("hypatia")
+        for _ in range(3):
+            x = torch.randn(8, 32)
+            with torch.no_grad():
+                torch.testing.assert_close(on_device(x.to("hypatia")).cpu(), model(x), rtol=1e-5, atol=1e-5)
+        again = device_stats(home)
+        assert again["executor_choices_reused"] == 1 and "executor_choices" not in again, again
         rec.link.close()
     trace.connect()
 
