@@ -218,7 +218,9 @@ def _compiled(a: dict[str, Any]) -> str:
 def _device(d: dict[str, Any]) -> str:
     """The hypatia device's memory, sessions and work (shared weights counted once)."""
     limit = _fmt_bytes(d["memory_limit_bytes"]) if d["memory_limit_bytes"] else "no limit"
-    return (f"{_fmt_bytes(d['memory_used_bytes'])} in use of {limit}; {d['sessions']} session(s), "
+    held = d.get("memory_held_by_executors_bytes", 0)
+    return (f"{_fmt_bytes(d['memory_used_bytes'])} in use of {limit}"
+            + (f" (and {_fmt_bytes(held)} held by captured graphs)" if held else "") + f"; {d['sessions']} session(s), "
             f"{d['shared_buffers']} shared buffer(s) ({d.get('uploads_shared', 0)} uploads found by content, "
             f"{_fmt_bytes(d.get('bytes_not_moved', 0))} not moved); {d.get('executes', 0)} graphs run, "
             f"{_fmt_bytes(d.get('bytes_uploaded', 0))} up, {_fmt_bytes(d.get('bytes_fetched', 0))} down"

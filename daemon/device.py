@@ -279,12 +279,12 @@ class DeviceService:
                 stored = recipe.get("executor") or {}
                 if stored.get("chosen") in names:
                     self.counters["executor_choices_reused"] += 1
-                    runner = device_executors.Chosen(executable, stored["chosen"])
+                    runner = device_executors.Chosen(executable, stored["chosen"], self.pool.hold_for_executor)
                 else:
                     revision = recipe.get("revision", 0)
                     runner = device_executors.Choosing(
                         executable, names, self.device().type == "cuda",
-                        lambda best, measured: self._chosen(keys, revision, best, measured))
+                        lambda best, measured: self._chosen(keys, revision, best, measured), self.pool.hold_for_executor)
                 executable.device_choice = runner
         return runner
 

@@ -47,11 +47,15 @@ def candidates(setting: str, device_type: str) -> tuple[str, ...]:
 
 
 class Captured:
-    """``fn`` recorded once as a CUDA graph on private copies of ``inputs``, then replayed."""
+    """``fn`` recorded once as a CUDA graph on private copies of ``inputs``, then replayed. With
+    ``hold`` (the pool's :meth:`~hypatia.daemon.device_pool.DevicePool.hold_for_executor`), the
+    memory it keeps (those copies, the graph's own pool) counts against the device's limit until
+    it goes; past the limit it is not made (DeviceFull)."""
 
-    def __init__(self, fn: Callable[..., Any], inputs: list):
+    def __init__(self, fn: Callable[..., Any], inputs: list, hold: Callable[[int, str], Callable[[], None]] | None = None):
         import torch
 
+        before = torch.cuda.memory_allocated()
         self.static = [x.clone() for x in inputs]
         self.last: list[Any] = [None] * len(inputs)
         side = torch.cuda.Stream()
@@ -65,6 +69,10 @@ class Captured:
             out = fn(*self.static)
         self.tuple_out = isinstance(out, (tuple, list))
         self.outputs = list(out) if self.tuple_out else [out]
+        # what stays allocated once captured (other executes running meanwhile blur it a little)
+        self.nbytes = max(0, torch.cuda.memory_allocated() - before)
+        if hold is not None:
+            weakref.finalize(self, hold(self.nbytes, "a captured CUDA graph"))
 
     def __call__(self, *inputs: Any) -> Any:
         for k, x in enumerate(inputs):
@@ -77,9 +85,11 @@ class Captured:
         return tuple(out) if self.tuple_out else out[0]
 
 
-def build(name: str, executable: Any, inputs: list) -> Callable[..., Any]:
+def build(name: str, executable: Any, inputs: list, hold: Callable[[int, str], Callable[[], None]] | None = None
+          ) -> Callable[..., Any]:
     """The callable of candidate ``name`` for ``executable`` (a :class:`~hypatia.daemon.remote.Executable`
-    whose ``graph`` is the rebuilt, unplanned graph module), built on this call's ``inputs``."""
+    whose ``graph`` is the rebuilt, unplanned graph module), built on this call's ``inputs``;
+    ``hold``: see :class:`Captured`."""
     executor, captured = parse(name)
     if executor == "aten":
         fn = executable.forward
@@ -91,7 +101,7 @@ def build(name: str, executable: Any, inputs: list) -> Callable[..., Any]:
         fn = inductor_compile(_reshaping(copy_of(executable.graph, executable.graph)), inputs, config_patches(False))
     else:
         raise UnknownCandidate(f"{name!r} is not a candidate for the device's graphs")
-    return Captured(fn, inputs) if captured else fn
+    return Captured(fn, inputs, hold) if captured else fn
 
 
 def _reshaping(gm: Any) -> Any:
@@ -111,16 +121,16 @@ class Chosen:
     """The executor a plan names for an executable (chosen by measuring before): built on the
     first call's inputs. One that fails to build or to run gives way to ``aten`` for good."""
 
-    def __init__(self, executable: Any, name: str):
+    def __init__(self, executable: Any, name: str, hold: Callable[[int, str], Callable[[], None]] | None = None):
         self.lock = threading.Lock()
-        self.executable, self.name = executable, name
+        self.executable, self.name, self.hold = executable, name, hold
         self.fn: Callable[..., Any] | None = None
 
     def __call__(self, *inputs: Any) -> Any:
         with self.lock:
             if self.fn is None:
                 try:
-                    self.fn = build(self.name, self.executable, list(inputs))
+                    self.fn = build(self.name, self.executable, list(inputs), self.hold)
                 except Exception as exc:  # noqa: BLE001 - the graph still runs, as it is
                     self._give_way(exc)
             try:
@@ -141,12 +151,13 @@ class Choosing:
     """One executable's measured choice, shared by every session that flushes its structure
     (calls are serialized: the choice counts them, and a captured graph has one set of inputs)."""
 
-    def __init__(self, executable: Any, names: tuple[str, ...], cuda: bool, report: Callable[[str, dict], None]):
+    def __init__(self, executable: Any, names: tuple[str, ...], cuda: bool, report: Callable[[str, dict], None],
+                 hold: Callable[[int, str], Callable[[], None]] | None = None):
         from hypatia.client.choice import ExecutorChoice
 
         self.lock = threading.Lock()
-        self.choice = ExecutorChoice(list(names), executable.forward, lambda name, args: build(name, executable, args),
-                                     cuda=cuda, report=report)
+        self.choice = ExecutorChoice(list(names), executable.forward,
+                                     lambda name, args: build(name, executable, args, hold), cuda=cuda, report=report)
 
     def __call__(self, *inputs: Any) -> Any:
         with self.lock:

@@ -54,6 +54,7 @@ class DevicePool:
     def __init__(self, limit_bytes: int):
         self.limit = limit_bytes
         self.used = 0
+        self.held_by_executors = 0  # captured graphs' copies of their inputs and their memory pools
         self.sessions: dict[str, Session] = {}
         self.shared: dict[str, Buffer] = {}
         self.counters: Counter = Counter()
@@ -74,12 +75,25 @@ class DevicePool:
 
     def reserve(self, nbytes: int, what: str) -> None:
         """:class:`DeviceFull` unless ``nbytes`` more fit under the limit."""
-        if self.limit and self.used + nbytes > self.limit:
+        in_use = self.used + self.held_by_executors
+        if self.limit and in_use + nbytes > self.limit:
             self.counters["full"] += 1
             raise DeviceFull(
-                f"the hypatia device is full: {what} needs {mib(nbytes)} more, {mib(self.used)} of "
+                f"the hypatia device is full: {what} needs {mib(nbytes)} more, {mib(in_use)} of "
                 f"{mib(self.limit)} are in use (HYPATIA_DEVICE_MEMORY_MB). Free device tensors (del them, or "
                 "move models back with model.to('cpu')) or start hypatiad with a larger HYPATIA_DEVICE_MEMORY_MB")
+
+    def hold_for_executor(self, nbytes: int, what: str) -> Callable[[], None]:
+        """Count ``nbytes`` an executor keeps (a captured graph) against the limit; what gives
+        them back when it goes. :class:`DeviceFull` when they do not fit."""
+        with self._lock:
+            self.reserve(nbytes, what)
+            self.held_by_executors += nbytes
+
+        def give_back() -> None:
+            with self._lock:
+                self.held_by_executors -= nbytes
+        return give_back
 
     def get(self, session: Session, handle: int) -> Any:
         found = session.handles.get(handle)
@@ -168,6 +182,7 @@ class DevicePool:
     def stats(self) -> dict:
         with self._lock:
             return {"memory_used_bytes": self.used, "memory_limit_bytes": self.limit,
+                    "memory_held_by_executors_bytes": self.held_by_executors,
                     "sessions": len(self.sessions), "shared_buffers": len(self.shared),
                     "handles": sum(len(s.handles) for s in self.sessions.values())} | dict(self.counters)
 

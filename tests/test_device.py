@@ -312,6 +312,15 @@ def test_the_pool_counts_references_and_drops_a_session_s_buffers():
     assert pool.used == 4096 and pool.get(b, 7).sum() == 1024
     with pytest.raises(PoolFull, match="HYPATIA_DEVICE_MEMORY_MB"):
         pool.reserve(2 << 20, "a test")
+    give_back = pool.hold_for_executor(512 << 10, "a captured graph")  # counted against the limit
+    assert pool.stats()["memory_held_by_executors_bytes"] == 512 << 10
+    with pytest.raises(PoolFull, match="in use"):
+        pool.hold_for_executor(600 << 10, "another captured graph")
+    with pytest.raises(PoolFull):
+        pool.reserve(600 << 10, "outputs")
+    give_back()
+    pool.reserve(600 << 10, "outputs")
+    assert pool.held_by_executors == 0
     assert pool.sweep(alive=lambda pid: pid != 2, idle_s=60) == ["b" * 16]
     assert pool.used == 0 and not pool.shared
     with pytest.raises(UnknownSession, match="lost"):
