@@ -28,7 +28,7 @@ from benchmarks.workloads import by_name
 FULL = {"workloads": ("bert_base", "gpt2_small", "transformer_block"), "steps": 20}
 QUICK = {"workloads": ("mlp_small",), "steps": 3}
 TRAINING = ("transformer_block",)  # the small transformer's training step
-KINDS = ("eager", "hypatia", "device")
+KINDS = ("eager", "hypatia", "device", "device_compiled")
 
 
 def _row(env: dict, *argv: str, timeout: float) -> dict:
@@ -62,7 +62,7 @@ def run(quick: bool, workloads: tuple[str, ...] | None = None, steps: int | None
             size = batch or w.batch_for("cuda" if gpu else "cpu", quick)
             for mode in ("inference", "training") if name in TRAINING or quick else ("inference",):
                 for kind in kinds:
-                    row_env = client_env if kind == "device" else env
+                    row_env = client_env if kind.startswith("device") else env
                     rows.append(_row(row_env, kind, name, mode, str(steps), dtype, str(size), timeout=timeout))
                     if progress is not None:  # each row as it comes: a run cut short keeps what it measured
                         with progress.open("a") as f:
@@ -79,10 +79,10 @@ def summarize(rows: list[dict]) -> list[dict]:
     by = {(r.get("workload"), r.get("mode"), r["kind"]): r for r in rows if "median_ms" in r}
     out = []
     for (workload, mode, kind), r in by.items():
-        if kind != "device":
+        if not kind.startswith("device"):
             continue
         eager, local = by.get((workload, mode, "eager")), by.get((workload, mode, "hypatia"))
-        out.append({"workload": workload, "mode": mode, "batch": r.get("batch"), "device_ms": r["median_ms"],
+        out.append({"workload": workload, "mode": mode, "kind": kind, "batch": r.get("batch"), "device_ms": r["median_ms"],
                     "vs_local_eager": round(r["median_ms"] / eager["median_ms"], 3) if eager else None,
                     "vs_local_hypatia": round(r["median_ms"] / local["median_ms"], 3) if local else None,
                     "bytes_up_per_step": r.get("bytes_up_per_step"), "bytes_up_first": r.get("bytes_up_first")})
@@ -91,10 +91,10 @@ def summarize(rows: list[dict]) -> list[dict]:
 
 def markdown(results: dict) -> str:
     lines = [f"# The hypatia device ({results['gpu'] or 'CPU'}, {results['dtype']})", "",
-             "| workload | mode | batch | device ms | / local eager | / local hypatia | bytes up per step | bytes up, first |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| workload | mode | row | batch | device ms | / local eager | / local hypatia | bytes up per step | bytes up, first |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for s in results["summary"]:
-        lines.append(f"| {s['workload']} | {s['mode']} | {s['batch']} | {s['device_ms']} | {s['vs_local_eager']} | "
+        lines.append(f"| {s['workload']} | {s['mode']} | {s['kind']} | {s['batch']} | {s['device_ms']} | {s['vs_local_eager']} | "
                      f"{s['vs_local_hypatia']} | {s['bytes_up_per_step']} | {s['bytes_up_first']} |")
     intercept = next((r for r in results["rows"] if r["kind"] == "intercept"), {})
     lines += ["", f"Per-op interception on the client (us): {intercept.get('us_per_op', intercept.get('error'))}"]
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, help="timed steps per row")
     p.add_argument("--batch", type=int, help="the batch size of every workload (default: each workload's own)")
     p.add_argument("--kinds", default=",".join(KINDS),
-                   help="which rows per workload: eager and hypatia (local), device (default: all three)")
+                   help="which rows per workload: eager and hypatia (local), device and device_compiled (default: all four)")
     args = p.parse_args(argv)
     kinds = tuple(k for k in args.kinds.split(",") if k)
     unknown = set(kinds) - set(KINDS)

@@ -3,8 +3,9 @@
 ``python -m benchmarks.device_worker KIND WORKLOAD MODE STEPS DTYPE BATCH`` with KIND one of
 ``intercept`` (per-op cost of recording on the hypatia device), ``device`` (the model on the
 hypatia device, run from this process, which the runner starts with no GPU visible),
-``eager`` and ``hypatia`` (the model run in this process on the daemon's kind of device, as is
-and through ``torch.compile(backend="hypatia")``).
+``device_compiled`` (the same, through ``torch.compile(backend="hypatia")``: whole graphs per
+call), ``eager`` and ``hypatia`` (the model run in this process on the daemon's kind of device,
+as is and through ``torch.compile(backend="hypatia")``).
 """
 
 from __future__ import annotations
@@ -51,13 +52,14 @@ def _model(workload: str, device: str, dtype: torch.dtype, train: bool):
 
 def _run(kind: str, workload: str, mode: str, steps: int, dtype: torch.dtype, batch: int) -> dict:
     train = mode == "training"
-    device = "hypatia" if kind == "device" else ("cuda" if torch.cuda.is_available() else "cpu")
-    if kind == "device":
+    on_device = kind in ("device", "device_compiled")
+    device = "hypatia" if on_device else ("cuda" if torch.cuda.is_available() else "cpu")
+    if on_device:
         import hypatia.device as hd  # noqa: F401
     t0 = time.perf_counter()
     w, model = _model(workload, device, dtype, train)
     batches = [w.make_inputs(batch, torch.device("cpu"), dtype) for _ in range(steps + 2)]  # a new batch each step
-    if kind == "hypatia":
+    if kind in ("hypatia", "device_compiled"):  # on the device: whole graphs recorded per call
         model = torch.compile(model, backend="hypatia")
     opt = torch.optim.SGD(model.parameters(), lr=1e-4) if train else None
 
@@ -73,7 +75,7 @@ def _run(kind: str, workload: str, mode: str, steps: int, dtype: torch.dtype, ba
             return primary_output(model(*args)).float().sum().item()
 
     def moved() -> tuple[int, int]:
-        if kind != "device":
+        if not on_device:
             return 0, 0
         link = hd.trace.recorder().link
         return link.bytes_up, link.bytes_down
@@ -83,7 +85,7 @@ def _run(kind: str, workload: str, mode: str, steps: int, dtype: torch.dtype, ba
     up_first, _ = moved()  # the weights and the first batch
     # Hypatia measures its executors on a graph's first calls (the device's in the daemon, four
     # candidates of 13 calls each on a GPU): the timed steps come after the choice
-    warmup = WARMUP_GPU if kind != "eager" and (torch.cuda.is_available() or kind == "device" and _daemon_gpu()) else 1
+    warmup = WARMUP_GPU if kind != "eager" and (torch.cuda.is_available() or on_device and _daemon_gpu()) else 1
     for k in range(warmup):
         step(k)
     up0, down0 = moved()
@@ -96,7 +98,7 @@ def _run(kind: str, workload: str, mode: str, steps: int, dtype: torch.dtype, ba
     row = {"kind": kind, "workload": workload, "mode": mode, "dtype": str(dtype).removeprefix("torch."),
            "batch": batch, "device": device, "steps": steps, "median_ms": round(statistics.median(times) * 1e3, 3),
            "first_step_s": round(first_s, 3), "first_value": first, "warmup_steps": warmup + 1}
-    if kind == "device":
+    if on_device:
         stats = hd.memory_stats()
         row |= {"bytes_up_per_step": (up1 - up0) / steps, "bytes_down_per_step": (down1 - down0) / steps,
                 "bytes_up_first": up_first, "daemon_device": stats["device_type"], "client": stats["client"],

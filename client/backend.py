@@ -467,6 +467,11 @@ def reset_session() -> None:
 
 def hypatia_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], **kwargs: Any) -> Callable[..., Any]:
     """The Dynamo backend registered as ``hypatia``."""
+    device = sys.modules.get("hypatia.device.tensor")  # imported where the hypatia device is in use
+    if device is not None and any(isinstance(x, device.HypatiaTensor) for x in example_inputs):
+        from hypatia.device.compiled import compile_graph
+
+        return compile_graph(gm, example_inputs)  # a model on the device: its graphs run in hypatiad
     try:
         s = session()
     except Exception as exc:  # noqa: BLE001 - e.g. a bad HYPATIA_* variable

@@ -36,23 +36,52 @@ _lock = threading.RLock()  # one recorder per process: ops from threads record o
 
 
 class HypatiaTensor(torch.Tensor):
-    """A tensor whose data lives in hypatiad; see the module docstring."""
+    """A tensor whose data lives in hypatiad; see the module docstring.
 
-    _hstorage: Storage
+    For ``torch.compile`` it is a traceable wrapper subclass (:mod:`hypatia.device.compiled`):
+    flattened, it is one *inner* tensor, a meta tensor of its metadata, which names it while a
+    compiled graph runs; Dynamo and AOTAutograd trace *traced* instances, whose inner tensor is
+    theirs (fake, functional) and whose ops run on it, recording nothing."""
+
+    _hstorage: Storage | None
     _chain: tuple
     _cached: tuple | None
+    _traced: torch.Tensor | None
+    _meta_inner: torch.Tensor | None
 
     @staticmethod
-    def __new__(cls, meta: torch.Tensor, storage: Storage, chain: tuple = (), requires_grad: bool = False):
+    def __new__(cls, meta: torch.Tensor, storage: Storage | None, chain: tuple = (), requires_grad: bool = False,
+                traced: torch.Tensor | None = None):
         t = torch.Tensor._make_wrapper_subclass(cls, meta.shape, strides=meta.stride(), storage_offset=meta.storage_offset(),
                                                 dtype=meta.dtype, device=DEVICE, requires_grad=requires_grad)
-        t._hstorage, t._chain, t._cached = storage, chain, None
+        t._hstorage, t._chain, t._cached, t._traced, t._meta_inner = storage, chain, None, traced, None
         return t
+
+    @property
+    def _inner(self) -> torch.Tensor:
+        if self._traced is not None:
+            return self._traced
+        if self._meta_inner is None:
+            from hypatia.device.compiled import name_inner
+
+            self._meta_inner = name_inner(self, meta_like(self))
+        return self._meta_inner
+
+    def __tensor_flatten__(self) -> tuple[list[str], None]:
+        return ["_inner"], None
+
+    @staticmethod
+    def __tensor_unflatten__(inner: dict, ctx: Any, outer_size: Any, outer_stride: Any) -> "HypatiaTensor":
+        from hypatia.device.compiled import unflatten
+
+        return unflatten(inner["_inner"])
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__()
 
     def __repr__(self, *, tensor_contents: Any = None) -> str:
+        if self._traced is not None:  # while torch.compile traces: metadata only
+            return f"HypatiaTensor(traced, shape={tuple(self.shape)}, dtype={self.dtype}, device='{DEVICE}')"
         text = repr(self.detach().cpu())
         suffix = f", device='{DEVICE}'"
         return text[:-1] + suffix + ")" if text.endswith(")") else text
@@ -68,6 +97,13 @@ class HypatiaTensor(torch.Tensor):
 
     @classmethod
     def __torch_dispatch__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        found = [x for x in args if type(x) is HypatiaTensor]
+        if not found:  # in a list (cat) or a keyword
+            found = [x for x in leaves((args, kwargs)) if type(x) is HypatiaTensor]
+        if any(x._traced is not None for x in found):  # Dynamo or AOTAutograd tracing a compiled graph
+            from hypatia.device.compiled import traced_op
+
+            return traced_op(func, args, kwargs or {})
         if torch.compiler.is_compiling():  # Dynamo tracing into the recorder: it runs it instead
             return _record_outside_dynamo(func, args, kwargs or {})
         return record_op(func, args, kwargs or {})

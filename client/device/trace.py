@@ -318,8 +318,10 @@ def _structure(order: list[Value], inputs: list[Value], outputs: list[Value]) ->
 def _graph_module(order: list[Value], inputs: list[Value], outputs: list[Value], device_type: str) -> Any:
     """The FX graph computing ``outputs`` from ``inputs`` (as ``.graph`` of what is returned: the
     canonical form is all a flush needs, so no module code is generated)."""
+    from hypatia.device.compiled import GraphCall
+
     g = torch.fx.Graph()
-    env: dict[int, torch.fx.Node] = {}
+    env: dict[int, Any] = {}
     target = torch.device(device_type)
 
     def arg(x: Any) -> Any:
@@ -330,6 +332,12 @@ def _graph_module(order: list[Value], inputs: list[Value], outputs: list[Value],
         node.meta["val"] = v.meta
         env[id(v)] = node
     for v in order:
+        if type(v.op) is GraphCall:  # a compiled graph's call: its nodes, inlined
+            env[id(v)] = v.op.inline(g, [map_leaves(arg, a) for a in v.args], target)
+            continue
+        if v.op is operator.getitem and type(env.get(id(v.args[0]))) is list:
+            env[id(v)] = env[id(v.args[0])][v.args[1]]
+            continue
         node = g.call_function(v.op, map_leaves(arg, v.args), map_leaves(arg, v.kwargs))
         node.meta["val"] = v.meta
         env[id(v)] = node

@@ -1,0 +1,311 @@
+"""``torch.compile(model, backend="hypatia")`` on a model on the hypatia device: whole graphs
+instead of op traces.
+
+A :class:`~hypatia.device.tensor.HypatiaTensor` is a traceable wrapper subclass: flattened, it
+is one inner tensor, a meta tensor of its metadata. Dynamo traces the model on fake copies of
+those, and AOTAutograd traces through the subclass to a graph of ATen ops on the inner tensors
+(forward, and backward in training). Hypatia's compiler for those graphs (:class:`Recorded`)
+records each call of one as a single step of the recorder: its inputs are named by their inner
+meta tensors, which AOTAutograd hands over as they are, and its outputs are fresh meta tensors
+that AOTAutograd wraps back into hypatia tensors (:func:`unflatten`) holding the call's output
+values. At the next flush the graph is inlined into the flushed graph, which is keyed and run
+in the daemon like any other; a step costs one recorded call, not one per op.
+
+Device arguments naming the hypatia device become ``meta`` in the traced graphs (the inner
+tensors are meta tensors), and ``meta`` stands for the daemon's device when they run. A graph
+that cannot be traced this way runs as it is: each op recorded on its own, as without
+``torch.compile``, with one warning. So do training graphs for now (autograd's outputs of a
+compiled forward are not yet handed back as the values it made), and graphs with dynamic shapes.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+import weakref
+from collections import Counter
+from typing import Any, Callable
+
+import torch
+import torch.fx
+from torch.fx.node import map_aggregate
+
+from hypatia.device.values import Value, device_as, leaves, map_leaves, meta_like, names_device
+
+log = logging.getLogger("hypatia.client")
+
+_META = torch.device("meta")
+_BY_INNER: "weakref.WeakValueDictionary[int, Any]" = weakref.WeakValueDictionary()  # id(inner) -> its tensor
+_MADE: dict[int, tuple[weakref.ref, Value]] = {}  # id(output meta) -> (it, its value), by compiled calls
+_MADE_PRUNE_AT = 1 << 14
+counters: Counter = Counter()
+
+
+class CompileWarning(RuntimeWarning):
+    """A graph of a model on the hypatia device runs op by op under torch.compile."""
+
+
+def name_inner(t: Any, inner: torch.Tensor) -> torch.Tensor:
+    """``inner`` (a meta tensor) names ``t`` while compiled graphs run."""
+    _BY_INNER[id(inner)] = t
+    return inner
+
+
+def unflatten(inner: torch.Tensor) -> Any:
+    """The hypatia tensor for an inner tensor: a traced one while Dynamo or AOTAutograd traces;
+    when a compiled graph has run, the tensor of the output value it made (or the input it
+    returned as it is)."""
+    from hypatia.device.tensor import HypatiaTensor, new_tensor
+
+    if type(inner) is torch.Tensor and inner.device.type == "meta":
+        made = _MADE.get(id(inner))
+        if made is not None and made[0]() is inner:
+            from hypatia.device.trace import recorder
+
+            return new_tensor(inner, made[1], recorder())
+        found = _BY_INNER.get(id(inner))
+        if found is not None:
+            return found
+        raise RuntimeError("a compiled graph on the hypatia device returned a tensor it did not make; "
+                           "run the model without torch.compile and report this")
+    return HypatiaTensor(inner, None, traced=inner)
+
+
+def traced_op(func: Any, args: tuple, kwargs: dict) -> Any:
+    """``func`` while a compiled graph is traced: run on the inner (fake) tensors, its outputs
+    wrapped as traced hypatia tensors, with torch's aliasing rules for what it returns. A real
+    hypatia tensor among them (a constant the traced code made, such as an empty cache) takes
+    part as a fake copy of its inner tensor."""
+    from torch._guards import detect_fake_mode
+    from torch.utils._python_dispatch import return_and_correct_aliasing
+
+    from hypatia.device.tensor import HypatiaTensor
+
+    fake_mode = detect_fake_mode([x._traced for x in leaves((args, kwargs)) if type(x) is HypatiaTensor
+                                  and x._traced is not None])
+
+    def inner(x: Any) -> Any:
+        if type(x) is HypatiaTensor:
+            if x._traced is not None:
+                return x._traced
+            return fake_mode.from_tensor(x._inner) if fake_mode is not None else x._inner
+        if isinstance(x, torch.Tensor) and names_device(x.device):  # a factory's fake, as Dynamo traced it
+            return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=_META)
+        return device_as(x, _META)
+
+    out = func(*map_leaves(inner, args), **map_leaves(inner, kwargs))
+    wrapped = map_leaves(lambda t: HypatiaTensor(t, None, traced=t) if isinstance(t, torch.Tensor) else t, out)
+    return return_and_correct_aliasing(func, args, kwargs, wrapped)
+
+
+class GraphCall:
+    """A compiled graph as one recorded step: ``inline`` puts its nodes into a flushed graph."""
+
+    def __init__(self, gm: torch.fx.GraphModule):
+        self.gm = gm
+        self.size = sum(1 for n in gm.graph.nodes if n.op == "call_function")
+
+    def inline(self, g: torch.fx.Graph, args: list[Any], target: torch.device) -> list[Any]:
+        """The nodes of the graph added to ``g`` on ``args`` (nodes or plain values); its outputs."""
+        placeholders = [n for n in self.gm.graph.nodes if n.op == "placeholder"]
+        val_map: dict[torch.fx.Node, Any] = {}
+        for p, a in zip(placeholders, args):
+            val_map[p] = a
+        before = set(g.nodes)
+        out = g.graph_copy(self.gm.graph, val_map)
+        for node in g.nodes:  # ``meta`` in the traced graph is the daemon's device
+            if node not in before and node.op == "call_function":
+                node.args = map_aggregate(node.args, lambda x: target if _names_meta(x) else x)
+                node.kwargs = map_aggregate(node.kwargs, lambda x: target if _names_meta(x) else x)
+        return list(out) if isinstance(out, (list, tuple)) else [out]
+
+    def __repr__(self) -> str:
+        return f"GraphCall({self.size} ops)"
+
+
+def _names_meta(x: Any) -> bool:
+    return isinstance(x, torch.device) and x.type == "meta"
+
+
+class Recorded:
+    """AOTAutograd's compiled function for one traced graph: each call records the graph as one
+    step (see the module docstring)."""
+
+    def __init__(self, gm: torch.fx.GraphModule):
+        self.constants = _constants_as_inputs(gm)
+        self._constant_values: dict[int, Value] = {}
+        self.call = GraphCall(gm)
+        outputs = gm.graph.output_node().args[0]
+        self.metas = [meta_like(n.meta["val"]) if isinstance(n, torch.fx.Node) else None for n in outputs]
+        if any(m is None for m in self.metas):
+            raise NotTraceable("the graph returns something other than tensors")
+
+    def __call__(self, *args: Any) -> list[torch.Tensor]:
+        from hypatia.device import tensor as ht
+        from hypatia.device.trace import recorder
+
+        with ht._lock:
+            rec = recorder()
+            values = [self._value(a, rec) for a in args] + [self._constant(k, rec) for k in range(len(self.constants))]
+            parent = rec.record_inferred(self.call, values, {}, self.metas)
+            rec.count("compiled_calls")
+            rec.count("compiled_ops", self.call.size)
+            outs = []
+            for v, m in zip(parent, self.metas):
+                fresh = meta_like(m)
+                _MADE[id(fresh)] = (weakref.ref(fresh), v)
+                outs.append(fresh)
+            if len(_MADE) > _MADE_PRUNE_AT:
+                for key in [k for k, (ref, _) in _MADE.items() if ref() is None]:
+                    del _MADE[key]
+            if rec._recorded >= rec.max_ops:
+                rec.maybe_flush()
+            return outs
+
+    def _constant(self, k: int, rec: Any) -> Any:
+        """The value of the graph's ``k``-th constant: a hypatia tensor's current value, or a
+        CPU tensor uploaded once and kept for every call."""
+        from hypatia.device.tensor import HypatiaTensor, value_of
+        from hypatia.device.values import upload_value
+
+        c = self.constants[k]
+        if type(c) is torch.Tensor and c.device.type == "meta":  # a hypatia tensor's inner tensor
+            c = _BY_INNER.get(id(c))
+            if c is None:
+                raise NotTraceable("a compiled graph reads a hypatia tensor that is gone")
+        if type(c) is HypatiaTensor:
+            return value_of(c, rec)
+        found = self._constant_values.get(k)
+        if found is None:
+            found = self._constant_values[k] = upload_value(c)
+        return found
+
+    @staticmethod
+    def _value(a: Any, rec: Any) -> Any:
+        from hypatia.device.tensor import value_of
+        from hypatia.device.values import upload_value
+
+        if not isinstance(a, torch.Tensor):
+            return a
+        t = _BY_INNER.get(id(a))
+        if t is not None:
+            return value_of(t, rec)
+        made = _MADE.get(id(a))
+        if made is not None and made[0]() is a:  # an output of an earlier call (saved for backward)
+            return made[1]
+        if a.device.type == "cpu":  # a CPU tensor the graph reads (a constant, a CPU input)
+            return upload_value(a)
+        raise NotTraceable(f"a compiled graph got a {a.device} tensor that is not on the hypatia device")
+
+
+def _constants_as_inputs(gm: torch.fx.GraphModule) -> list[Any]:
+    """The tensors ``gm`` reads as attributes (constants AOTAutograd lifted), made inputs after
+    its own (so a flushed graph carries them as values); the tensors, in that order."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    constants = []
+    for node in [n for n in gm.graph.nodes if n.op == "get_attr"]:
+        value = getattr(gm, node.target)
+        if not isinstance(value, torch.Tensor):
+            raise NotTraceable(f"the graph reads {node.target}, a {type(value).__name__}")
+        anchor = placeholders[-1] if placeholders else None
+        with gm.graph.inserting_after(anchor) if anchor is not None else gm.graph.inserting_before():
+            p = gm.graph.placeholder(f"constant_{len(constants)}")
+        p.meta["val"] = value
+        node.replace_all_uses_with(p)
+        gm.graph.erase_node(node)
+        placeholders.append(p)
+        constants.append(value)
+    if constants:
+        gm.recompile()
+    return constants
+
+
+class NotTraceable(RuntimeError):
+    """A graph that the hypatia device cannot run whole."""
+
+
+def _device_constants_as_inputs(gm: torch.fx.GraphModule) -> list[Any]:
+    """Hypatia tensors Dynamo's graph holds as constants (ones the traced code made, such as an
+    empty cache), made inputs after its own: AOTAutograd traces a subclass input, not a subclass
+    constant. The tensors, in that order."""
+    from hypatia.device.tensor import HypatiaTensor
+
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    extra = []
+    for node in [n for n in gm.graph.nodes if n.op == "get_attr"]:
+        value = gm
+        for part in node.target.split("."):
+            value = getattr(value, part)
+        if type(value) is not HypatiaTensor or value._traced is not None:
+            continue
+        with gm.graph.inserting_after(placeholders[-1]) if placeholders else gm.graph.inserting_before():
+            p = gm.graph.placeholder(f"device_constant_{len(extra)}")
+        p.meta.update(node.meta)
+        node.replace_all_uses_with(p)
+        gm.graph.erase_node(node)
+        placeholders.append(p)
+        extra.append(value)
+    if extra:
+        gm.recompile()
+    return extra
+
+
+_FROM_DATA = (torch.tensor, torch.as_tensor)
+
+
+def _devices_to_meta(gm: torch.fx.GraphModule) -> None:
+    """Device arguments naming the hypatia device become ``meta`` in Dynamo's graph, where the
+    inner tensors live. A tensor made from data (``torch.tensor([], device=...)``) is made on the
+    CPU and moved, since AOTAutograd fakes a CPU constant but not one made on ``meta``."""
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target in _FROM_DATA and names_device(node.kwargs.get("device")):
+            node.kwargs = {k: v for k, v in node.kwargs.items() if k != "device"}
+            with gm.graph.inserting_after(node):
+                moved = gm.graph.call_method("to", (node, _META))
+            node.replace_all_uses_with(moved, delete_user_cb=lambda user: user is not moved)
+            moved.meta.update(node.meta)
+    for node in gm.graph.nodes:
+        node.args = map_aggregate(node.args, lambda x: _META if names_device(x) else x)
+        node.kwargs = map_aggregate(node.kwargs, lambda x: _META if names_device(x) else x)
+    gm.recompile()
+
+
+def compile_graph(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callable[..., Any]:
+    """Hypatia's backend for a Dynamo graph of hypatia tensors: AOTAutograd's graphs recorded
+    whole (see the module docstring), or, where that fails, ``gm`` as it is."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    from hypatia.client.graphs import copy_of
+
+    def compiler(fx: torch.fx.GraphModule, inputs: list[Any]) -> Callable[..., Any]:
+        return make_boxed_func(Recorded(fx))
+
+    try:
+        if any(not isinstance(x, torch.Tensor) for x in example_inputs):
+            raise NotTraceable("dynamic shapes: the graph takes sizes as inputs")
+        if torch.is_grad_enabled() and any(x.requires_grad for x in example_inputs):
+            raise NotTraceable("a training graph: whole graphs are inference graphs for now")
+        traced = copy_of(gm, gm)  # gm itself stays as it is, to run op by op if this fails
+        _devices_to_meta(traced)
+        extra = _device_constants_as_inputs(traced)
+        compiled = aot_autograd(fw_compiler=compiler, bw_compiler=compiler, inference_compiler=compiler)(
+            traced, [*example_inputs, *extra])
+        counters["graphs_compiled"] += 1
+        if not extra:
+            return compiled
+        if getattr(compiled, "_boxed_call", False):
+            def boxed(args: list) -> Any:
+                return compiled([*args, *extra])
+            boxed._boxed_call = True  # type: ignore[attr-defined]
+            return boxed
+        return lambda *args: compiled(*args, *extra)
+    except Exception as exc:  # noqa: BLE001 - the graph still runs, op by op
+        counters["graphs_op_by_op"] += 1
+        log.info("a graph on the hypatia device runs op by op: %s: %s", type(exc).__name__, exc)
+        warnings.warn(f"torch.compile on the hypatia device: this graph runs op by op ({type(exc).__name__}: "
+                      f"{str(exc)[:300]})", CompileWarning, stacklevel=2)
+        return gm.forward
+
+
+__all__ = ["CompileWarning", "GraphCall", "NotTraceable", "Recorded", "compile_graph", "counters"]
