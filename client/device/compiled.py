@@ -137,8 +137,8 @@ class Recorded:
         self.call = GraphCall(gm)
         outputs = gm.graph.output_node().args[0]
         self.metas = [meta_like(n.meta["val"]) if isinstance(n, torch.fx.Node) else None for n in outputs]
-        if any(m is None for m in self.metas):
-            raise NotTraceable("the graph returns something other than tensors")
+        if any(m is None and n is not None for m, n in zip(self.metas, outputs)):
+            raise NotTraceable("the graph returns something other than tensors")  # None: a gradient not needed
 
     def __call__(self, *args: Any) -> list[torch.Tensor]:
         from hypatia.device import tensor as ht
@@ -152,6 +152,9 @@ class Recorded:
             rec.count("compiled_ops", self.call.size)
             outs = []
             for v, m in zip(parent, self.metas):
+                if m is None:
+                    outs.append(None)
+                    continue
                 fresh = meta_like(m)
                 _MADE[id(fresh)] = (weakref.ref(fresh), v)
                 outs.append(fresh)
