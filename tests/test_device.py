@@ -85,6 +85,24 @@ def test_tensors_from_data_and_factories_written_through_out_land_on_the_device(
     assert rec.counters["ops_on_client"] == on_client, rec.counters
 
 
+def test_a_deep_copy_of_a_model_on_the_device_is_a_copy_on_the_device(rec):
+    """copy.deepcopy copies a device tensor on the device (a recorded clone), even before its
+    upload was flushed; the copy is independent, and a parameter stays a parameter."""
+    torch.manual_seed(7)
+    ref = torch.nn.Linear(4, 4)
+    model = copy.deepcopy(ref).to("hypatia")
+    twin = copy.deepcopy(model)
+    assert twin.weight is not model.weight and isinstance(twin.weight, torch.nn.Parameter)
+    assert isinstance(twin.weight, hd.HypatiaTensor) and twin.weight.requires_grad
+    with torch.no_grad():
+        twin.weight.add_(1)
+    torch.testing.assert_close(model.weight.cpu(), ref.weight.detach())
+    torch.testing.assert_close(twin.weight.cpu(), ref.weight.detach() + 1)
+    shared = torch.randn(3).to("hypatia")
+    pair = copy.deepcopy([shared, shared])  # the memo: one copy for one tensor
+    assert pair[0] is pair[1] and pair[0] is not shared
+
+
 def test_a_flushed_structure_is_planned_once_and_its_executable_served_to_later_flushes(rec, config):
     def f(t):
         return (t @ t.T).softmax(-1).sum(0)

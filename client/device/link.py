@@ -282,6 +282,8 @@ class Link:
             except Exception:  # noqa: BLE001 - the daemon's sweep releases them when this process is gone
                 pass
             self.held_any = False
+        if os.getpid() == self.pid:
+            self.client.close()  # its socket; a later request opens another
 
 
 def _nbytes(meta: Any) -> int:

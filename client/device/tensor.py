@@ -86,6 +86,20 @@ class HypatiaTensor(torch.Tensor):
         suffix = f", device='{DEVICE}'"
         return text[:-1] + suffix + ")" if text.endswith(")") else text
 
+    def __deepcopy__(self, memo: dict) -> "HypatiaTensor":
+        """A copy on the device (a recorded clone), not a copy of the Python state that names
+        the daemon's buffers; a parameter stays a parameter."""
+        if id(self) in memo:
+            return memo[id(self)]
+        with torch.no_grad():
+            new = self.clone()
+        if isinstance(self, torch.nn.Parameter):
+            new = torch.nn.Parameter(new, requires_grad=self.requires_grad)
+        else:
+            new.requires_grad_(self.requires_grad)
+        memo[id(self)] = new
+        return new
+
     def numpy(self, *, force: bool = False) -> Any:
         """The values as a NumPy array (fetched from the device)."""
         return self.detach().cpu().numpy()
