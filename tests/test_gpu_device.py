@@ -96,3 +96,38 @@ def test_a_repeated_device_graph_runs_under_each_gpu_executor_and_keeps_the_fast
     assert choice["chosen"] in measured
     if choice["chosen"].endswith("+cudagraphs"):  # what the kept capture holds counts against the limit
         assert device["memory_held_by_executors_bytes"] > 0, device
+
+
+COMPILED = """
+import json, torch, hypatia.device as hd
+from hypatia.device import compiled
+assert not torch.cuda.is_available()
+torch.manual_seed(0)
+layer = torch.nn.TransformerEncoderLayer(d_model=64, nhead=4, dim_feedforward=128, dropout=0.0, batch_first=True)
+model = torch.compile(layer.to("hypatia").eval(), backend="hypatia")
+torch.manual_seed(1)
+outs = []
+with torch.no_grad():
+    for _ in range(5):
+        outs.append(model(torch.randn(8, 16, 64).to("hypatia")).cpu().tolist())
+print(json.dumps({"outs": outs, "compiled": dict(compiled.counters), "client": hd.memory_stats()["client"]}))
+"""
+
+
+def test_a_compiled_model_on_the_device_runs_whole_graphs_on_the_gpu_as_cuda_does(home):
+    """torch.compile on a model on the device, from a client with no GPU: each call is one
+    recorded graph, run on the daemon's GPU, and matches the same layer on CUDA."""
+    home.hypatiad("start")
+    proc = subprocess.run([sys.executable, "-c", COMPILED], env=home.env | {"CUDA_VISIBLE_DEVICES": "", "HYPATIA_AUTOSTART": "0"},
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["compiled"].get("graphs_compiled") == 1 and "graphs_op_by_op" not in got["compiled"], got["compiled"]
+    assert got["client"]["compiled_calls"] == 5, got["client"]
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(d_model=64, nhead=4, dim_feedforward=128, dropout=0.0,
+                                             batch_first=True).cuda().eval()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for out in got["outs"]:
+            torch.testing.assert_close(torch.tensor(out), layer(torch.randn(8, 16, 64).cuda()).cpu(), rtol=1e-4, atol=1e-4)
