@@ -444,31 +444,34 @@ def test_a_compiled_model_on_the_device_ships_whole_graphs_and_matches(rec, dyna
         assert after["ops_on_client"] - before["ops_on_client"] == 0
 
 
-def test_a_compiled_training_step_on_the_device_runs_op_by_op_and_matches(rec, dynamo_reset):
-    """Training graphs are not shipped whole yet: under torch.compile they run op by op, with one
-    CompileWarning, and the loop matches the same loop on the CPU."""
+def test_a_compiled_training_step_on_the_device_records_forward_and_backward_whole_and_matches(rec, dynamo_reset):
+    """A training loop under torch.compile on the device: AOTAutograd's forward and backward are
+    each one recorded call per step (the gradients of the loss, taken by autograd outside the
+    graph, name their storage on the device), and the loop matches the same loop on the CPU."""
     from hypatia.device import compiled as device_compiled
 
     torch.manual_seed(5)
     ref = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.LayerNorm(32), torch.nn.Linear(32, 4))
     model = copy.deepcopy(ref).to("hypatia")
     compiled = torch.compile(model, backend="hypatia")
-    opts = [torch.optim.SGD(ref.parameters(), lr=0.1), torch.optim.SGD(model.parameters(), lr=0.1)]
-    before = device_compiled.counters["graphs_op_by_op"]
+    opts = [torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9),
+            torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)]
+    graphs, calls = device_compiled.counters["graphs_compiled"], rec.counters["compiled_calls"]
     torch.manual_seed(6)
-    with pytest.warns(device_compiled.CompileWarning, match="training graph"):
-        for x, y in [(torch.randn(8, 16), torch.randint(0, 4, (8,))) for _ in range(3)]:
-            losses = []
-            for m, opt, dev in ((ref, opts[0], "cpu"), (compiled, opts[1], "hypatia")):
-                loss = torch.nn.functional.cross_entropy(m(x.to(dev)), y.to(dev))
-                loss.backward()
-                opt.step()
-                opt.zero_grad()
-                losses.append(loss.item())
-            assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    steps = [(torch.randn(8, 16), torch.randint(0, 4, (8,))) for _ in range(4)]
+    for x, y in steps:
+        losses = []
+        for m, opt, dev in ((ref, opts[0], "cpu"), (compiled, opts[1], "hypatia")):
+            loss = torch.nn.functional.cross_entropy(m(x.to(dev)), y.to(dev))
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+        assert losses[1] == pytest.approx(losses[0], rel=1e-5)
     for p, q in zip(ref.parameters(), model.parameters()):
         torch.testing.assert_close(q.detach().cpu(), p.detach())
-    assert device_compiled.counters["graphs_op_by_op"] == before + 1
+    assert device_compiled.counters["graphs_compiled"] == graphs + 1
+    assert rec.counters["compiled_calls"] - calls == 2 * len(steps)  # a forward and a backward per step
 
 
 def test_a_backward_op_with_outputs_it_does_not_compute_stays_on_the_device(rec):

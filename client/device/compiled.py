@@ -12,10 +12,11 @@ values. At the next flush the graph is inlined into the flushed graph, which is 
 in the daemon like any other; a step costs one recorded call, not one per op.
 
 Device arguments naming the hypatia device become ``meta`` in the traced graphs (the inner
-tensors are meta tensors), and ``meta`` stands for the daemon's device when they run. A graph
-that cannot be traced this way runs as it is: each op recorded on its own, as without
-``torch.compile``, with one warning. So do training graphs for now (autograd's outputs of a
-compiled forward are not yet handed back as the values it made), and graphs with dynamic shapes.
+tensors are meta tensors), and ``meta`` stands for the daemon's device when they run. In
+training, AOTAutograd's forward and backward are each one recorded call; a gradient autograd
+made outside the graph (of the loss) is named by its storage, since AOTAutograd may flatten a
+temporary alias of it. A graph that cannot be traced this way (dynamic shapes, say) runs as it
+is: each op recorded on its own, as without ``torch.compile``, with one warning.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from hypatia.device.values import Value, device_as, leaves, map_leaves, meta_lik
 log = logging.getLogger("hypatia.client")
 
 _META = torch.device("meta")
-_BY_INNER: "weakref.WeakValueDictionary[int, Any]" = weakref.WeakValueDictionary()  # id(inner) -> its tensor
+_BY_INNER: dict[int, tuple[weakref.ref, Any]] = {}  # id(inner) -> (it, a tensor on the same storage), while it lives
 _MADE: dict[int, tuple[weakref.ref, Value]] = {}  # id(output meta) -> (it, its value), by compiled calls
 _MADE_PRUNE_AT = 1 << 14
 counters: Counter = Counter()
@@ -46,9 +47,21 @@ class CompileWarning(RuntimeWarning):
 
 
 def name_inner(t: Any, inner: torch.Tensor) -> torch.Tensor:
-    """``inner`` (a meta tensor) names ``t`` while compiled graphs run."""
-    _BY_INNER[id(inner)] = t
+    """``inner`` (a meta tensor) names ``t``'s memory while compiled graphs run, for as long as
+    ``inner`` lives: AOTAutograd may flatten a temporary (a detached gradient) and keep only the
+    inner tensor, so the name holds a tensor of its own on ``t``'s storage."""
+    from hypatia.device.tensor import HypatiaTensor
+
+    key = id(inner)
+    alias = HypatiaTensor(meta_like(t), t._hstorage, t._chain)
+    _BY_INNER[key] = (weakref.ref(inner, lambda _, key=key: _BY_INNER.pop(key, None)), alias)
     return inner
+
+
+def _named(inner: Any) -> Any:
+    """The tensor ``inner`` names (see :func:`name_inner`), or None."""
+    found = _BY_INNER.get(id(inner))
+    return found[1] if found is not None and found[0]() is inner else None
 
 
 def unflatten(inner: torch.Tensor) -> Any:
@@ -63,7 +76,7 @@ def unflatten(inner: torch.Tensor) -> Any:
             from hypatia.device.trace import recorder
 
             return new_tensor(inner, made[1], recorder())
-        found = _BY_INNER.get(id(inner))
+        found = _named(inner)
         if found is not None:
             return found
         raise RuntimeError("a compiled graph on the hypatia device returned a tensor it did not make; "
@@ -135,8 +148,11 @@ class Recorded:
         self.constants = _constants_as_inputs(gm)
         self._constant_values: dict[int, Value] = {}
         self.call = GraphCall(gm)
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+
         outputs = gm.graph.output_node().args[0]
-        self.metas = [meta_like(n.meta["val"]) if isinstance(n, torch.fx.Node) else None for n in outputs]
+        with unset_fake_temporarily():  # AOTAutograd compiles under its fake mode: these are real meta tensors
+            self.metas = [meta_like(n.meta["val"]) if isinstance(n, torch.fx.Node) else None for n in outputs]
         if any(m is None and n is not None for m, n in zip(self.metas, outputs)):
             raise NotTraceable("the graph returns something other than tensors")  # None: a gradient not needed
 
@@ -173,7 +189,7 @@ class Recorded:
 
         c = self.constants[k]
         if type(c) is torch.Tensor and c.device.type == "meta":  # a hypatia tensor's inner tensor
-            c = _BY_INNER.get(id(c))
+            c = _named(c)
             if c is None:
                 raise NotTraceable("a compiled graph reads a hypatia tensor that is gone")
         if type(c) is HypatiaTensor:
@@ -190,9 +206,12 @@ class Recorded:
 
         if not isinstance(a, torch.Tensor):
             return a
-        t = _BY_INNER.get(id(a))
+        t = _named(a)
         if t is not None:
-            return value_of(t, rec)
+            v = value_of(t, rec)
+            if not t.is_contiguous():  # traced as its inner tensor, which is contiguous
+                v = rec.record(torch.ops.aten.clone.default, v, memory_format=torch.contiguous_format)
+            return v
         made = _MADE.get(id(a))
         if made is not None and made[0]() is a:  # an output of an earlier call (saved for backward)
             return made[1]
@@ -287,8 +306,6 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callab
     try:
         if any(not isinstance(x, torch.Tensor) for x in example_inputs):
             raise NotTraceable("dynamic shapes: the graph takes sizes as inputs")
-        if torch.is_grad_enabled() and any(x.requires_grad for x in example_inputs):
-            raise NotTraceable("a training graph: whole graphs are inference graphs for now")
         traced = copy_of(gm, gm)  # gm itself stays as it is, to run op by op if this fails
         _devices_to_meta(traced)
         extra = _device_constants_as_inputs(traced)

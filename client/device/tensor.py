@@ -64,7 +64,7 @@ class HypatiaTensor(torch.Tensor):
         if self._meta_inner is None:
             from hypatia.device.compiled import name_inner
 
-            self._meta_inner = name_inner(self, meta_like(self))
+            self._meta_inner = name_inner(self, torch.empty(self.shape, dtype=self.dtype, device="meta"))
         return self._meta_inner
 
     def __tensor_flatten__(self) -> tuple[list[str], None]:
