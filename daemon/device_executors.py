@@ -23,6 +23,7 @@ device buffer never changes once made.
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import weakref
@@ -36,6 +37,7 @@ AUTO_CUDA = ("aten", "aten" + CUDAGRAPHS, "inductor", "inductor" + CUDAGRAPHS)
 AUTO_CPU = ("aten",)
 
 
+@functools.cache  # asked at every execute, of the daemon's one setting
 def candidates(setting: str, device_type: str) -> tuple[str, ...]:
     """The candidates ``HYPATIA_DEVICE_EXECUTORS`` names, ``aten`` first (what runs at once);
     CUDA graphs are left out off a GPU."""

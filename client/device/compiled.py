@@ -223,23 +223,39 @@ class Recorded:
 def _constants_as_inputs(gm: torch.fx.GraphModule) -> list[Any]:
     """The tensors ``gm`` reads as attributes (constants AOTAutograd lifted), made inputs after
     its own (so a flushed graph carries them as values); the tensors, in that order."""
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    constants = []
-    for node in [n for n in gm.graph.nodes if n.op == "get_attr"]:
-        value = getattr(gm, node.target)
+    def take(value: Any, target: str) -> bool:
         if not isinstance(value, torch.Tensor):
-            raise NotTraceable(f"the graph reads {node.target}, a {type(value).__name__}")
-        anchor = placeholders[-1] if placeholders else None
-        with gm.graph.inserting_after(anchor) if anchor is not None else gm.graph.inserting_before():
-            p = gm.graph.placeholder(f"constant_{len(constants)}")
+            raise NotTraceable(f"the graph reads {target}, a {type(value).__name__}")
+        return True
+
+    lifted = _attributes_as_inputs(gm, take, "constant")
+    for p, value in lifted:
         p.meta["val"] = value
+    return [value for _, value in lifted]
+
+
+def _attributes_as_inputs(gm: torch.fx.GraphModule, take: Callable[[Any, str], bool],
+                          prefix: str) -> list[tuple[torch.fx.Node, Any]]:
+    """The attributes ``gm`` reads that ``take`` accepts, made placeholders after its own (named
+    ``prefix_k``, with the attribute node's metadata); each placeholder with its value."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    lifted: list[tuple[torch.fx.Node, Any]] = []
+    for node in [n for n in gm.graph.nodes if n.op == "get_attr"]:
+        value = gm
+        for part in node.target.split("."):
+            value = getattr(value, part)
+        if not take(value, node.target):
+            continue
+        with gm.graph.inserting_after(placeholders[-1]) if placeholders else gm.graph.inserting_before():
+            p = gm.graph.placeholder(f"{prefix}_{len(lifted)}")
+        p.meta.update(node.meta)
         node.replace_all_uses_with(p)
         gm.graph.erase_node(node)
         placeholders.append(p)
-        constants.append(value)
-    if constants:
+        lifted.append((p, value))
+    if lifted:
         gm.recompile()
-    return constants
+    return lifted
 
 
 class NotTraceable(RuntimeError):
@@ -252,24 +268,10 @@ def _device_constants_as_inputs(gm: torch.fx.GraphModule) -> list[Any]:
     constant. The tensors, in that order."""
     from hypatia.device.tensor import HypatiaTensor
 
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    extra = []
-    for node in [n for n in gm.graph.nodes if n.op == "get_attr"]:
-        value = gm
-        for part in node.target.split("."):
-            value = getattr(value, part)
-        if type(value) is not HypatiaTensor or value._traced is not None:
-            continue
-        with gm.graph.inserting_after(placeholders[-1]) if placeholders else gm.graph.inserting_before():
-            p = gm.graph.placeholder(f"device_constant_{len(extra)}")
-        p.meta.update(node.meta)
-        node.replace_all_uses_with(p)
-        gm.graph.erase_node(node)
-        placeholders.append(p)
-        extra.append(value)
-    if extra:
-        gm.recompile()
-    return extra
+    def take(value: Any, target: str) -> bool:
+        return type(value) is HypatiaTensor and value._traced is None
+
+    return [value for _, value in _attributes_as_inputs(gm, take, "device_constant")]
 
 
 _FROM_DATA = (torch.tensor, torch.as_tensor)

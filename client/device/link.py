@@ -191,8 +191,9 @@ class Link:
                     shm.unlink(name)
         self.held_any = True
         deferred = small if defer else []
+        carried = {h for h, _ in deferred}
         for h, v in entries:
-            if (h, v) not in deferred:
+            if h not in carried:
                 v.held(h, self.forget)
         return deferred
 

@@ -295,10 +295,10 @@ def write_op(recorder: Any, func: Any, args: tuple, kwargs: dict, mutated: list[
     meta_bound = map_leaves(lambda x: meta_like(x) if isinstance(x, torch.Tensor) else x, bound)
     _check_on_meta(func, names, meta_bound)
     twin = ops.functional(func)
-    vbound = _to_values({k: v for k, v in bound.items() if k in {a.name for a in twin._schema.arguments}}, recorder)
+    twin_args = {a.name for a in twin._schema.arguments}
+    vbound = _to_values({k: v for k, v in bound.items() if k in twin_args}, recorder)
     positional = [vbound[a.name] for a in twin._schema.arguments if not a.kwarg_only and a.name in vbound]
     keywords = {a.name: vbound[a.name] for a in twin._schema.arguments if a.kwarg_only and a.name in vbound}
-    twin_args = {a.name for a in twin._schema.arguments}
     if "device" in twin_args and "device" not in vbound:  # a factory's out= form (``arange(..., out=t)``)
         keywords["device"] = DEVICE
         if "dtype" in twin_args and "dtype" not in vbound and len(flat_targets) == 1:
