@@ -7,7 +7,8 @@ row of one run is measured on one machine, side by side.
 
 One hypatiad is started the way a user starts it, in a fresh HYPATIA_HOME; each row is one
 process (:mod:`benchmarks.device_worker`). The device rows' clients run with
-``CUDA_VISIBLE_DEVICES=""``; the daemon keeps the GPU (its CPU where there is none). Reported
+``CUDA_VISIBLE_DEVICES=""``; the daemon keeps the GPU (its CPU where there is none). The
+``device_ipc`` rows' client has that GPU too (same host): its batches go up by CUDA IPC handle. Reported
 per device row: median step time, bytes up and down per step after the first (weights must
 not move again) and on the first, and the daemon's memory. Nothing here is asserted.
 """
@@ -28,7 +29,7 @@ from benchmarks.workloads import by_name
 FULL = {"workloads": ("bert_base", "gpt2_small", "transformer_block"), "steps": 20}
 QUICK = {"workloads": ("mlp_small",), "steps": 3}
 TRAINING = ("transformer_block",)  # the small transformer's training step
-KINDS = ("eager", "hypatia", "device", "device_compiled")
+KINDS = ("eager", "hypatia", "device", "device_compiled", "device_ipc")
 
 
 def _row(env: dict, *argv: str, timeout: float) -> dict:
@@ -62,7 +63,9 @@ def run(quick: bool, workloads: tuple[str, ...] | None = None, steps: int | None
             size = batch or w.batch_for("cuda" if gpu else "cpu", quick)
             for mode in ("inference", "training") if name in TRAINING or quick else ("inference",):
                 for kind in kinds:
-                    row_env = client_env if kind.startswith("device") else env
+                    if kind == "device_ipc" and not gpu:
+                        continue  # CUDA IPC needs a GPU the client shares with the daemon
+                    row_env = client_env if kind in ("device", "device_compiled") else env | {"HYPATIA_AUTOSTART": "0"}
                     rows.append(_row(row_env, kind, name, mode, str(steps), dtype, str(size), timeout=timeout))
                     if progress is not None:  # each row as it comes: a run cut short keeps what it measured
                         with progress.open("a") as f:
@@ -111,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, help="timed steps per row")
     p.add_argument("--batch", type=int, help="the batch size of every workload (default: each workload's own)")
     p.add_argument("--kinds", default=",".join(KINDS),
-                   help="which rows per workload: eager and hypatia (local), device and device_compiled (default: all four)")
+                   help="which rows per workload: eager and hypatia (local), device and device_compiled (a client with no "
+                        "GPU), device_ipc (a client with the daemon's GPU) (default: all five)")
     args = p.parse_args(argv)
     kinds = tuple(k for k in args.kinds.split(",") if k)
     unknown = set(kinds) - set(KINDS)

@@ -4,7 +4,8 @@
 ``intercept`` (per-op cost of recording on the hypatia device), ``device`` (the model on the
 hypatia device, run from this process, which the runner starts with no GPU visible),
 ``device_compiled`` (the same, through ``torch.compile(backend="hypatia")``: whole graphs per
-call), ``eager`` and ``hypatia`` (the model run in this process on the daemon's kind of device,
+call), ``device_ipc`` (as ``device_compiled``, from a process that has the daemon's GPU too: its
+batches are made on that GPU and go up by CUDA IPC handle), ``eager`` and ``hypatia`` (the model run in this process on the daemon's kind of device,
 as is and through ``torch.compile(backend="hypatia")``).
 """
 
@@ -52,14 +53,15 @@ def _model(workload: str, device: str, dtype: torch.dtype, train: bool):
 
 def _run(kind: str, workload: str, mode: str, steps: int, dtype: torch.dtype, batch: int) -> dict:
     train = mode == "training"
-    on_device = kind in ("device", "device_compiled")
+    on_device = kind.startswith("device")
     device = "hypatia" if on_device else ("cuda" if torch.cuda.is_available() else "cpu")
     if on_device:
         import hypatia.device as hd  # noqa: F401
     t0 = time.perf_counter()
     w, model = _model(workload, device, dtype, train)
-    batches = [w.make_inputs(batch, torch.device("cpu"), dtype) for _ in range(steps + 2)]  # a new batch each step
-    if kind in ("hypatia", "device_compiled"):  # on the device: whole graphs recorded per call
+    made_on = torch.device("cuda" if kind == "device_ipc" else "cpu")
+    batches = [w.make_inputs(batch, made_on, dtype) for _ in range(steps + 2)]  # a new batch each step
+    if kind in ("hypatia", "device_compiled", "device_ipc"):  # on the device: whole graphs recorded per call
         model = torch.compile(model, backend="hypatia")
     opt = torch.optim.SGD(model.parameters(), lr=1e-4) if train else None
 
@@ -89,18 +91,21 @@ def _run(kind: str, workload: str, mode: str, steps: int, dtype: torch.dtype, ba
     for k in range(warmup):
         step(k)
     up0, down0 = moved()
+    ipc0 = hd.trace.recorder().link.bytes_ipc_up if on_device else 0
     times = []
     for k in range(steps):
         t = time.perf_counter()
         step(k + 1)
         times.append(time.perf_counter() - t)
     up1, down1 = moved()
+    ipc1 = hd.trace.recorder().link.bytes_ipc_up if on_device else 0
     row = {"kind": kind, "workload": workload, "mode": mode, "dtype": str(dtype).removeprefix("torch."),
            "batch": batch, "device": device, "steps": steps, "median_ms": round(statistics.median(times) * 1e3, 3),
            "first_step_s": round(first_s, 3), "first_value": first, "warmup_steps": warmup + 1}
     if on_device:
         stats = hd.memory_stats()
-        row |= {"bytes_up_per_step": (up1 - up0) / steps, "bytes_down_per_step": (down1 - down0) / steps,
+        row |= {"bytes_ipc_up_per_step": (ipc1 - ipc0) / steps,
+                "bytes_up_per_step": (up1 - up0) / steps, "bytes_down_per_step": (down1 - down0) / steps,
                 "bytes_up_first": up_first, "daemon_device": stats["device_type"], "client": stats["client"],
                 "daemon_memory_bytes": stats["memory_used_bytes"], "executors": _daemon_choices()}
     return row

@@ -25,6 +25,8 @@ public form (and one label for people):
   Python (``_setup_privateuseone_for_python_backend``: the rename, the generated methods, a device
   module, and the hooks and device guard autograd's engine asks a backend for), and the
   ``DynamicOutputShapeException`` meta kernels raise for ops whose output size depends on data;
+  and CUDA IPC between a client with the daemon's GPU and the daemon (torch.multiprocessing's
+  reduction of a CUDA tensor and its rebuild, in plain fields instead of a pickle);
 - for the artifacts folder (``HYPATIA_ARTIFACTS``) only: the id of the frame compile in progress,
   torch's structured trace logger (Inductor's output code, guards and graph breaks arrive
   there), and AOTAutograd's graphs of a copy of Dynamo's graph.
@@ -393,3 +395,34 @@ def dynamic_output_shape_errors() -> tuple[type[BaseException], ...]:
     from torch._subclasses.fake_tensor import DynamicOutputShapeException
 
     return (DynamicOutputShapeException,)
+
+
+# -- CUDA IPC (the hypatia device, a client with the daemon's GPU) ---------------------------
+_IPC_FIELDS = ("size", "stride", "offset", "dtype", "handle", "size_bytes", "offset_bytes", "ref_counter_handle",
+               "ref_counter_offset", "event_handle", "event_sync_required")
+
+
+def cuda_ipc_export(t: torch.Tensor) -> dict:
+    """A CUDA tensor's memory as another process of this host opens it (torch.multiprocessing's
+    reduction: the allocation's IPC handle, the producer's reference counter, and an event the
+    consumer waits on, so that work queued on ``t`` finishes first), in plain fields."""
+    from torch.multiprocessing.reductions import reduce_tensor
+
+    _, args = reduce_tensor(t.detach())
+    (_, size, stride, offset, _, dtype, _, handle, size_bytes, offset_bytes, _, rc_handle, rc_offset, event,
+     sync) = args
+    return dict(zip(_IPC_FIELDS, (list(size), list(stride), int(offset), str(dtype).removeprefix("torch."), bytes(handle),
+                                  int(size_bytes), int(offset_bytes), bytes(rc_handle), int(rc_offset),
+                                  None if event is None else bytes(event), bool(sync))))
+
+
+def cuda_ipc_import(fields: dict, device_index: int) -> torch.Tensor:
+    """The tensor :func:`cuda_ipc_export` described, opened on this process's ``device_index``
+    (the same GPU; the caller checks that, and the fields' types)."""
+    from torch.multiprocessing.reductions import rebuild_cuda_tensor
+
+    f = [fields[k] for k in _IPC_FIELDS]
+    f[3] = getattr(torch, f[3])
+    size, stride, offset, dtype, handle, size_bytes, offset_bytes, rc_handle, rc_offset, event, sync = f
+    return rebuild_cuda_tensor(torch.Tensor, torch.Size(size), tuple(stride), offset, torch.UntypedStorage, dtype,
+                               device_index, handle, size_bytes, offset_bytes, False, rc_handle, rc_offset, event, sync)

@@ -27,6 +27,11 @@ Requests (method ``device``, body ``{"op", "session", ...}``):
   outputs listed in ``fetch``, and first release the handles of ``release``.
 - ``fetch`` {handles}: the values of buffers. ``release`` {handles}. ``close``: the session.
 
+A client on this host with the daemon's GPU (the same UUID, which ``info`` gives) sends a CUDA
+tensor's data as a CUDA IPC description (``{"cuda_ipc": {...}}``, which the daemon opens and
+copies from) instead of through host memory, and asks with ``"ipc": true`` for the values it
+fetches to come back the same way.
+
 Full is an error the client shows as it is (:class:`~hypatia.daemon.device_pool.DeviceFull`): what is in use, the limit
 (``HYPATIA_DEVICE_MEMORY_MB``) and how to free memory; nothing is evicted behind a client's back.
 """
@@ -61,6 +66,29 @@ def _handles(body: dict, name: str, request_id: int) -> list[int]:
     if not all(type(h) is int and 0 <= h < 2**62 for h in value):
         raise BadRequest(f"{name} must hold handles (integers in [0, 2**62))", request_id)
     return value
+
+
+_IPC_TYPES = {"uuid": str, "size": list, "stride": list, "offset": int, "dtype": str, "handle": bytes,
+              "size_bytes": int, "offset_bytes": int, "ref_counter_handle": bytes, "ref_counter_offset": int,
+              "event_sync_required": bool}
+
+
+def check_ipc_fields(fields: Any, k: int) -> None:
+    """A CUDA IPC description as :func:`hypatia.client.torch_internals.cuda_ipc_export` writes it."""
+    if not isinstance(fields, dict):
+        raise BadRequest(f"tensor {k}: cuda_ipc must be a map")
+    for name, kind in _IPC_TYPES.items():
+        if type(fields.get(name)) is not kind:
+            raise BadRequest(f"tensor {k}: cuda_ipc.{name} must be a {kind.__name__}")
+    if fields.get("event_handle") is not None and type(fields["event_handle"]) is not bytes:
+        raise BadRequest(f"tensor {k}: cuda_ipc.event_handle must be bytes or null")
+    try:
+        if len(shm._int_list(fields["size"], "size")) != len(shm._int_list(fields["stride"], "stride")):
+            raise shm.BadDescriptor("size and stride differ in length")
+    except shm.BadDescriptor as exc:
+        raise BadRequest(f"tensor {k}: cuda_ipc: {exc}") from None
+    if fields["dtype"] not in shm.ITEMSIZE:
+        raise BadRequest(f"tensor {k}: cuda_ipc.dtype {fields['dtype']!r} is not one of {', '.join(shm.ITEMSIZE)}")
 
 
 class DeviceService:
@@ -104,7 +132,16 @@ class DeviceService:
         device = self.device()
         env_key, env = environment.describe(device.type, device.index or 0)
         return {"device_type": device.type, "device_name": env.get("device_name"), "env_key": env_key,
-                "environment": env, "daemon": self.daemon} | self.pool.stats()
+                "environment": env, "daemon": self.daemon, "device_uuid": self.device_uuid()} | self.pool.stats()
+
+    def device_uuid(self) -> str | None:
+        """The GPU's UUID (a client with the same GPU sends tensors by CUDA IPC handle), or None."""
+        device = self.device()
+        if device.type != "cuda":
+            return None
+        import torch
+
+        return str(torch.cuda.get_device_properties(device).uuid)
 
     # -- parsing (server thread) -----------------------------------------------------------
     def parse(self, body: dict, request_id: int, over_tcp: bool) -> tuple[str, dict]:
@@ -145,6 +182,8 @@ class DeviceService:
             if not isinstance(tag, str) or not REQUEST_TAG.fullmatch(tag):
                 raise BadRequest("tag must be 8 to 32 characters of [0-9a-z]", request_id)
             job["tag"] = tag
+        if op in ("execute", "fetch"):  # values wanted on the client's GPU, which is this one
+            job["ipc"] = body.get("ipc") is True and not over_tcp
         return op, job
 
     def answer_now(self, op: str, job: dict) -> dict:
@@ -207,15 +246,48 @@ class DeviceService:
                 raise BadRequest(f"tensor {k}: {exc}") from None
         if job["tcp"] or session.pid is None:
             raise BadRequest("a client on another host sends tensors inline ({bytes, dtype, shape})")
+        if "cuda_ipc" in data:
+            return self._open_ipc(data["cuda_ipc"], k)
         desc = shm.Descriptor.parse(data, session.pid, job["tag"] + "u", self.daemon)
         return shm.read(desc)
 
+    def _open_ipc(self, fields: Any, k: int) -> Any:
+        """A private copy of a client's CUDA tensor sent by IPC handle (the client has this GPU)."""
+        from hypatia.client.torch_internals import cuda_ipc_import
+
+        check_ipc_fields(fields, k)
+        if self.device_uuid() is None:
+            raise BadRequest(f"tensor {k} came as a CUDA IPC handle, but hypatiad's device is its CPU; send it "
+                             "through host memory")
+        if fields["uuid"] != self.device_uuid():
+            raise BadRequest(f"tensor {k} is on GPU {fields['uuid']}, not hypatiad's ({self.device_uuid()}); "
+                             "send it through host memory")
+        try:
+            opened = cuda_ipc_import(fields, self.device().index or 0)
+            self.pool.reserve(nbytes_of(opened), f"uploading a {tuple(opened.shape)} tensor")
+            copy = opened.clone()  # the client may free or reuse its memory once this request returns
+        except ProtocolError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a stale or foreign handle
+            raise BadRequest(f"tensor {k}: its CUDA IPC handle could not be opened ({type(exc).__name__}: {exc})") from None
+        self.counters["ipc_uploads"] += 1
+        return copy
+
     def _export(self, session: Session, job: dict, handles: list[int]) -> list[dict]:
-        """The values of ``handles`` for the client: segments it unlinks (same host) or inline."""
+        """The values of ``handles`` for the client: segments it unlinks (same host) or inline,
+        or CUDA IPC handles where it asked (it has this GPU); it copies from those before the
+        value can go, since it holds the handle until then."""
+        from hypatia.client.torch_internals import cuda_ipc_export
+
         values, written = [], []
         try:
             for k, h in enumerate(handles):
-                tensor = self.pool.get(session, h).detach().to("cpu")
+                tensor = self.pool.get(session, h).detach()
+                if job.get("ipc") and tensor.is_cuda and tensor.numel() * tensor.element_size() > shm.INLINE_UP_TO:
+                    values.append({"cuda_ipc": cuda_ipc_export(tensor.contiguous())})
+                    self.counters["ipc_fetches"] += 1
+                    continue
+                tensor = tensor.to("cpu")
                 if job["tcp"] or session.pid is None or tensor.numel() * tensor.element_size() <= shm.INLINE_UP_TO:
                     entry = shm.to_inline(tensor)
                     if len(entry["bytes"]) > MAX_INLINE_BYTES:

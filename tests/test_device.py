@@ -345,6 +345,37 @@ def test_the_pool_counts_references_and_drops_a_session_s_buffers():
         pool.session("b" * 16, pid=2)
 
 
+def test_a_cuda_ipc_upload_that_cannot_be_opened_is_refused_clearly_and_stores_nothing(rec, config):
+    """A client sends a CUDA tensor by IPC handle only to a daemon with its GPU: this daemon has
+    none, so the link never offers one, and a request that does (or a malformed one) is refused."""
+    from hypatia.client.rpc import DaemonClient
+    from hypatia.protocol import RemoteError
+
+    assert rec.link.cuda_ipc(torch.device("cuda")) is False  # asked without touching CUDA
+    fields = {"uuid": "GPU-0", "size": [4], "stride": [1], "offset": 0, "dtype": "float32", "handle": b"\0" * 64,
+              "size_bytes": 16, "offset_bytes": 0, "ref_counter_handle": b"/torch_x", "ref_counter_offset": 0,
+              "event_handle": None, "event_sync_required": False}
+    client = DaemonClient(config)
+    before = device_stats(config)["memory_used_bytes"]
+
+    def upload(data: dict) -> None:
+        client.call("device", {"op": "upload", "session": rec.link.session, "pid": os.getpid(), "tag": "ipc0test",
+                               "tensors": [{"handle": 1 << 40, "digest": None, "data": {"cuda_ipc": data}}]}, retries=0)
+    try:
+        with pytest.raises(RemoteError, match="hypatiad's device is its CPU; send it through host memory"):
+            upload(fields)
+        with pytest.raises(RemoteError, match="size and stride differ"):
+            upload(fields | {"size": [4, 4]})
+        with pytest.raises(RemoteError, match="cuda_ipc.dtype 'float8' is not one of"):
+            upload(fields | {"dtype": "float8"})
+        with pytest.raises(RemoteError, match="cuda_ipc.handle must be a bytes"):
+            upload(fields | {"handle": "not bytes"})
+    finally:
+        client.close()
+    assert device_stats(config)["memory_used_bytes"] == before
+    assert "ipc_uploads" not in device_stats(config)
+
+
 CHILD_OVER_TCP = """
 import copy, json, torch, hypatia.device as hd
 torch.manual_seed(3)

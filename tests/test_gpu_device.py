@@ -98,13 +98,15 @@ def test_a_repeated_device_graph_runs_under_each_gpu_executor_and_keeps_the_fast
         assert device["memory_held_by_executors_bytes"] > 0, device
 
 
+# In training mode (dropout 0): in eval under no_grad the layer takes torch's fused fast path
+# (_transformer_encoder_layer_fwd), which some torch versions' Dynamo leaves to eager
 COMPILED = """
 import json, torch, hypatia.device as hd
 from hypatia.device import compiled
 assert not torch.cuda.is_available()
 torch.manual_seed(0)
 layer = torch.nn.TransformerEncoderLayer(d_model=64, nhead=4, dim_feedforward=128, dropout=0.0, batch_first=True)
-model = torch.compile(layer.to("hypatia").eval(), backend="hypatia")
+model = torch.compile(layer.to("hypatia").train(), backend="hypatia")
 torch.manual_seed(1)
 outs = []
 with torch.no_grad():
@@ -126,8 +128,40 @@ def test_a_compiled_model_on_the_device_runs_whole_graphs_on_the_gpu_as_cuda_doe
     assert got["client"]["compiled_calls"] == 5, got["client"]
     torch.manual_seed(0)
     layer = torch.nn.TransformerEncoderLayer(d_model=64, nhead=4, dim_feedforward=128, dropout=0.0,
-                                             batch_first=True).cuda().eval()
+                                             batch_first=True).cuda().train()
     torch.manual_seed(1)
     with torch.no_grad():
         for out in got["outs"]:
             torch.testing.assert_close(torch.tensor(out), layer(torch.randn(8, 16, 64).cuda()).cpu(), rtol=1e-4, atol=1e-4)
+
+
+IPC = """
+import json, torch, hypatia.device as hd
+torch.manual_seed(2)
+x = torch.randn(512, 1024, device="cuda")  # 2 MiB: over what rides inside a message
+y = x.to("hypatia")
+z = (y * 2 + 1).to("cuda")  # back onto this process's GPU
+model = torch.nn.Sequential(torch.nn.Linear(1024, 1024), torch.nn.GELU(), torch.nn.Linear(1024, 8)).cuda()
+with torch.no_grad():
+    expected = model(x).cpu().tolist()
+    model.to("hypatia")
+    out = model(x.to("hypatia")).cpu().tolist()
+print(json.dumps({"z_ok": bool(torch.allclose(z, x * 2 + 1)), "z_device": str(z.device), "out": out,
+                  "expected": expected, "client": hd.memory_stats()["client"]}))
+"""
+
+
+def test_a_client_with_the_daemon_s_gpu_moves_tensors_by_cuda_ipc_not_through_host_memory(daemon):
+    proc = subprocess.run([sys.executable, "-c", IPC], env=daemon.env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["z_ok"] and got["z_device"].startswith("cuda"), got
+    torch.testing.assert_close(torch.tensor(got["out"]), torch.tensor(got["expected"]), rtol=1e-4, atol=1e-4)
+    client = got["client"]
+    big = 512 * 1024 * 4
+    # x went up twice by handle (once as a tensor, once as the model's input), z came down by handle
+    assert client["bytes_ipc_up"] >= 2 * big and client["bytes_ipc_down"] >= big, client
+    assert client["ipc_copies"] >= 2 and "host_copies" not in client, client
+    assert client["bytes_up"] < big, client  # only what is small enough to ride in a message
+    device = daemon.stats()["device"]
+    assert device["ipc_uploads"] >= 2 and device["ipc_fetches"] >= 1, device

@@ -47,6 +47,9 @@ PRIVATE = [
     ("torch._logging._internal", "trace_log", ()),
     ("torch.utils.backend_registration", "_setup_privateuseone_for_python_backend", ("rename", "backend_module")),
     ("torch._subclasses.fake_tensor", "DynamicOutputShapeException", ()),
+    ("torch.multiprocessing.reductions", "reduce_tensor", ()),
+    ("torch.multiprocessing.reductions", "rebuild_cuda_tensor", ("storage_handle", "ref_counter_handle", "event_handle",
+                                                                 "event_sync_required")),
 ]
 
 

@@ -36,7 +36,7 @@ from hypatia.device.values import Value, device_as, leaves, map_leaves, meta_lik
 log = logging.getLogger("hypatia.client")
 
 _META = torch.device("meta")
-_BY_INNER: dict[int, tuple[weakref.ref, Any]] = {}  # id(inner) -> (it, a tensor on the same storage), while it lives
+_BY_INNER: dict[int, tuple[weakref.ref, Any, bool]] = {}  # id(inner) -> (it, a tensor on its storage, contiguous?), while it lives
 _MADE: dict[int, tuple[weakref.ref, Value]] = {}  # id(output meta) -> (it, its value), by compiled calls
 _MADE_PRUNE_AT = 1 << 14
 counters: Counter = Counter()
@@ -54,7 +54,7 @@ def name_inner(t: Any, inner: torch.Tensor) -> torch.Tensor:
 
     key = id(inner)
     alias = HypatiaTensor(meta_like(t), t._hstorage, t._chain)
-    _BY_INNER[key] = (weakref.ref(inner, lambda _, key=key: _BY_INNER.pop(key, None)), alias)
+    _BY_INNER[key] = (weakref.ref(inner, lambda _, key=key: _BY_INNER.pop(key, None)), alias, alias.is_contiguous())
     return inner
 
 
@@ -162,7 +162,7 @@ class Recorded:
 
         with ht._lock:
             rec = recorder()
-            values = [self._value(a, rec) for a in args] + [self._constant(k, rec) for k in range(len(self.constants))]
+            values = _values(args, rec) + [self._constant(k, rec) for k in range(len(self.constants))]
             parent = rec.record_inferred(self.call, values, {}, self.metas)
             rec.count("compiled_calls")
             rec.count("compiled_ops", self.call.size)
@@ -199,25 +199,37 @@ class Recorded:
             found = self._constant_values[k] = upload_value(c)
         return found
 
-    @staticmethod
-    def _value(a: Any, rec: Any) -> Any:
-        from hypatia.device.tensor import value_of
-        from hypatia.device.values import upload_value
 
-        if not isinstance(a, torch.Tensor):
-            return a
-        t = _named(a)
-        if t is not None:
-            v = value_of(t, rec)
-            if not t.is_contiguous():  # traced as its inner tensor, which is contiguous
+
+def _values(args: tuple, rec: Any) -> list[Any]:
+    """The values of a compiled call's arguments (AOTAutograd's inner tensors and plain values).
+    Every step walks every parameter, so the common case (an inner tensor naming a tensor
+    without views) is read in the loop itself."""
+    from hypatia.device.tensor import value_of
+    from hypatia.device.values import upload_value
+
+    out = []
+    by_inner, made, tensor = _BY_INNER, _MADE, torch.Tensor
+    for a in args:
+        if not isinstance(a, tensor):
+            out.append(a)
+            continue
+        found = by_inner.get(id(a))
+        if found is not None and found[0]() is a:
+            t = found[1]
+            v = value_of(t, rec) if t._chain else t._hstorage.value
+            if not found[2]:  # traced as its inner tensor, which is contiguous
                 v = rec.record(torch.ops.aten.clone.default, v, memory_format=torch.contiguous_format)
-            return v
-        made = _MADE.get(id(a))
-        if made is not None and made[0]() is a:  # an output of an earlier call (saved for backward)
-            return made[1]
-        if a.device.type == "cpu":  # a CPU tensor the graph reads (a constant, a CPU input)
-            return upload_value(a)
-        raise NotTraceable(f"a compiled graph got a {a.device} tensor that is not on the hypatia device")
+            out.append(v)
+            continue
+        output = made.get(id(a))
+        if output is not None and output[0]() is a:  # an output of an earlier call (saved for backward)
+            out.append(output[1])
+        elif a.device.type == "cpu":  # a CPU tensor the graph reads (a constant, a CPU input)
+            out.append(upload_value(a))
+        else:
+            raise NotTraceable(f"a compiled graph got a {a.device} tensor that is not on the hypatia device")
+    return out
 
 
 def _constants_as_inputs(gm: torch.fx.GraphModule) -> list[Any]:

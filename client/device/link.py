@@ -1,8 +1,10 @@
 """The client's side of the ``device`` requests: one session per process, its handles, and the
 tensors that go up and come down.
 
-Same host: tensors travel through private shared memory (:mod:`hypatia.shm`); another host
-(``HYPATIA_CONNECT``, over the CURVE TCP listener): inside the message. A daemon that is gone,
+Same host: tensors travel through private shared memory (:mod:`hypatia.shm`), or as CUDA IPC
+handles where this process has the daemon's GPU (a CUDA tensor moved to the device, a value
+moved to that GPU); another host (``HYPATIA_CONNECT``, over the CURVE TCP listener): inside the
+message. A daemon that is gone,
 or that no longer knows this session (it restarted), makes every later use raise
 :class:`DeviceLost`: tensors on a lost device cannot be recomputed behind the user's back.
 """
@@ -47,7 +49,7 @@ class DeviceFull(DeviceError, torch.OutOfMemoryError if hasattr(torch, "OutOfMem
 
 def content_digest(t: torch.Tensor) -> str:
     """What names a tensor's content in the daemon (dtype, shape and bytes)."""
-    data = t.detach().contiguous()
+    data = t.detach().contiguous().cpu()
     h = hashlib.blake2b(digest_size=32)
     h.update(f"{data.dtype}|{tuple(data.shape)}|".encode())
     if data.numel():
@@ -67,7 +69,9 @@ class Link:
         self._structures: OrderedDict[tuple, tuple] = OrderedDict()  # a flush's structure -> keys, registration
         self.lost: str | None = None
         self.held_any = False
-        self.bytes_up = self.bytes_down = 0
+        self.bytes_up = self.bytes_down = 0  # through host memory (shared memory, messages)
+        self.bytes_ipc_up = self.bytes_ipc_down = 0  # GPU to GPU (CUDA IPC)
+        self._same_gpu: dict[int, bool] = {}
         self.counters: Counter = Counter()
         self._lock = threading.Lock()
         atexit.register(self.close)
@@ -135,9 +139,27 @@ class Link:
                 pass
 
     # -- tensors up and down -----------------------------------------------------------------
+    def cuda_ipc(self, device: torch.device) -> bool:
+        """Whether tensors on ``device`` (this process's) travel to and from the daemon by CUDA IPC
+        handle: a daemon on this host whose GPU is that one (by UUID)."""
+        if device.type != "cuda" or self.config.remote or self.info().get("device_uuid") is None:
+            return False
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        same = self._same_gpu.get(index)
+        if same is None:
+            same = self._same_gpu[index] = str(torch.cuda.get_device_properties(index).uuid) == self.info()["device_uuid"]
+        return same
+
     def _pack(self, t: torch.Tensor, tag: str, k: int, made: list[str]) -> dict:
         t = t.detach().contiguous()
         nbytes = t.numel() * t.element_size()
+        if t.device.type != "cpu":
+            if nbytes > shm.INLINE_UP_TO and self.cuda_ipc(t.device):
+                from hypatia.client.torch_internals import cuda_ipc_export
+
+                self.bytes_ipc_up += nbytes
+                return {"cuda_ipc": cuda_ipc_export(t) | {"uuid": self.info()["device_uuid"]}}
+            t = t.cpu()
         self.bytes_up += nbytes
         if self.config.remote or nbytes <= shm.INLINE_UP_TO:
             return shm.to_inline(t)
@@ -146,7 +168,17 @@ class Link:
             made.append(desc.name)
         return desc.to_wire()
 
-    def _unpack(self, entry: dict, tag: str) -> torch.Tensor:
+    def _unpack(self, entry: dict, tag: str, into: torch.device | None = None) -> torch.Tensor:
+        if "cuda_ipc" in entry:  # asked for on this GPU: copied now, while this process holds the value
+            from hypatia.client.torch_internals import cuda_ipc_import
+
+            if into is None or into.type != "cuda":
+                raise DeviceError("hypatiad sent a CUDA IPC handle that was not asked for")
+            index = into.index if into.index is not None else torch.cuda.current_device()
+            with torch.cuda.device(index):
+                out = cuda_ipc_import(entry["cuda_ipc"], index).clone()
+            self.bytes_ipc_down += out.numel() * out.element_size()
+            return out
         if "bytes" in entry:
             out = shm.from_inline(entry)
         else:
@@ -171,7 +203,9 @@ class Link:
                 raise DeviceError(f"a {tuple(v.cpu.shape)} CPU tensor was written in place after it was moved to the "
                                   "hypatia device and before the device needed it; move a copy (t.clone().to('hypatia')) "
                                   "or call torch.hypatia.synchronize() after moving it")
-            if v.digest is None and (v.ask or v.cpu.numel() * v.cpu.element_size() >= SHARE_ABOVE):
+            # a large CUDA tensor that is not a parameter (a batch, an activation) is not hashed:
+            # that would bring it to the host, which is what sending it by IPC handle avoids
+            if v.digest is None and (v.ask or v.cpu.is_cpu and v.cpu.numel() * v.cpu.element_size() >= SHARE_ABOVE):
                 v.digest = content_digest(v.cpu)
             entries.append((next(self._handles), v))
         large = [(h, v) for h, v in entries if v.digest is not None]
@@ -202,12 +236,14 @@ class Link:
                 for k, (h, v) in enumerate(pairs)]
 
     def execute(self, structure: tuple | None, graph: Callable[[], Any], inputs: list[Value], outputs: list[Value],
-                wanted: list[Value], carried: list[tuple[int, Value]] = ()) -> list[torch.Tensor]:
+                wanted: list[Value], carried: list[tuple[int, Value]] = (), into: torch.device | None = None
+                ) -> list[torch.Tensor]:
         """Run the graph ``graph()`` makes in the daemon on ``inputs``; ``outputs`` become held
         values, and the CPU copies of ``wanted`` (some of the outputs) come back. ``carried``:
         uploads (see :meth:`upload`) sent in the same request. ``structure`` determines the
         graph (see :func:`hypatia.device.trace._structure`): its keys are computed once per
-        structure, and ``graph`` is not called again."""
+        structure, and ``graph`` is not called again. ``into``: where the client wants ``wanted``
+        (a GPU it shares with the daemon: by CUDA IPC; otherwise CPU tensors come back)."""
         found = self._structures.get(structure) if structure is not None else None
         if found is None:
             found = self._keys(graph())
@@ -231,7 +267,7 @@ class Link:
                     "inputs": [carried_ids.get(id(v), v.handle) for v in inputs], "outputs": out_handles,
                     "fetch": [by_id[id(v)] for v in wanted], "release": released,
                     "out_bytes": sum(_nbytes(v.meta) for v in outputs),
-                    "uploads": self._entries(list(carried), tag, made)}
+                    "uploads": self._entries(list(carried), tag, made), "ipc": self._ipc_into(into)}
             try:
                 reply = self._call("execute", body)
             except DeviceError as exc:
@@ -247,7 +283,7 @@ class Link:
             v.held(h, self.forget)
         for v, h in zip(outputs, out_handles):
             v.held(h, self.forget)
-        return [self._unpack(e, tag) for e in reply["values"]]
+        return [self._unpack(e, tag, into) for e in reply["values"]]
 
     def _call_plan(self, registration: dict) -> None:
         if self.lost is not None:
@@ -269,10 +305,13 @@ class Link:
                         "environment": info["environment"], "model": "hypatia device"}
         return keys, registration
 
-    def fetch(self, values: list[Value]) -> list[torch.Tensor]:
+    def fetch(self, values: list[Value], into: torch.device | None = None) -> list[torch.Tensor]:
         tag = secrets.token_hex(6)
-        reply = self._call("fetch", {"tag": tag, "handles": [v.handle for v in values]})
-        return [self._unpack(e, tag) for e in reply["values"]]
+        reply = self._call("fetch", {"tag": tag, "handles": [v.handle for v in values], "ipc": self._ipc_into(into)})
+        return [self._unpack(e, tag, into) for e in reply["values"]]
+
+    def _ipc_into(self, into: torch.device | None) -> bool:
+        return into is not None and self.cuda_ipc(into)
 
     def close(self) -> None:
         """Release everything this process holds on the device (at exit)."""

@@ -76,7 +76,9 @@ def memory_stats(device: Any = None) -> dict[str, Any]:
     rec = _recorder()
     info = dict(rec.link.stats())
     info.pop("environment", None)
-    return info | {"client": dict(rec.counters) | {"bytes_up": rec.link.bytes_up, "bytes_down": rec.link.bytes_down}}
+    return info | {"client": dict(rec.counters) | {"bytes_up": rec.link.bytes_up, "bytes_down": rec.link.bytes_down,
+                                                 "bytes_ipc_up": rec.link.bytes_ipc_up,
+                                                 "bytes_ipc_down": rec.link.bytes_ipc_down}}
 
 
 def memory_allocated(device: Any = None) -> int:

@@ -35,6 +35,21 @@ DEVICE = torch.device(NAME, 0)
 _lock = threading.RLock()  # one recorder per process: ops from threads record one at a time
 
 
+class _Inner:
+    """``HypatiaTensor._inner``, the tensor it flattens to: a traced instance's own, or a meta
+    tensor naming it (:func:`hypatia.device.compiled.name_inner`), made on first use and then a
+    plain attribute of the instance (Dynamo's guards and AOTAutograd read it for every parameter
+    at every compiled call)."""
+
+    def __get__(self, t: Any, owner: Any = None) -> Any:
+        if t is None:
+            return self
+        from hypatia.device.compiled import name_inner
+
+        inner = t.__dict__["_inner"] = name_inner(t, torch.empty(t.shape, dtype=t.dtype, device="meta"))
+        return inner
+
+
 class HypatiaTensor(torch.Tensor):
     """A tensor whose data lives in hypatiad; see the module docstring.
 
@@ -47,25 +62,18 @@ class HypatiaTensor(torch.Tensor):
     _chain: tuple
     _cached: tuple | None
     _traced: torch.Tensor | None
-    _meta_inner: torch.Tensor | None
 
     @staticmethod
     def __new__(cls, meta: torch.Tensor, storage: Storage | None, chain: tuple = (), requires_grad: bool = False,
                 traced: torch.Tensor | None = None):
         t = torch.Tensor._make_wrapper_subclass(cls, meta.shape, strides=meta.stride(), storage_offset=meta.storage_offset(),
                                                 dtype=meta.dtype, device=DEVICE, requires_grad=requires_grad)
-        t._hstorage, t._chain, t._cached, t._traced, t._meta_inner = storage, chain, None, traced, None
+        t._hstorage, t._chain, t._cached, t._traced = storage, chain, None, traced
+        if traced is not None:
+            t.__dict__["_inner"] = traced
         return t
 
-    @property
-    def _inner(self) -> torch.Tensor:
-        if self._traced is not None:
-            return self._traced
-        if self._meta_inner is None:
-            from hypatia.device.compiled import name_inner
-
-            self._meta_inner = name_inner(self, torch.empty(self.shape, dtype=self.dtype, device="meta"))
-        return self._meta_inner
+    _inner = _Inner()
 
     def __tensor_flatten__(self) -> tuple[list[str], None]:
         return ["_inner"], None
@@ -237,9 +245,11 @@ def dispatch(recorder: Any, func: Any, args: tuple, kwargs: dict) -> Any:
             return on_client(recorder, func, args, kwargs, keep_on_client=True)  # into a CPU tensor
         src = args[1]
         if isinstance(src, torch.Tensor) and not isinstance(src, HypatiaTensor) and src.device.type != "cpu":
-            # a GPU tensor of this process goes up through host memory (no CUDA IPC handles yet)
-            recorder.count("host_copies")
-            args = (args[0], src.cpu(), *args[2:])
+            if _fills_fresh(args[0], src) and recorder.link.cuda_ipc(src.device):
+                recorder.count("ipc_copies")  # the daemon's GPU: it goes up by CUDA IPC handle
+            else:  # another GPU, the daemon on another host, or a partial copy: through host memory
+                recorder.count("host_copies")
+                args = (args[0], src.cpu(), *args[2:])
         if _fills_fresh(args[0], args[1]):
             # x.to("hypatia"), model.to("hypatia"): the upload itself becomes the tensor's value, so
             # that the daemon keeps it by content (shared between processes), not a private copy
@@ -252,9 +262,10 @@ _EMPTY = (torch.ops.aten.empty_strided.default, torch.ops.aten.empty.memory_form
 
 
 def _fills_fresh(dst: Any, src: Any) -> bool:
-    """True for a copy of a CPU tensor into a whole, freshly made hypatia tensor of its shape and dtype."""
+    """True for a copy of a client's tensor (on the CPU, or on the daemon's GPU) into a whole,
+    freshly made hypatia tensor of its shape and dtype."""
     return (isinstance(dst, HypatiaTensor) and not dst._chain and dst._hstorage.value.op in _EMPTY
-            and type(src) in (torch.Tensor, torch.nn.Parameter) and src.device.type == "cpu"
+            and type(src) in (torch.Tensor, torch.nn.Parameter) and src.device.type in ("cpu", "cuda")
             and src.shape == dst.shape and src.dtype == dst.dtype)
 
 
@@ -327,12 +338,26 @@ def _kwarg_only(func: Any, name: str) -> bool:
     return any(a.name == name and a.kwarg_only for a in func._schema.arguments)
 
 
+def _gpu_target(func: Any, args: tuple, kwargs: dict) -> torch.device | None:
+    """The GPU of this process that ``func`` moves a hypatia tensor to (``.to("cuda")``,
+    ``cuda_tensor.copy_(t)``), or None: where the fetched values had best arrive."""
+    if func is _aten._to_copy.default:
+        target = kwargs.get("device")
+    elif func is _aten.copy_.default and isinstance(args[0], torch.Tensor):
+        target = args[0].device
+    else:
+        return None
+    target = torch.device(target) if target is not None else None
+    return target if target is not None and target.type == "cuda" else None
+
+
 def on_client(recorder: Any, func: Any, args: tuple, kwargs: dict, keep_on_client: bool = False,
               why: str | None = None) -> Any:
     """Compute ``func`` here on CPU copies of its hypatia tensors (fetched, which flushes);
     tensor results go back to the device unless ``keep_on_client``."""
     hyp = [x for x in leaves((args, kwargs)) if isinstance(x, HypatiaTensor)]
-    fetched = dict(zip(map(id, hyp), recorder.fetch([value_of(x, recorder) for x in hyp])))
+    into = _gpu_target(func, args, kwargs) if keep_on_client else None
+    fetched = dict(zip(map(id, hyp), recorder.fetch([value_of(x, recorder) for x in hyp], into)))
     if why is not None or not keep_on_client and func is not torch.ops.aten._local_scalar_dense.default:
         recorder.ran_on_client(func, why)
 

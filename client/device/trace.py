@@ -176,8 +176,10 @@ class Recorder:
 
     def ran_on_client(self, func: Any, why: str | None) -> None:
         self._counters["ops_on_client"] += 1
+        if func is torch.ops.aten._local_scalar_dense.default:  # .item(): on the client by nature
+            return
         name = str(func)
-        if name not in self._warned and func is not torch.ops.aten._local_scalar_dense.default:
+        if name not in self._warned:
             self._warned.add(name)
             warnings.warn(f"{name} ran on the client for the hypatia device (its inputs were fetched and its result "
                           f"sent back){': ' + why if why else ''}", DeviceWarning, stacklevel=4)
@@ -189,22 +191,24 @@ class Recorder:
             self.flush()
 
     # -- flushing ----------------------------------------------------------------------------
-    def fetch(self, values: list[Value]) -> list[torch.Tensor]:
-        """CPU copies of ``values``: a flush computes what is pending and brings these back."""
-        return self.flush(want=values)
+    def fetch(self, values: list[Value], into: torch.device | None = None) -> list[torch.Tensor]:
+        """Copies of ``values`` on the client, on the CPU or ``into`` (a GPU of this process): a
+        flush computes what is pending and brings these back."""
+        return self.flush(want=values, into=into)
 
-    def flush(self, want: list[Value] | None = None) -> list[torch.Tensor]:
+    def flush(self, want: list[Value] | None = None, into: torch.device | None = None) -> list[torch.Tensor]:
         want = list(want or [])
         self._flushing = True
         try:
-            return self._flush(want)
+            return self._flush(want, into)
         finally:
             self._flushing = False
             self._recorded = 0
             self.epoch += 1
 
-    def _flush(self, want: list[Value]) -> list[torch.Tensor]:
-        fetched: dict[int, torch.Tensor] = {id(v): v.cpu.clone() for v in want if v.cpu is not None}
+    def _flush(self, want: list[Value], into: torch.device | None) -> list[torch.Tensor]:
+        # an upload not sent yet is its own copy (a CUDA one, where this process's GPU sends by IPC)
+        fetched: dict[int, torch.Tensor] = {id(v): v.cpu.to(into or "cpu", copy=True) for v in want if v.cpu is not None}
         targets: dict[int, Value] = {}
         for ref in self._dirty:
             storage = ref()
@@ -212,12 +216,13 @@ class Recorder:
                 targets[id(storage.value)] = storage.value
         dirty, self._dirty = self._dirty, []
         try:
-            return self._send(want, targets, fetched)
+            return self._send(want, targets, fetched, into)
         except BaseException:  # nothing was lost: the next flush sends it again
             self._dirty = dirty + self._dirty
             raise
 
-    def _send(self, want: list[Value], targets: dict[int, Value], fetched: dict[int, torch.Tensor]) -> list[torch.Tensor]:
+    def _send(self, want: list[Value], targets: dict[int, Value], fetched: dict[int, torch.Tensor],
+              into: torch.device | None = None) -> list[torch.Tensor]:
         link = self.link
         for v in want:
             if v.handle is None and v.cpu is None:
@@ -235,7 +240,7 @@ class Recorder:
             device_type = link.device_type()
             values = link.execute(_structure(order, inputs, outputs),
                                   lambda: _graph_module(order, inputs, outputs, device_type),
-                                  inputs, outputs, wanted, carried)
+                                  inputs, outputs, wanted, carried, into)
             fetched.update(zip(map(id, wanted), values))
             self._counters["flushes"] += 1
             self._counters["ops_flushed"] += len(order)
@@ -244,7 +249,7 @@ class Recorder:
                 v.op, v.args, v.kwargs = None, (), {}
         rest = [v for v in want if id(v) not in fetched]
         if rest:
-            fetched.update(zip(map(id, rest), link.fetch(rest)))
+            fetched.update(zip(map(id, rest), link.fetch(rest, into)))
         return [fetched[id(v)] for v in want]
 
 
@@ -285,8 +290,8 @@ def _sig(x: Any, place: dict[int, int]) -> Any:
     t = type(x)
     if t is Value:
         return _Ref(place[id(x)])
-    if t is list or t is tuple:
-        return (t, tuple(_sig(y, place) for y in x))
+    if t is list or t is tuple:  # a compiled call's arguments: every parameter, every step
+        return (t, tuple([_Ref(place[id(y)]) if type(y) is Value else _sig(y, place) for y in x]))
     if t is dict:
         return (dict, tuple((k, _sig(v, place)) for k, v in x.items()))
     return (t, x)  # 1, 1.0 and True are equal and hash alike; as arguments they differ
@@ -301,8 +306,7 @@ def _structure(order: list[Value], inputs: list[Value], outputs: list[Value]) ->
     parts: list[Any] = []
     for v in inputs:
         place[id(v)] = len(place)
-        m = v.meta
-        parts.append((tuple(m.shape), m.stride(), m.dtype))
+        parts.append(v.key or _key(v))  # its shape, strides and dtype, made once per value
     for v in order:
         parts.append((v.op, _sig(v.args, place), _sig(v.kwargs, place) if v.kwargs else None))
         place[id(v)] = len(place)
