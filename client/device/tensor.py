@@ -84,9 +84,6 @@ class HypatiaTensor(torch.Tensor):
 
         return unflatten(inner["_inner"])
 
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__()
-
     def __repr__(self, *, tensor_contents: Any = None) -> str:
         if self._traced is not None:  # while torch.compile traces: metadata only
             return f"HypatiaTensor(traced, shape={tuple(self.shape)}, dtype={self.dtype}, device='{DEVICE}')"
@@ -182,6 +179,7 @@ def write(t: HypatiaTensor, new: Value, recorder: Any) -> None:
 
 
 _CPU = torch.device("cpu")
+_PLAIN = (int, float, bool, type(None))  # op arguments that are what they are
 
 
 def _to_values(args: Any, recorder: Any) -> Any:
@@ -196,7 +194,8 @@ def _to_values(args: Any, recorder: Any) -> Any:
             return upload_value(x)
         return x
     if type(args) is tuple:  # the hot path: a flat tuple of tensors and plain values
-        return tuple([value_of(x, recorder) if type(x) is HypatiaTensor else map_leaves(one, x) for x in args])
+        return tuple([value_of(x, recorder) if type(x) is HypatiaTensor else x if type(x) in _PLAIN else map_leaves(one, x)
+                      for x in args])
     return map_leaves(one, args)
 
 

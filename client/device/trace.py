@@ -350,27 +350,34 @@ def _graph_module(order: list[Value], inputs: list[Value], outputs: list[Value],
 
 
 _RECORDER: Recorder | None = None
-_PID = 0
 
 
 def recorder() -> Recorder:
-    """This process's recorder (a forked child makes its own: the parent's session is not its)."""
-    if _RECORDER is None or _PID != os.getpid():
-        connect()
-    return _RECORDER
+    """This process's recorder (asked for at every op: a forked child makes its own, see
+    :func:`_forget_after_fork`)."""
+    return _RECORDER if _RECORDER is not None else connect()
+
+
+def _forget_after_fork() -> None:
+    """A forked child starts without a session: the parent's tensors are the parent's."""
+    global _RECORDER
+    _RECORDER = None
+
+
+os.register_at_fork(after_in_child=_forget_after_fork)
 
 
 def connect(config: Any = None) -> Recorder:
     """Start this process's device session with the daemon of ``config`` (default: the
     environment's), closing any earlier one: its tensors are released."""
-    global _RECORDER, _PID
+    global _RECORDER
     from hypatia.config import load
     from hypatia.device.link import Link
 
-    if _RECORDER is not None and _PID == os.getpid():
+    if _RECORDER is not None:
         _RECORDER.link.close()
     config = config or load()
-    _RECORDER, _PID = Recorder(Link(config), config.device_max_ops), os.getpid()
+    _RECORDER = Recorder(Link(config), config.device_max_ops)
     return _RECORDER
 
 
