@@ -165,7 +165,10 @@ def test_sigterm_under_load_drains_every_request_in_flight(home, daemons):
     """16 clients with make_plan in flight on eight slow plannings, then SIGTERM: each gets its
     plan, a client arriving during the drain is turned away at once, the daemon exits 0 and
     leaves no pid, socket or lock holder behind, and a later client plans in-process."""
-    proc = daemons.start(faults="slow_plan=1.0", extra_env={"HYPATIA_BACKGROUND_TUNING": "0"})
+    # the drain waits for every plan in flight: on a busy machine eight of them take longer than
+    # the default 20 s, which is not what this test is about
+    proc = daemons.start(faults="slow_plan=1.0", extra_env={"HYPATIA_BACKGROUND_TUNING": "0",
+                                                           "HYPATIA_DRAIN_TIMEOUT_S": "150"})
     bodies = [linear_relu_request(batch, 32) for batch in range(1, 9)]
     bodies_file = home.path / "bodies.json"
     bodies_file.write_text(json.dumps(bodies))

@@ -200,7 +200,6 @@ class Recorded:
         return found
 
 
-
 def _values(args: tuple, rec: Any) -> list[Any]:
     """The values of a compiled call's arguments (AOTAutograd's inner tensors and plain values).
     Every step walks every parameter, so the common case (an inner tensor naming a tensor
