@@ -52,6 +52,9 @@ def run(quick: bool, workloads: tuple[str, ...] | None = None, steps: int | None
     home = Path(tempfile.mkdtemp(prefix="hd-", dir="/tmp"))
     env = base_env(home) | {"HYPATIA_BACKGROUND_TUNING": "0"}
     client_env = env | {"CUDA_VISIBLE_DEVICES": "", "HYPATIA_AUTOSTART": "0"}
+    # local rows run beside the daemon; device rows see no GPU, except device_ipc's, which shares it
+    envs = {"eager": env, "hypatia": env, "device": client_env, "device_compiled": client_env,
+            "device_ipc": env | {"HYPATIA_AUTOSTART": "0"}}
     rows: list[dict] = []
     started = run_module(env, "hypatia.daemon", "start", timeout=120)
     if started.returncode != 0:
@@ -65,8 +68,7 @@ def run(quick: bool, workloads: tuple[str, ...] | None = None, steps: int | None
                 for kind in kinds:
                     if kind == "device_ipc" and not gpu:
                         continue  # CUDA IPC needs a GPU the client shares with the daemon
-                    row_env = client_env if kind in ("device", "device_compiled") else env | {"HYPATIA_AUTOSTART": "0"}
-                    rows.append(_row(row_env, kind, name, mode, str(steps), dtype, str(size), timeout=timeout))
+                    rows.append(_row(envs[kind], kind, name, mode, str(steps), dtype, str(size), timeout=timeout))
                     if progress is not None:  # each row as it comes: a run cut short keeps what it measured
                         with progress.open("a") as f:
                             f.write(json.dumps(rows[-1]) + "\n")

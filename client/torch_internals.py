@@ -398,8 +398,9 @@ def dynamic_output_shape_errors() -> tuple[type[BaseException], ...]:
 
 
 # -- CUDA IPC (the hypatia device, a client with the daemon's GPU) ---------------------------
-_IPC_FIELDS = ("size", "stride", "offset", "dtype", "handle", "size_bytes", "offset_bytes", "ref_counter_handle",
-               "ref_counter_offset", "event_handle", "event_sync_required")
+IPC_FIELDS = {"size": (list,), "stride": (list,), "offset": (int,), "dtype": (str,), "handle": (bytes,),
+              "size_bytes": (int,), "offset_bytes": (int,), "ref_counter_handle": (bytes,), "ref_counter_offset": (int,),
+              "event_handle": (bytes, type(None)), "event_sync_required": (bool,)}  # a description's fields, their types
 
 
 def cuda_ipc_export(t: torch.Tensor) -> dict:
@@ -411,7 +412,7 @@ def cuda_ipc_export(t: torch.Tensor) -> dict:
     _, args = reduce_tensor(t.detach())
     (_, size, stride, offset, _, dtype, _, handle, size_bytes, offset_bytes, _, rc_handle, rc_offset, event,
      sync) = args
-    return dict(zip(_IPC_FIELDS, (list(size), list(stride), int(offset), str(dtype).removeprefix("torch."), bytes(handle),
+    return dict(zip(IPC_FIELDS, (list(size), list(stride), int(offset), str(dtype).removeprefix("torch."), bytes(handle),
                                   int(size_bytes), int(offset_bytes), bytes(rc_handle), int(rc_offset),
                                   None if event is None else bytes(event), bool(sync))))
 
@@ -421,7 +422,7 @@ def cuda_ipc_import(fields: dict, device_index: int) -> torch.Tensor:
     (the same GPU; the caller checks that, and the fields' types)."""
     from torch.multiprocessing.reductions import rebuild_cuda_tensor
 
-    f = [fields[k] for k in _IPC_FIELDS]
+    f = [fields[k] for k in IPC_FIELDS]
     f[3] = getattr(torch, f[3])
     size, stride, offset, dtype, handle, size_bytes, offset_bytes, rc_handle, rc_offset, event, sync = f
     return rebuild_cuda_tensor(torch.Tensor, torch.Size(size), tuple(stride), offset, torch.UntypedStorage, dtype,

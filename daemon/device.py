@@ -68,22 +68,18 @@ def _handles(body: dict, name: str, request_id: int) -> list[int]:
     return value
 
 
-_IPC_TYPES = {"uuid": str, "size": list, "stride": list, "offset": int, "dtype": str, "handle": bytes,
-              "size_bytes": int, "offset_bytes": int, "ref_counter_handle": bytes, "ref_counter_offset": int,
-              "event_sync_required": bool}
-
-
 def check_ipc_fields(fields: Any, k: int) -> None:
-    """A CUDA IPC description as :func:`hypatia.client.torch_internals.cuda_ipc_export` writes it."""
+    """A CUDA IPC description as :func:`hypatia.client.torch_internals.cuda_ipc_export` writes it,
+    with the client's GPU's UUID."""
+    from hypatia.client.torch_internals import IPC_FIELDS
+
     if not isinstance(fields, dict):
         raise BadRequest(f"tensor {k}: cuda_ipc must be a map")
-    for name, kind in _IPC_TYPES.items():
-        if type(fields.get(name)) is not kind:
-            raise BadRequest(f"tensor {k}: cuda_ipc.{name} must be a {kind.__name__}")
-    if fields.get("event_handle") is not None and type(fields["event_handle"]) is not bytes:
-        raise BadRequest(f"tensor {k}: cuda_ipc.event_handle must be bytes or null")
+    for name, kinds in ({"uuid": (str,)} | IPC_FIELDS).items():
+        if type(fields.get(name)) not in kinds:
+            raise BadRequest(f"tensor {k}: cuda_ipc.{name} must be a {' or '.join(t.__name__ for t in kinds)}")
     try:
-        if len(shm._int_list(fields["size"], "size")) != len(shm._int_list(fields["stride"], "stride")):
+        if len(shm.int_list(fields["size"], "size")) != len(shm.int_list(fields["stride"], "stride")):
             raise shm.BadDescriptor("size and stride differ in length")
     except shm.BadDescriptor as exc:
         raise BadRequest(f"tensor {k}: cuda_ipc: {exc}") from None
@@ -105,6 +101,7 @@ class DeviceService:
         self.idle_s = idle_s
         self.counters: Counter = Counter()
         self._device = None
+        self._uuid: str | None = None  # the GPU's, "" for none: made once, asked for at every IPC upload
         self._next_sweep = 0.0
         self._choosing_lock = threading.Lock()
         self.record_executor = record_executor  # stores a choice with its plan (server thread)
@@ -136,12 +133,15 @@ class DeviceService:
 
     def device_uuid(self) -> str | None:
         """The GPU's UUID (a client with the same GPU sends tensors by CUDA IPC handle), or None."""
-        device = self.device()
-        if device.type != "cuda":
-            return None
-        import torch
+        if self._uuid is None:
+            device = self.device()
+            if device.type == "cuda":
+                import torch
 
-        return str(torch.cuda.get_device_properties(device).uuid)
+                self._uuid = str(torch.cuda.get_device_properties(device).uuid)
+            else:
+                self._uuid = ""
+        return self._uuid or None
 
     # -- parsing (server thread) -----------------------------------------------------------
     def parse(self, body: dict, request_id: int, over_tcp: bool) -> tuple[str, dict]:

@@ -120,7 +120,8 @@ def numel(shape: Iterable[int]) -> int:
     return n
 
 
-def _int_list(value: Any, what: str) -> list[int]:
+def int_list(value: Any, what: str) -> list[int]:
+    """``value`` if it is a shape or strides as a descriptor may carry them; BadDescriptor if not."""
     if not isinstance(value, list) or len(value) > MAX_DIMS:
         raise BadDescriptor(f"{what} must be a list of at most {MAX_DIMS} integers")
     for v in value:
@@ -164,8 +165,8 @@ class Descriptor:
         dtype = obj.get("dtype")
         if not isinstance(dtype, str) or dtype not in ITEMSIZE:
             raise BadDescriptor(f"dtype {str(dtype)[:40]!r} is not one of {', '.join(ITEMSIZE)}")
-        shape = _int_list(obj.get("shape"), "shape")
-        stride = _int_list(obj.get("stride"), "stride")
+        shape = int_list(obj.get("shape"), "shape")
+        stride = int_list(obj.get("stride"), "stride")
         if len(stride) != len(shape):
             raise BadDescriptor(f"stride has {len(stride)} entries for a shape of {len(shape)}")
         offset, nbytes = obj.get("offset"), obj.get("nbytes")
@@ -405,7 +406,7 @@ def from_inline(data: Any) -> "torch.Tensor":
     raw, dtype, shape = data.get("bytes"), data.get("dtype"), data.get("shape")
     if not isinstance(raw, bytes) or dtype not in ITEMSIZE:
         raise BadDescriptor("inline tensor data needs bytes and a dtype of " + ", ".join(ITEMSIZE))
-    shape = _int_list(shape, "shape")
+    shape = int_list(shape, "shape")
     if len(raw) != numel(shape) * ITEMSIZE[dtype]:
         raise BadDescriptor(f"{len(raw)} bytes do not make a {dtype}{shape}")
     if not raw:
