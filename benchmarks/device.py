@@ -8,7 +8,9 @@ row of one run is measured on one machine, side by side.
 One hypatiad is started the way a user starts it, in a fresh HYPATIA_HOME; each row is one
 process (:mod:`benchmarks.device_worker`). The device rows' clients run with
 ``CUDA_VISIBLE_DEVICES=""``; the daemon keeps the GPU (its CPU where there is none). The
-``device_ipc`` rows' client has that GPU too (same host): its batches go up by CUDA IPC handle. Reported
+``device_ipc`` rows' client has that GPU too (same host): its batches go up by CUDA IPC handle.
+The ``remote`` rows are remote mode (``HYPATIA_MODE=remote``): a CPU model compiled in a client
+with no GPU, its graphs run on the daemon's device through the same requests. Reported
 per device row: median step time, bytes up and down per step after the first (weights must
 not move again) and on the first, and the daemon's memory. Nothing here is asserted.
 """
@@ -29,7 +31,7 @@ from benchmarks.workloads import by_name
 FULL = {"workloads": ("bert_base", "gpt2_small", "transformer_block"), "steps": 20}
 QUICK = {"workloads": ("mlp_small",), "steps": 3}
 TRAINING = ("transformer_block",)  # the small transformer's training step
-KINDS = ("eager", "hypatia", "device", "device_compiled", "device_ipc")
+KINDS = ("eager", "hypatia", "device", "device_compiled", "device_ipc", "remote")
 
 
 def _row(env: dict, *argv: str, timeout: float) -> dict:
@@ -54,7 +56,9 @@ def run(quick: bool, workloads: tuple[str, ...] | None = None, steps: int | None
     client_env = env | {"CUDA_VISIBLE_DEVICES": "", "HYPATIA_AUTOSTART": "0"}
     # local rows run beside the daemon; device rows see no GPU, except device_ipc's, which shares it
     envs = {"eager": env, "hypatia": env, "device": client_env, "device_compiled": client_env,
-            "device_ipc": env | {"HYPATIA_AUTOSTART": "0"}}
+            "device_ipc": env | {"HYPATIA_AUTOSTART": "0"},
+            # remote mode: the client's own executor is its fallback only, not measured (aten)
+            "remote": client_env | {"HYPATIA_MODE": "remote", "HYPATIA_EXECUTOR": "aten"}}
     rows: list[dict] = []
     started = run_module(env, "hypatia.daemon", "start", timeout=120)
     if started.returncode != 0:
@@ -84,7 +88,7 @@ def summarize(rows: list[dict]) -> list[dict]:
     by = {(r.get("workload"), r.get("mode"), r["kind"]): r for r in rows if "median_ms" in r}
     out = []
     for (workload, mode, kind), r in by.items():
-        if not kind.startswith("device"):
+        if not kind.startswith("device") and kind != "remote":  # the rows from a client of the daemon
             continue
         eager, local = by.get((workload, mode, "eager")), by.get((workload, mode, "hypatia"))
         out.append({"workload": workload, "mode": mode, "kind": kind, "batch": r.get("batch"), "device_ms": r["median_ms"],

@@ -5,8 +5,11 @@
 hypatia device, run from this process, which the runner starts with no GPU visible),
 ``device_compiled`` (the same, through ``torch.compile(backend="hypatia")``: whole graphs per
 call), ``device_ipc`` (as ``device_compiled``, from a process that has the daemon's GPU too: its
-batches are made on that GPU and go up by CUDA IPC handle), ``eager`` and ``hypatia`` (the model run in this process on the daemon's kind of device,
-as is and through ``torch.compile(backend="hypatia")``).
+batches are made on that GPU and go up by CUDA IPC handle), ``remote`` (a CPU model through
+``torch.compile(backend="hypatia")`` with ``HYPATIA_MODE=remote``, from a process with no GPU:
+its graphs run on the daemon's device through the same requests), ``eager`` and ``hypatia``
+(the model run in this process on the daemon's kind of device, as is and through
+``torch.compile(backend="hypatia")``).
 """
 
 from __future__ import annotations
@@ -54,14 +57,15 @@ def _model(workload: str, device: str, dtype: torch.dtype, train: bool):
 def _run(kind: str, workload: str, mode: str, steps: int, dtype: torch.dtype, batch: int) -> dict:
     train = mode == "training"
     on_device = kind.startswith("device")
-    device = "hypatia" if on_device else ("cuda" if torch.cuda.is_available() else "cpu")
-    if on_device:
+    remote = kind == "remote"  # a CPU model whose graphs run in the daemon
+    device = "hypatia" if on_device else ("cuda" if torch.cuda.is_available() and not remote else "cpu")
+    if on_device or remote:
         import hypatia.device as hd  # noqa: F401
     t0 = time.perf_counter()
     w, model = _model(workload, device, dtype, train)
     made_on = torch.device("cuda" if kind == "device_ipc" else "cpu")
     batches = [w.make_inputs(batch, made_on, dtype) for _ in range(steps + 2)]  # a new batch each step
-    if kind in ("hypatia", "device_compiled", "device_ipc"):  # on the device: whole graphs recorded per call
+    if kind in ("hypatia", "device_compiled", "device_ipc", "remote"):  # on the device: whole graphs recorded per call
         model = torch.compile(model, backend="hypatia")
     opt = torch.optim.SGD(model.parameters(), lr=1e-4) if train else None
 
@@ -77,6 +81,10 @@ def _run(kind: str, workload: str, mode: str, steps: int, dtype: torch.dtype, ba
             return primary_output(model(*args)).float().sum().item()
 
     def moved() -> tuple[int, int]:
+        if remote:
+            from hypatia.client.backend import session
+
+            return session().counters["remote_bytes_up"], session().counters["remote_bytes_down"]
         if not on_device:
             return 0, 0
         link = hd.trace.recorder().link
@@ -87,7 +95,7 @@ def _run(kind: str, workload: str, mode: str, steps: int, dtype: torch.dtype, ba
     up_first, _ = moved()  # the weights and the first batch
     # Hypatia measures its executors on a graph's first calls (the device's in the daemon, four
     # candidates of 13 calls each on a GPU): the timed steps come after the choice
-    warmup = WARMUP_GPU if kind != "eager" and (torch.cuda.is_available() or on_device and _daemon_gpu()) else 1
+    warmup = WARMUP_GPU if kind != "eager" and (torch.cuda.is_available() or (on_device or remote) and _daemon_gpu()) else 1
     for k in range(warmup):
         step(k)
     up0, down0 = moved()
@@ -102,6 +110,13 @@ def _run(kind: str, workload: str, mode: str, steps: int, dtype: torch.dtype, ba
     row = {"kind": kind, "workload": workload, "mode": mode, "dtype": str(dtype).removeprefix("torch."),
            "batch": batch, "device": device, "steps": steps, "median_ms": round(statistics.median(times) * 1e3, 3),
            "first_step_s": round(first_s, 3), "first_value": first, "warmup_steps": warmup + 1}
+    if remote:
+        from hypatia.client.backend import session
+
+        c = session().counters
+        row |= {"bytes_up_per_step": (up1 - up0) / steps, "bytes_down_per_step": (down1 - down0) / steps,
+                "bytes_up_first": up_first, "remote_runs": c["remote_runs"], "remote_fallbacks": c["remote_fallbacks"],
+                "remote_local_graphs": c["remote_local_graphs"], "executors": _daemon_choices()}
     if on_device:
         stats = hd.memory_stats()
         row |= {"bytes_ipc_up_per_step": (ipc1 - ipc0) / steps,

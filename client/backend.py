@@ -88,7 +88,7 @@ class Session:
                 logger.addHandler(logging.StreamHandler())
         self.client = DaemonClient(self.config)
         self.counters: Counter = Counter()
-        self.remote = RemoteRunner(self.config, self.client, self.counters) if self.config.mode == "remote" else None
+        self.remote = RemoteRunner(self.config, self.counters) if self.config.mode == "remote" else None
         self.sharing = code.CodeSharing(self.config, self.client, self.counters, self._note_once) \
             if self.config.share_compiled else None
         self.plans: deque[tuple[str, Plan]] = deque(maxlen=256)  # (phase, plan) of recent compiles
@@ -298,13 +298,11 @@ class Session:
         # measurements of a filtered graph are not this plan's: they stay out of the daemon
         local = self._executor(graphs, model, plan, keys if self.region_filter is None else None, trail)
         trail.rewritten, trail.for_inductor = graphs.rewritten, graphs.for_inductor
-        if self.remote is None or model is None or keys is None or self.region_filter is not None:
+        if self.remote is None or model is None or self.region_filter is not None:
             return local
-        registration = {"graph_key": keys[0], "workload_key": keys[1], "env_key": keys[2], "policy": self.config.policy,
-                        "graph": graph.to_wire(), "workload": workload, "environment": env}
         output_type = type(next(n for n in gm.graph.nodes if n.op == "output").args[0])
         boxed_local = lambda args: local(*args)  # noqa: E731 - remote mode's calls are boxed
-        remote = self.remote.wrap(graph, keys, registration, phase, example_inputs, output_type, boxed_local)
+        remote = self.remote.wrap(model.gm, gm, phase, example_inputs, output_type, boxed_local)
         return local if remote is boxed_local else (lambda *args: remote(list(args)))
 
     def _filtered(self, plan: Plan) -> Plan:

@@ -1,44 +1,50 @@
-"""Remote mode (``HYPATIA_MODE=remote``): hypatiad runs this process's CPU inference graphs on
-tensors passed through shared memory (:mod:`hypatia.shm`), and the results come back the same way.
+"""Remote mode (``HYPATIA_MODE=remote``): hypatiad runs this process's inference graphs on its
+device (its GPU, or its CPU when it has none), through the hypatia device's machinery
+(:mod:`hypatia.device`): a thin layer on it, not a path of its own.
 
-One call: every input goes into a segment of this process, a ``run`` request names the graph's
-keys and the segments, the daemon answers with output segments it made for this process, the
-outputs are copied out. Before the call returns, every segment of it is unlinked here, whatever
-happened. Only a reply that arrives after the call gave up can leave segments behind; the next
-call, this process's exit, or (once this process is gone) the daemon's sweep removes them.
+Each call of a graph is one recorded step (a :class:`~hypatia.device.compiled.GraphCall`) on a
+recorder of remote mode's own, flushed at once: the daemon plans the structure once, keeps its
+executable and runs it under the executor it measured fastest, as it does every device graph.
+The graph's parameters and buffers (the inputs Dynamo marks static) go up once, by content
+digest, so processes with the same weights share one copy, and stay there while the tensor
+lives unwritten; the batch rides on the execute; the outputs come back. To a daemon on this
+host tensors travel through private shared memory, to one on another host (``HYPATIA_CONNECT``)
+inside the messages.
 
-A graph the daemon cannot run (a training graph, GPU tensors, constants baked in, dynamic
-shapes) runs locally, with one warning per reason and a counter; so does any call the daemon
-cannot serve (down, silent, an error reply): a model never fails because of remote mode.
+A graph the daemon should not run (a training graph, GPU tensors, an op that draws random
+numbers from the client's generator or writes to its arguments) runs locally, with one warning
+per reason and a counter; so does any call the daemon does not serve (down, silent, an error
+reply): a model never fails because of remote mode. A graph the daemon refused runs locally
+from then on. A daemon that was lost (stopped, restarted, silent) is asked again later in a
+fresh session: the tensors it held were its own, and the weights go up again (by digest, so
+for nothing where another process kept them).
 """
 
 from __future__ import annotations
 
-import atexit
 import logging
 import os
-import secrets
 import threading
 import time
 import warnings
+import weakref
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+import torch.fx
+from torch.fx.node import map_aggregate
 
-from hypatia import shm
-from hypatia.canonical import CanonicalGraph, is_ref
-from hypatia.client import capture as cap
-from hypatia.client.rpc import DaemonClient, DaemonUnavailable
+from hypatia.client.torch_internals import static_input_indices
 from hypatia.config import Config, read_daemon_pid
-from hypatia.planner import rebuild
-from hypatia.protocol import ErrorCode, RemoteError
 
 log = logging.getLogger("hypatia.client")
 
-# After a daemon that runs but did not answer a run, run locally this long before asking again.
+# After a daemon that runs but did not answer, run locally this long before asking again.
 UNRESPONSIVE_BACKOFF_S = 10.0
+_META = torch.device("meta")
+_CONSTANT_OUTPUT = (type(None), bool, int, float)
 
 
 class RemoteModeWarning(RuntimeWarning):
@@ -46,28 +52,85 @@ class RemoteModeWarning(RuntimeWarning):
 
 
 class RemoteFailed(Exception):
-    """The daemon did not run this call; it runs locally."""
+    """The daemon did not run this call; it runs locally. ``kind``: the cause it is warned as."""
+
+    def __init__(self, message: str, kind: str | None = None):
+        super().__init__(message)
+        self.kind = kind
 
 
-@dataclass(frozen=True)
+@dataclass
 class RemoteGraph:
-    """What a run request needs to name a graph, and to register it again with a daemon that
-    lost it (restarted on a flushed store)."""
+    """A graph as remote mode calls it: one recorded step, and how its outputs come back."""
 
-    keys: tuple[str, str, str]
-    registration: dict  # a make_plan body
+    call: Any  # a GraphCall of the graph, its CPU devices made ``meta`` (the daemon's device)
+    metas: list[torch.Tensor | None]  # each output's metadata; None for a constant output
+    constants: list[Any]  # each output's value where it is a constant (None, a number), else None
+    lifted: list[torch.Tensor]  # the graph's constant tensors, made inputs after its own
+    static: frozenset[int]  # the inputs that go up once (parameters, buffers)
     output_type: type
-    outputs: tuple[tuple[list[int], str] | None, ...]  # (shape, dtype) of each tensor output
+    refused: str | None = field(default=None)  # why the daemon refused it: it runs locally from then on
 
 
-def _output_specs(graph: CanonicalGraph) -> tuple[tuple[list[int], str] | None, ...]:
-    """(shape, dtype) of each output of a graph returning a sequence; None for a non-tensor."""
-    specs = []
-    for out in graph.outputs[1]:
-        meta = graph.nodes[out[1]].meta if is_ref(out) else None
-        tensor = isinstance(meta, list) and len(meta) == 5 and meta[0] == "T"
-        specs.append((meta[1], meta[3]) if tensor else None)
-    return tuple(specs)
+def remote_graph(aten: torch.fx.GraphModule, dynamo: torch.fx.GraphModule, output_type: type) -> RemoteGraph:
+    """The remote graph of ``aten`` (the functional ATen graph of Dynamo's ``dynamo``); raises
+    :class:`NotRemote` saying why the daemon should not run it."""
+    from hypatia.client.graphs import copy_of
+    from hypatia.device.compiled import GraphCall, NotTraceable, _constants_as_inputs
+
+    gm = copy_of(aten, aten)
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        why = _why_local(node.target)
+        if why is not None:
+            raise NotRemote(why)
+        node.args = map_aggregate(node.args, _as_meta)
+        node.kwargs = map_aggregate(node.kwargs, _as_meta)
+    try:
+        lifted = _constants_as_inputs(gm)
+    except NotTraceable as exc:
+        raise NotRemote(str(exc)) from None
+    outputs = gm.graph.output_node().args[0]
+    if not isinstance(outputs, (tuple, list)) or output_type not in (tuple, list):
+        raise NotRemote(f"the graph returns a {output_type.__name__}, not a sequence")
+    metas, constants = [], []
+    for k, out in enumerate(outputs):
+        if isinstance(out, torch.fx.Node):
+            val = out.meta.get("val")
+            if not isinstance(val, torch.Tensor):
+                raise NotRemote(f"output {k} is a {type(val).__name__}, not a tensor")
+            metas.append(torch.empty_strided(val.shape, val.stride(), dtype=val.dtype, device=_META))
+            constants.append(None)
+        elif isinstance(out, _CONSTANT_OUTPUT):
+            metas.append(None)
+            constants.append(out)
+        else:
+            raise NotRemote(f"output {k} is a {type(out).__name__}")
+    return RemoteGraph(GraphCall(gm), metas, constants, lifted, frozenset(static_input_indices(dynamo)), output_type)
+
+
+class NotRemote(Exception):
+    """A graph the daemon should not run for this process (the message says why)."""
+
+
+def _why_local(target: Any) -> str | None:
+    import operator
+
+    if target is operator.getitem:
+        return None
+    if not isinstance(target, torch._ops.OpOverload):
+        return f"{getattr(target, '__name__', target)} is not an ATen operator"
+    if target._schema.is_mutable:
+        return f"{target} writes to one of its arguments"
+    if torch.Tag.nondeterministic_seeded in target.tags:
+        return f"{target} draws random numbers (the daemon's generator is not this process's)"
+    return None
+
+
+def _as_meta(x: Any) -> Any:
+    """The CPU as a device argument becomes ``meta``, which stands for the daemon's device."""
+    return _META if isinstance(x, torch.device) and x.type == "cpu" else x
 
 
 class RemoteCall:
@@ -81,52 +144,85 @@ class RemoteCall:
         self.local = local
 
     def __call__(self, args: list) -> Any:
-        try:
-            return self.runner.run(self.graph, args)
-        except RemoteFailed as exc:
-            self.runner.fell_back(exc)
-            return self.local(args)
+        if self.graph.refused is None:
+            try:
+                return self.runner.run(self.graph, args)
+            except RemoteFailed as exc:
+                self.runner.fell_back(exc)
+        else:
+            self.runner.counters["remote_refused_calls"] += 1
+        return self.local(args)
+
+
+class _Session:
+    """One device session of remote mode: its recorder, and the values of the static inputs it
+    holds, by tensor (while it lives) and version (while nothing writes it)."""
+
+    def __init__(self, config: Config):
+        from hypatia.device.link import Link
+        from hypatia.device.trace import Recorder
+
+        self.recorder = Recorder(Link(config), config.device_max_ops)
+        self.statics: dict[int, tuple[weakref.ref, int, Any]] = {}
+
+    @property
+    def link(self) -> Any:
+        return self.recorder.link
+
+    def value(self, t: torch.Tensor, static: bool) -> Any:
+        from hypatia.device.values import upload_value
+
+        if not static:
+            return upload_value(t)
+        key = id(t)
+        found = self.statics.get(key)
+        if found is not None and found[0]() is t and found[1] == t._version:
+            return found[2]
+        v = upload_value(t)
+        v.ask = True  # asked for by digest first: another process may hold the same weights
+        statics = self.statics
+        statics[key] = (weakref.ref(t, lambda _, key=key: statics.pop(key, None)), t._version, v)
+        return v
 
 
 class RemoteRunner:
-    """Per-process remote mode: which graphs go to the daemon, the calls, the segments in flight."""
+    """Per-process remote mode: which graphs go to the daemon, its session, the calls."""
 
-    def __init__(self, config: Config, client: DaemonClient, counters: Counter):
+    def __init__(self, config: Config, counters: Counter):
         self.config = config
-        self.client = client
         self.counters = counters
         self._warned: set[str] = set()
-        self._live: set[str] = set()  # tags of calls whose segments are in use right now
         self._lock = threading.Lock()
         self._pid = os.getpid()
-        self._reclaim = False
+        self._session: _Session | None = None
         self._skip_until = 0.0
-        atexit.register(self.reclaim)
 
     # -- which graphs run remotely -----------------------------------------------------------
-    def wrap(self, graph: CanonicalGraph, keys: tuple[str, str, str], registration: dict, phase: str,
-             example_inputs: list[Any], output_type: type, local: Callable[[list], Any]) -> Callable[[list], Any]:
-        """A :class:`RemoteCall` for ``graph``, or ``local`` itself when the daemon cannot run it."""
-        reason = self._ineligible(graph, phase, example_inputs, output_type)
-        if reason is not None:
+    def wrap(self, aten: torch.fx.GraphModule, dynamo: torch.fx.GraphModule, phase: str, example_inputs: list[Any],
+             output_type: type, local: Callable[[list], Any]) -> Callable[[list], Any]:
+        """A :class:`RemoteCall` for the graph, or ``local`` itself when the daemon should not run it."""
+        reason = self._ineligible(phase, example_inputs)
+        graph = None
+        if reason is None:
+            try:
+                graph = remote_graph(aten, dynamo, output_type)
+            except NotRemote as exc:
+                reason = f"not run in the daemon: {exc}"
+        if graph is None:
             self.counters["remote_local_graphs"] += 1
             self._warn(reason.split(":")[0], f"HYPATIA_MODE=remote: this graph runs in this process ({reason})")
             return local
         self.counters["remote_graphs"] += 1
-        return RemoteCall(self, RemoteGraph(keys, registration, output_type, _output_specs(graph)), local)
+        return RemoteCall(self, graph, local)
 
-    def _ineligible(self, graph: CanonicalGraph, phase: str, example_inputs: list[Any], output_type: type) -> str | None:
-        if self.config.remote:
-            return "daemon on another host: shared memory reaches only a daemon on this host (HYPATIA_CONNECT is set)"
+    @staticmethod
+    def _ineligible(phase: str, example_inputs: list[Any]) -> str | None:
         if phase != "inference":
             return "training graph: remote mode runs inference graphs (no autograd) only"
-        if cap.graph_device(graph) != "cpu" or any(
-                not isinstance(x, torch.Tensor) or x.device.type != "cpu" for x in example_inputs):
-            return "not CPU tensors: remote mode passes CPU tensors only (no CUDA IPC yet)"
-        if output_type not in (tuple, list) or not (isinstance(graph.outputs, list) and graph.outputs[:1] == ["l"]):
-            return f"not rebuildable in the daemon: the graph returns a {output_type.__name__}, not a sequence"
-        why = rebuild.unsupported(graph)
-        return None if why is None else f"not rebuildable in the daemon: {why}"
+        if any(not isinstance(x, torch.Tensor) or x.device.type != "cpu" for x in example_inputs):
+            return ("not CPU tensors: remote mode runs graphs of CPU tensors (a model on the daemon's GPU is a "
+                    "model on the hypatia device: model.to('hypatia'))")
+        return None
 
     def _warn(self, kind: str, message: str) -> None:
         if kind not in self._warned:
@@ -139,119 +235,98 @@ class RemoteRunner:
         self.counters["remote_fallbacks"] += 1
         cause = exc.__cause__ or exc
         log.debug("remote call runs locally: %s", exc, exc_info=cause)
-        self._warn(f"call:{type(cause).__name__}", f"HYPATIA_MODE=remote: a call runs in this process ({exc})")
+        kind = getattr(exc, "kind", None) or type(cause).__name__
+        self._warn(f"call:{kind}", f"HYPATIA_MODE=remote: a call runs in this process ({exc})")
 
     # -- one call --------------------------------------------------------------------------
     def run(self, graph: RemoteGraph, args: list) -> Any:
         """The outputs of ``graph`` on ``args``, computed by the daemon; :class:`RemoteFailed`
-        when it did not compute them (every segment of the call is gone by then)."""
-        if self._pid != os.getpid():  # a forked child: the parent's calls and lock are not its own
-            self._live, self._lock, self._pid = set(), threading.Lock(), os.getpid()
+        when it did not compute them."""
+        from hypatia.device.link import DeviceError, DeviceFull, DeviceLost
+
+        if self._pid != os.getpid():  # a forked child: the parent's session and lock are not its own
+            self._session, self._lock, self._pid = None, threading.Lock(), os.getpid()
         if time.monotonic() < self._skip_until:
-            raise RemoteFailed("hypatiad did not answer a recent run; running locally for a while")
-        if read_daemon_pid(self.config) is None:
+            # the silent daemon was warned about once already
+            raise RemoteFailed("hypatiad did not answer a recent call; running locally for a while", "DeviceLost")
+        if not self.config.remote and read_daemon_pid(self.config) is None:
             raise RemoteFailed(f"no hypatiad is running for {self.config.endpoint}")
-        if self._reclaim:
-            self.reclaim()
-        pid, tag = os.getpid(), secrets.token_hex(8)
-        created: list[str] = []
         with self._lock:
-            self._live.add(tag)
-        try:
-            daemon = self._daemon()
-            inputs = []
-            for k, value in enumerate(args):
-                if not isinstance(value, torch.Tensor):
-                    raise RemoteFailed(f"input {k} is a {type(value).__name__}, not a tensor")
-                desc = shm.put(value, shm.segment_name(daemon, pid, f"{tag}i{k}"))
-                if desc.name is not None:
-                    created.append(desc.name)
-                    self.counters["shm_segments_created"] += 1
-                    self.counters["shm_bytes_sent"] += desc.nbytes
-                inputs.append(desc.to_wire())
-            body = {"graph_key": graph.keys[0], "workload_key": graph.keys[1], "env_key": graph.keys[2],
-                    "pid": pid, "tag": tag, "inputs": inputs}
-            result = self._request(graph, body)
-            outputs = self._outputs(result, daemon, pid, tag, graph.outputs)
-            self.counters["remote_runs"] += 1
-            return graph.output_type(outputs)
-        except RemoteFailed:
-            raise
-        except DaemonUnavailable as exc:
-            self._reclaim = True  # a reply may yet come, with segments in it
-            self._skip_until = time.monotonic() + UNRESPONSIVE_BACKOFF_S
-            raise RemoteFailed(str(exc)) from exc
-        except Exception as exc:  # noqa: BLE001 - an error reply, a full /dev/shm, a malformed reply: run locally
-            raise RemoteFailed(f"{type(exc).__name__}: {exc}") from exc
-        finally:
-            for name in created:
-                shm.unlink(name)
-            with self._lock:
-                self._live.discard(tag)
-
-    def _daemon(self) -> str:
-        """The id of the daemon this process talks to, which every segment of a call names (its
-        hello reply gives it; a process that has not talked to it yet says hello first)."""
-        if self.client.server is None:
-            self.client.call("ping")
-        daemon = (self.client.server or {}).get("daemon")
-        if not isinstance(daemon, str) or not shm.DAEMON_RE.fullmatch(daemon):
-            raise RemoteFailed(f"hypatiad's hello reply names no daemon id ({str(daemon)[:40]!r})")
-        return daemon
-
-    def _request(self, graph: RemoteGraph, body: dict) -> Any:
-        try:
-            return self.client.call("run", body, timeout_ms=self.config.run_timeout_ms, retries=0)
-        except RemoteError as exc:
-            if exc.code != ErrorCode.UNKNOWN_GRAPH:
+            session = self._connected()
+            try:
+                try:
+                    outputs = self._call(session, graph, args)
+                except DeviceLost as exc:
+                    if exc.unresponsive or session.link.lost is None:
+                        raise
+                    self._drop(session, exc)  # it restarted: nothing was served, so at once in a fresh session
+                    session = self._connected()
+                    outputs = self._call(session, graph, args)
+            except DeviceLost as exc:  # its tensors are gone: a fresh session next time
+                self._drop(session, exc)
+                raise RemoteFailed(str(exc)) from exc
+            except DeviceFull as exc:  # memory may be free by the next call
+                raise RemoteFailed(str(exc)) from exc
+            except DeviceError as exc:  # refused: this graph runs here from now on
+                graph.refused = str(exc)
+                self.counters["remote_refused_graphs"] += 1
+                raise RemoteFailed(str(exc)) from exc
+            except RemoteFailed:
                 raise
-        # the daemon lost the graph (a flushed store): register it again, then ask once more
-        self.counters["remote_reregistered"] += 1
-        self.client.call("make_plan", graph.registration, timeout_ms=self.config.run_timeout_ms)
-        return self.client.call("run", body, timeout_ms=self.config.run_timeout_ms, retries=0)
+            except Exception as exc:  # noqa: BLE001 - anything else: this call runs locally
+                raise RemoteFailed(f"{type(exc).__name__}: {exc}") from exc
+        self.counters["remote_runs"] += 1
+        return graph.output_type(outputs)
 
-    def _outputs(self, result: Any, daemon: str, pid: int, tag: str, expected: tuple) -> list[Any]:
-        """Copy the reply's outputs out, then unlink every segment it names (those of this call
-        only: a reply never makes this process unlink anything else). The outputs must be the
-        graph's: as many, tensors where it has tensors, of its shapes and dtypes."""
-        entries = result.get("outputs") if isinstance(result, dict) else None
-        if not isinstance(entries, list):
-            self._reclaim = True
-            raise shm.BadDescriptor("the run reply has no outputs list")
-        names = []
-        for entry in entries:
-            name = entry.get("name") if isinstance(entry, dict) else None
-            if isinstance(name, str) and name.startswith(shm.segment_name(daemon, pid, tag + "o")):
-                names.append(name)
+    def _connected(self) -> _Session:
+        if self._session is None:
+            self._session = _Session(self.config)
+            self.counters["remote_sessions"] += 1
+        return self._session
+
+    def _drop(self, session: _Session, exc: Exception) -> None:
+        """Forget a lost session (the daemon's end of it is released or swept); after a silent
+        daemon, wait :data:`UNRESPONSIVE_BACKOFF_S` before the next."""
+        if getattr(exc, "unresponsive", False):
+            self._skip_until = time.monotonic() + UNRESPONSIVE_BACKOFF_S
+        session.link.abandon()
+        self._session = None
+
+    def _call(self, session: _Session, graph: RemoteGraph, args: list) -> list[Any]:
+        rec, link = session.recorder, session.link
+        before = (link.bytes_up + link.bytes_ipc_up, link.bytes_down + link.bytes_ipc_down, link.counters["plans_resent"])
+        values = []
+        for k, a in enumerate(args):
+            if not isinstance(a, torch.Tensor) or a.device.type != "cpu":
+                raise RemoteFailed(f"input {k} is {_what(a)}, not a CPU tensor")
+            values.append(session.value(a, k in graph.static or isinstance(a, torch.nn.Parameter)))
+        values += [session.value(c, True) for c in graph.lifted]
+        outs = rec.record_inferred(graph.call, values, {}, graph.metas)
         try:
-            if len(entries) != len(expected):
-                raise shm.BadDescriptor(f"the reply has {len(entries)} outputs, the graph {len(expected)}")
-            outputs = []
-            for entry, spec in zip(entries, expected):
-                if spec is None and isinstance(entry, dict) and set(entry) == {"value"}:
-                    outputs.append(entry["value"])
-                    continue
-                desc = shm.Descriptor.parse(entry, pid, tag + "o", daemon)
-                if spec is None or list(desc.shape) != spec[0] or desc.dtype != spec[1]:
-                    raise shm.BadDescriptor(f"an output is {desc.dtype}{list(desc.shape)}, the graph's is {spec}")
-                outputs.append(shm.read(desc))
-                self.counters["shm_bytes_received"] += desc.nbytes
-            return outputs
-        finally:
-            for name in names:
-                if shm.unlink(name):
-                    self.counters["shm_segments_received"] += 1
+            tensors = iter(rec.fetch([v for v in outs if v is not None]))
+        finally:  # what moved, whether or not the call came back
+            self.counters["remote_bytes_up"] += link.bytes_up + link.bytes_ipc_up - before[0]
+            self.counters["remote_bytes_down"] += link.bytes_down + link.bytes_ipc_down - before[1]
+            self.counters["remote_reregistered"] += link.counters["plans_resent"] - before[2]
+        results = []
+        for k, (meta, constant) in enumerate(zip(graph.metas, graph.constants)):
+            if meta is None:
+                results.append(constant)
+                continue
+            t = next(tensors)
+            if t.shape != meta.shape or t.dtype != meta.dtype:
+                raise RemoteFailed(f"hypatiad sent output {k} as {t.dtype}{list(t.shape)}, the graph's is "
+                                   f"{meta.dtype}{list(meta.shape)}")
+            results.append(t)
+        return results
 
-    def reclaim(self) -> int:
-        """Unlink this process's segments that no call in progress uses (left by a reply that
-        came too late to be read); returns how many."""
-        pid = os.getpid()
+    def close(self) -> None:
+        """Release this process's session in the daemon (its weights stay while another holds them)."""
         with self._lock:
-            self._reclaim = False
-            live = tuple(self._live)
-        removed = 0
-        for name in shm.names_of(pid):
-            if not name.split("-", 4)[4].startswith(live):
-                removed += shm.unlink(name)
-        self.counters["shm_reclaimed"] += removed
-        return removed
+            if self._session is not None and self._pid == os.getpid():
+                self._session.link.close()
+            self._session = None
+
+
+def _what(x: Any) -> str:
+    return f"a {x.device} tensor" if isinstance(x, torch.Tensor) else f"a {type(x).__name__}"

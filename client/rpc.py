@@ -172,7 +172,9 @@ class DaemonClient:
             self.acknowledged = False
             wait_until = time.monotonic() + wait_s
             last: Exception | None = None
-            for _attempt in range(1 + retries):
+            attempts, attempt, rehandshaken = 1 + retries, 0, False
+            while attempt < attempts:
+                attempt += 1
                 deadline = time.monotonic() + timeout
                 try:
                     if self._sock is None:
@@ -201,6 +203,10 @@ class DaemonClient:
                     if exc.code in (ErrorCode.SHUTTING_DOWN, ErrorCode.NOT_HANDSHAKEN):
                         self._reset()
                         last = exc
+                        if exc.code == ErrorCode.NOT_HANDSHAKEN and not rehandshaken:
+                            # a restarted daemon at the same address: the request was not served, so
+                            # even one that must not be sent twice goes once more, after a hello
+                            rehandshaken, attempts = True, attempts + 1
                         continue
                     raise
                 except (TimeoutError, ProtocolError, zmq.ZMQError) as exc:
@@ -212,5 +218,5 @@ class DaemonClient:
                         ) from None
             raise DaemonUnavailable(
                 f"hypatiad at {self.config.client_endpoint} did not answer {method} after "
-                f"{1 + retries} attempt(s): {last}"
+                f"{attempt} attempt(s): {last}"
             )

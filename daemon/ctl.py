@@ -223,8 +223,9 @@ def _device(d: dict[str, Any]) -> str:
             + (f" (and {_fmt_bytes(held)} held by captured graphs)" if held else "") + f"; {d['sessions']} session(s), "
             f"{d['shared_buffers']} shared buffer(s) ({d.get('uploads_shared', 0)} uploads found by content, "
             f"{_fmt_bytes(d.get('bytes_not_moved', 0))} not moved); {d.get('executes', 0)} graphs run, "
-            f"{_fmt_bytes(d.get('bytes_uploaded', 0))} up, {_fmt_bytes(d.get('bytes_fetched', 0))} down"
-            + _device_choices(d))
+            f"{_fmt_bytes(d.get('bytes_uploaded', 0))} up, {_fmt_bytes(d.get('bytes_fetched', 0))} down; "
+            f"{d.get('executables_cached', 0)} executables cached, {d.get('segments_swept', 0)} shared-memory "
+            "segments of exited clients swept" + _device_choices(d))
 
 
 def _device_choices(d: dict[str, Any]) -> str:
@@ -303,14 +304,6 @@ def format_stats(s: dict[str, Any]) -> str:
                                 f"{s['artifacts']['takeovers']} taken over from a silent compiler; "
                                 f"{s['artifacts']['warm_hits']} warm starts"),
         ]
-        if "remote" in s:
-            r, m = s["remote"], s["shm"]
-            rows += [
-                ("remote runs", f"{r['runs']} run, {r['errors']} failed, {r['abandoned']} abandoned by their client; "
-                                f"{r['executables_cached']} executables cached, {r['executables_built']} built"),
-                ("shared memory", f"{m['transfers']} transfers ({m['segments_read']} in, {m['segments_written']} out), "
-                                  f"{_fmt_bytes(m['bytes'])}; {m['segments_swept']} segments of exited clients swept"),
-            ]
         if "device" in s:
             rows.append(("hypatia device", _device(s["device"])))
     width = max(len(k) for k, _ in rows)

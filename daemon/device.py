@@ -46,12 +46,12 @@ from typing import Any, Callable
 
 from hypatia import limits, shm
 from hypatia.daemon.device_pool import DevicePool, Session, mib, nbytes_of
-from hypatia.daemon.remote import REQUEST_TAG
 from hypatia.protocol import BadRequest, ErrorCode, ProtocolError, TooLarge, UnknownGraph, require
 
 log = logging.getLogger("hypatia.daemon")
 
 SESSION_RE = re.compile(r"[0-9a-f]{16,32}")
+REQUEST_TAG = re.compile(r"[0-9a-z]{8,32}")
 DIGEST_RE = re.compile(r"[0-9a-f]{64}")
 MAX_HANDLES_PER_REQUEST = 1 << 16
 MAX_INLINE_BYTES = 64 << 20  # one tensor sent inside a message (TCP clients)
@@ -92,11 +92,11 @@ class DeviceService:
     server thread; ``upload``/``execute``/``fetch`` move tensors or compute and run on the pool
     (:meth:`work`), returning an outcome that the server turns into the reply."""
 
-    def __init__(self, config: Any, daemon: str, runs: Any, limit_bytes: int, idle_s: float,
+    def __init__(self, config: Any, daemon: str, executables: Any, limit_bytes: int, idle_s: float,
                  record_executor: Callable[[Any, int, Any], Any] | None = None):
         self.config = config
         self.daemon = daemon  # the id in this daemon's shared-memory segment names
-        self.runs = runs  # the RunService: its executables (rebuilt graph + plan) serve both paths
+        self.executables = executables  # rebuilt graphs with their plans (daemon.executables.Executables)
         self.pool = DevicePool(limit_bytes)
         self.idle_s = idle_s
         self.counters: Counter = Counter()
@@ -216,16 +216,29 @@ class DeviceService:
             log.error("device %s failed: %s: %s", op, type(exc).__name__, exc, exc_info=log.isEnabledFor(logging.DEBUG))
             return {"ok": False, "code": int(ErrorCode.INTERNAL), "message": f"{type(exc).__name__}: {exc}"}
 
-    def _upload(self, session: Session, job: dict) -> dict:
+    def _upload(self, session: Session, job: dict, stored: list[int] | None = None) -> dict:
+        """Store an upload's tensors; all or none: a refused one releases those before it.
+        ``stored`` gathers the handles stored (an execute undoes them if it fails)."""
+        stored = [] if stored is None else stored
+        try:
+            return self._upload_all(session, job, stored)
+        except BaseException:
+            self.pool.release(session, stored)
+            raise
+
+    def _upload_all(self, session: Session, job: dict, stored: list[int]) -> dict:
         device = self.device()
         missing = []
         for k, entry in enumerate(job["tensors"]):
             if not isinstance(entry, dict) or type(entry.get("handle")) is not int:
                 raise BadRequest(f"tensor {k} of the upload has no integer handle")
             handle, digest, data = entry["handle"], entry.get("digest"), entry.get("data")
+            if handle in session.handles:
+                raise BadRequest(f"tensor {k}: handle {handle} is held already; release it first")
             if digest is not None and (not isinstance(digest, str) or not DIGEST_RE.fullmatch(digest)):
                 raise BadRequest(f"tensor {k}: digest must be 64 hexadecimal digits")
             if digest is not None and self.pool.adopt(session, handle, digest):
+                stored.append(handle)
                 continue
             if data is None:
                 missing.append(handle)
@@ -234,6 +247,7 @@ class DeviceService:
             self.pool.reserve(nbytes_of(tensor), f"uploading a {tuple(tensor.shape)} tensor")
             self.counters["bytes_uploaded"] += tensor.numel() * tensor.element_size()
             self.pool.put(session, handle, tensor.to(device) if device.type != "cpu" else tensor, digest)
+            stored.append(handle)
         return {"missing": missing}
 
     def _import(self, session: Session, job: dict, data: Any, k: int) -> Any:
@@ -300,6 +314,8 @@ class DeviceService:
                         written.append(desc.name)
                     values.append(desc.to_wire())
                 self.counters["bytes_fetched"] += tensor.numel() * tensor.element_size()
+            if written and not shm.pid_alive(session.pid):  # nobody will read them
+                raise BadRequest(f"client {session.pid} exited before its values were sent")
         except BaseException:
             for name in written:
                 shm.unlink(name)
@@ -309,29 +325,50 @@ class DeviceService:
     def _execute(self, session: Session, job: dict) -> dict:
         import torch
 
-        recipe = self.runs.stored(job["keys"])
+        recipe = self.executables.stored(job["keys"])
         if recipe is None:  # before anything is released or uploaded: the client sends it all again
             raise UnknownGraph(f"no plan is stored for graph {job['keys'][0][:24]}; send make_plan first")
         self.pool.release(session, job["release"])
-        if job["tensors"] and self._upload(session, job)["missing"]:
+        held = [h for h in job["outputs"] if h in session.handles]
+        if held:
+            raise BadRequest(f"output handles {held[:8]} are held already; release them first")
+        stored: list[int] = []  # what this execute stored: a failed one keeps none of it
+        try:
+            return self._run(session, job, recipe, torch, stored)
+        except BaseException:
+            self.pool.release(session, stored)
+            raise
+
+    def _run(self, session: Session, job: dict, recipe: dict, torch: Any, stored: list[int]) -> dict:
+        if job["tensors"] and self._upload(session, job, stored)["missing"]:
             raise BadRequest("the uploads an execute carries must carry their data")
-        executable, built = self.runs.executable(job["keys"], recipe, device=self.device())
+        executable, built = self.executables.executable(job["keys"], recipe, device=self.device())
+        self.counters["executables_built"] += int(built)
         inputs = [self.pool.get(session, h) for h in job["inputs"]]
         executable.check_tensors(inputs)
-        self.pool.reserve(job["out_bytes"], "this graph's outputs")
-        failures = executable.plan_failures
-        with torch.inference_mode():
-            result = self._runner(job["keys"], recipe, executable)(*inputs)
-        plan_failed = executable.plan_failures > failures
+        size = executable.footprint  # what the graph allocates, sized on fake tensors; else the client's word
+        if size is None:
+            self.counters["unsized_executes"] += 1
+        # held while it runs: executes on other threads see this memory as taken
+        give_back = self.pool.hold(size.peak if size is not None else job["out_bytes"],
+                                   f"graph {job['keys'][0][:16]} at {size.peak_at}" if size is not None
+                                   else "this graph's outputs")
+        try:
+            failures = executable.plan_failures
+            with torch.inference_mode():
+                result = self._runner(job["keys"], recipe, executable)(*inputs)
+            plan_failed = executable.plan_failures > failures
+        finally:
+            give_back()
         results = list(result) if isinstance(result, (tuple, list)) else [result]
         if len(results) != len(job["outputs"]):
             raise BadRequest(f"the graph has {len(results)} outputs, the request names {len(job['outputs'])}")
-        # the client's estimate was checked before the run; what the outputs really take, now
+        # what the outputs really take, now that they exist
         self.pool.reserve(sum(nbytes_of(r) for r in results if isinstance(r, torch.Tensor)), "this graph's outputs")
         for h, value in zip(job["outputs"], results):
             self.pool.put(session, h, value)
+            stored.append(h)
         self.counters["executes"] += 1
-        self.counters["executables_built"] += int(built)
         self.counters["plan_failures"] += int(plan_failed)
         fetched = self._export(session, job, job["fetch"]) if job["fetch"] else []
         return {"values": fetched}
@@ -393,7 +430,21 @@ class DeviceService:
         if dead:
             log.info("released the hypatia-device tensors of %d client session(s) that exited or went silent",
                      len(dead))
+        self.sweep_segments()
+
+    def sweep_segments(self) -> None:
+        """Unlink the shared-memory segments named for this daemon of clients that exited (a
+        reply nobody read, an upload of a client killed mid-request); never another daemon's."""
+        try:
+            removed = shm.sweep(self.daemon)
+        except OSError as exc:  # /dev/shm unreadable: nothing to sweep, say so once in a while
+            log.warning("shared-memory sweep failed: %s", exc)
+            return
+        if removed:
+            log.info("swept %d shared-memory segment(s) of clients that exited: %s", len(removed), ", ".join(removed[:8]))
+        self.counters["segments_swept"] += len(removed)
 
     def stats(self) -> dict:
-        return {"device": self.pool.stats() | dict(self.counters) | {"executor_choices_made": dict(self.choices)}}
+        return {"device": self.pool.stats() | dict(self.counters) | {
+            "executor_choices_made": dict(self.choices), "executables_cached": len(self.executables)}}
 

@@ -89,7 +89,7 @@ class Captured:
 
 def build(name: str, executable: Any, inputs: list, hold: Callable[[int, str], Callable[[], None]] | None = None
           ) -> Callable[..., Any]:
-    """The callable of candidate ``name`` for ``executable`` (a :class:`~hypatia.daemon.remote.Executable`
+    """The callable of candidate ``name`` for ``executable`` (a :class:`~hypatia.daemon.executables.Executable`
     whose ``graph`` is the rebuilt, unplanned graph module), built on this call's ``inputs``;
     ``hold``: see :class:`Captured`."""
     executor, captured = parse(name)

@@ -55,6 +55,7 @@ class DevicePool:
         self.limit = limit_bytes
         self.used = 0
         self.held_by_executors = 0  # captured graphs' copies of their inputs and their memory pools
+        self.held_by_runs = 0  # what graphs running now may allocate (their footprints)
         self.sessions: dict[str, Session] = {}
         self.shared: dict[str, Buffer] = {}
         self.counters: Counter = Counter()
@@ -75,7 +76,7 @@ class DevicePool:
 
     def reserve(self, nbytes: int, what: str) -> None:
         """:class:`DeviceFull` unless ``nbytes`` more fit under the limit."""
-        in_use = self.used + self.held_by_executors
+        in_use = self.used + self.held_by_executors + self.held_by_runs
         if self.limit and in_use + nbytes > self.limit:
             self.counters["full"] += 1
             raise DeviceFull(
@@ -86,13 +87,21 @@ class DevicePool:
     def hold_for_executor(self, nbytes: int, what: str) -> Callable[[], None]:
         """Count ``nbytes`` an executor keeps (a captured graph) against the limit; what gives
         them back when it goes. :class:`DeviceFull` when they do not fit."""
+        return self._hold("held_by_executors", nbytes, what)
+
+    def hold(self, nbytes: int, what: str) -> Callable[[], None]:
+        """Count ``nbytes`` that a graph about to run may allocate, until what is returned is
+        called (when it has run): :class:`DeviceFull` now when they do not fit."""
+        return self._hold("held_by_runs", nbytes, what)
+
+    def _hold(self, kind: str, nbytes: int, what: str) -> Callable[[], None]:
         with self._lock:
             self.reserve(nbytes, what)
-            self.held_by_executors += nbytes
+            setattr(self, kind, getattr(self, kind) + nbytes)
 
         def give_back() -> None:
             with self._lock:
-                self.held_by_executors -= nbytes
+                setattr(self, kind, getattr(self, kind) - nbytes)
         return give_back
 
     def get(self, session: Session, handle: int) -> Any:

@@ -1,4 +1,4 @@
-"""Single flight: who waits for which planning, tuning or remote-mode run, and what each gets
+"""Single flight: who waits for which planning, tuning or hypatia-device request, and what each gets
 when its job lands.
 
 One planning flight per (graph, workload, environment, policy) and one tuning per plan, however
@@ -36,8 +36,7 @@ class Flights:
         self._abandoned: OrderedDict[PlanKeys, str] = OrderedDict()
         self._batches: dict[int, dict] = {}  # hypatia-ctl tune requests and their progress
         self._batch_ids = itertools.count(1)
-        self._runs: dict[int, tuple[bytes, int]] = {}  # remote-mode runs on the worker pool, by flight id
-        self._device_flights: set[int] = set()  # those of _runs that are hypatia-device requests
+        self._runs: dict[int, tuple[bytes, int]] = {}  # hypatia-device requests on the worker pool, by flight id
 
     def _acknowledge(self, identity: bytes, rid: int, state: str) -> None:
         """Tell a make_plan's client at once that its plan is being made: it waits for it."""
@@ -182,23 +181,14 @@ class Flights:
             self._abandoned.popitem(last=False)
 
     def _finish_run(self, flight: int, ok: bool, outcome: dict) -> None:
-        """A worker finished a remote-mode run: count it and answer its client."""
+        """A worker finished a hypatia-device request: answer its client."""
         identity, rid = self._runs.pop(flight)
-        if not ok:  # the run raised past its own handler
+        if not ok:  # the request raised past its own handler
             outcome = {"ok": False, "code": int(ErrorCode.INTERNAL), "message": outcome["error"]}
-        if flight in self._device_flights:  # a hypatia-device request: its reply is made
-            self._device_flights.discard(flight)
-            if outcome["ok"]:
-                self._send(identity, encode_reply(rid, outcome["reply"]))
-            else:
-                self._error(identity, rid, ErrorCode(outcome.get("code", ErrorCode.INTERNAL)), outcome["message"], "device")
-            return
-        self.runs.finished(outcome)
         if outcome["ok"]:
-            self._send(identity, encode_reply(rid, {"outputs": outcome["outputs"]}))
-        elif not outcome.get("abandoned"):  # an abandoned run has nobody waiting for it
-            self._error(identity, rid, ErrorCode(outcome.get("code", ErrorCode.INTERNAL)),
-                        outcome.get("message", "the client gave up on this run"))
+            self._send(identity, encode_reply(rid, outcome["reply"]))
+        else:
+            self._error(identity, rid, ErrorCode(outcome.get("code", ErrorCode.INTERNAL)), outcome["message"], "device")
 
     # -- hypatia-ctl tune -------------------------------------------------------------------
     def _tune_batch(self, body: dict, rid: int) -> dict:

@@ -1,4 +1,4 @@
-"""Where hypatiad's work runs: planning and remote-mode runs on a small thread pool, tuning on
+"""Where hypatiad's work runs: planning and hypatia-device requests on a small thread pool, tuning on
 one tuner thread, and planning and tuning themselves in worker processes under a deadline
 (:mod:`hypatia.daemon.workers`). Each outcome goes back to the server thread as one message on
 an inproc PUSH socket: ``[kind, tag, ok, payload, counters]``.
@@ -83,7 +83,7 @@ class Jobs:
         return dropped
 
     def run(self, flight: int, fn: Callable[..., dict], *args: Any) -> None:
-        """A remote-mode run, on the pool's threads in this process."""
+        """A hypatia-device request, on the pool's threads in this process."""
         self.pool.submit(self._run, ["run", flight], fn, *args)
 
     # -- on the pool threads ----------------------------------------------------------------
@@ -117,7 +117,7 @@ class Jobs:
     # -- stopping and stats -----------------------------------------------------------------
     def stop(self) -> None:
         """Cancel what is planning or tuning (its workers are killed), drop what is queued, and
-        let the threads end; one that stays busy (a remote-mode run) is left behind and counted
+        let the threads end; one that stays busy (a device request) is left behind and counted
         in ``stuck_threads``, so that the process can exit without it."""
         self.planners.stop()
         self.tuners.stop()

@@ -1,7 +1,7 @@
 """hypatiad's server loop: a ZeroMQ ROUTER on the per-user ipc socket.
 
 Cheap requests (hello, ping, get_plan, report, stats, tune_status, flush) are answered on this
-thread; planning, tuning and remote-mode runs go to :mod:`hypatia.daemon.jobs` (threads, and
+thread; planning, tuning and hypatia-device requests go to :mod:`hypatia.daemon.jobs` (threads, and
 worker processes under a deadline), whose results come back over an inproc PULL socket, so that
 only this thread ever touches the ROUTER; :mod:`hypatia.daemon.flights` keeps who waits for
 which job. SIGTERM stops intake and drains the flights in progress (queued background tunings
@@ -35,7 +35,7 @@ from hypatia.daemon.faults import Faults
 from hypatia.daemon.lock import PidLock, SocketWatch, acquire_store_lock
 from hypatia.daemon.notify import sd_notify, watchdog_interval
 from hypatia.daemon.device import DeviceService
-from hypatia.daemon.remote import RunService
+from hypatia.daemon.executables import Executables
 from hypatia.daemon.zap import COUNTERS as ZAP_COUNTERS, DOMAIN, TCP_DOMAIN, ZapHandler
 from hypatia.keys import KeysError, server_keys
 from hypatia.daemon.flights import Flights
@@ -116,11 +116,10 @@ class Server(Flights):
         store = Store(self.config.store_location, retry_s=self.config.store_retry_s)
         self.service = PlanService(self.config, store)
         self.compiles = Compiles(self.config, store)
-        self.runs = RunService(store, self.service.stored, self.daemon_id, self.failures,
-                               self.config.remote_max_output_bytes)
-        self.runs.tick(time.monotonic())  # segments of clients that died while no daemon ran
-        self.device = DeviceService(self.config, self.daemon_id, self.runs, self.config.device_memory_mb << 20,
-                                    self.config.device_idle_s, self.service.record_executor)
+        self.device = DeviceService(self.config, self.daemon_id, Executables(store, self.service.stored),
+                                    self.config.device_memory_mb << 20, self.config.device_idle_s,
+                                    self.service.record_executor)
+        self.device.sweep_segments()  # those of clients that died while no daemon ran
         ctx = zmq.Context()
         self.zap = ZapHandler(ctx, os.getuid(), self.config.keys_dir)
         self.zap.start()
@@ -220,7 +219,6 @@ class Server(Flights):
         if now >= self._next_status:
             sd_notify(self._status())
             self._next_status = now + STATUS_EVERY_S
-        self.runs.tick(now)
         self.device.tick(now)
         if not self.service.store.writable:  # planning writes in worker processes: try here too
             self.service.store.probe()
@@ -320,7 +318,7 @@ class Server(Flights):
         try:
             if not self.faults.on_request(method):
                 return
-            if method == "hello":  # the daemon's id names the shared-memory segments of remote mode
+            if method == "hello":  # the daemon's id names the shared-memory segments of the device's transfers
                 result = self.service.hello(body, rid) | {"daemon": self.daemon_id}
                 self._peers[identity] = None
                 if len(self._peers) > MAX_HANDSHAKEN_PEERS:
@@ -343,18 +341,9 @@ class Server(Flights):
                 result["peers"] = {k: self.zap.counters[k] for k in ZAP_COUNTERS}
                 result["listen"] = self.config.listen or None
                 result["artifacts"] = self.compiles.stats()
-                result |= self.runs.stats() | self.device.stats()
+                result |= self.device.stats()
             elif method == "make_plan":
                 self._start_flight(identity, rid, body)
-                return
-            elif method == "run":
-                if identity[:1] == TCP:  # its segment names would name this host's memory, not the peer's
-                    raise BadRequest("remote mode passes tensors through this host's shared memory: a client "
-                                        "on another host (HYPATIA_CONNECT) runs its graphs itself", rid)
-                job = self.runs.parse(body, rid)
-                flight = next(self._flight_ids)
-                self._runs[flight] = (identity, rid)
-                self.jobs.run(flight, self.runs.run, job)
                 return
             elif method == "device":  # the hypatia device: cheap ops here, the rest on the pool
                 op, job = self.device.parse(body, rid, over_tcp=identity[:1] == TCP)
@@ -363,7 +352,6 @@ class Server(Flights):
                 else:
                     flight = next(self._flight_ids)
                     self._runs[flight] = (identity, rid)
-                    self._device_flights.add(flight)
                     self.jobs.run(flight, self.device.work, job)
                     return
             elif method == "get_compiled":

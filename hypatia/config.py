@@ -101,9 +101,6 @@ class Config:
     keys_dir: Path | None = None
     mode: str = "local"
     run_timeout_ms: int = 60000
-    # The most a remote-mode run may make the daemon allocate: its outputs together, and the new
-    # tensors it holds at once on the way to them (inputs not counted).
-    remote_max_output_mb: int = 1024
     # The hypatia device (hypatia.device): where the daemon keeps its tensors ("auto": its first
     # GPU if torch sees one, else its CPU), how much they may take (0: 90% of the GPU's memory,
     # no limit on the CPU), and how long a TCP client's session may stay silent before its
@@ -114,9 +111,6 @@ class Config:
     device_max_ops: int = 4096
     device_executors: str = "auto"
 
-    @property
-    def remote_max_output_bytes(self) -> int:
-        return self.remote_max_output_mb << 20
     # How long a client keeps waiting for a plan the daemon said it is making (and keeps saying
     # so); 0: no longer than timeout_ms, as for any other reply.
     plan_wait_s: int = 60
@@ -245,7 +239,6 @@ def load(env: Mapping[str, str] | None = None) -> Config:
         keys_dir=keys_dir,
         mode=env.get("HYPATIA_MODE", "local").strip().lower() or "local",
         run_timeout_ms=_int(env, "HYPATIA_RUN_TIMEOUT_MS", 60000, minimum=1),
-        remote_max_output_mb=_int(env, "HYPATIA_REMOTE_MAX_OUTPUT_MB", 1024, minimum=1),
         device_backend=_choice(env, "HYPATIA_DEVICE_BACKEND", "auto", ("auto", "cuda", "cpu")),
         device_memory_mb=_int(env, "HYPATIA_DEVICE_MEMORY_MB", 0),
         device_idle_s=_int(env, "HYPATIA_DEVICE_IDLE_S", 600, minimum=1),

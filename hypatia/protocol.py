@@ -28,7 +28,7 @@ PROTOCOL_VERSION = 5
 PROGRESS_EVERY_S = 0.5
 
 # Methods the daemon answers. `hello` must come first on every connection.
-METHODS = ("hello", "ping", "get_plan", "make_plan", "report", "stats", "tune", "tune_status", "flush", "run",
+METHODS = ("hello", "ping", "get_plan", "make_plan", "report", "stats", "tune", "tune_status", "flush",
            "get_compiled", "put_compiled", "compile_heartbeat", "compile_release", "warm_start", "device")
 
 # Compiled code (hypatia/daemon/compiles.py). An artifact is the bytes of Inductor's caches for one
@@ -50,24 +50,19 @@ METHODS = ("hello", "ping", "get_plan", "make_plan", "report", "stats", "tune", 
 #   graph compiled straight from Dynamo's graph can start from without being traced again, with
 #   the candidate its plan chose and the plan: {"artifact", "candidate", "keys", "plan"} or {}.
 
-# `run` (remote mode): run a planned graph in the daemon on tensors passed through shared memory
-# (hypatia/shm.py). Body: ``graph_key``, ``workload_key``, ``env_key`` (a graph the daemon
-# stored through make_plan), ``pid`` (the client process every segment belongs to), ``tag`` (8 to
-# 32 characters of [0-9a-z], unique to the request) and ``inputs``, one tensor descriptor per graph
-# input, each naming a segment of that client and of this daemon (the ``daemon`` id of its hello
-# reply) tagged ``<tag>i<k>``. Reply: ``{"outputs": [...]}``, per graph
-# output a descriptor of a segment the daemon created for that client (tag ``<tag>o<k>``), or
-# ``{"value": x}`` for a non-tensor output. The client unlinks every segment of the request and
-# of the reply; the daemon sweeps those of a client that died. Malformed descriptors are
-# BAD_REQUEST; keys whose graph or plan the daemon does not hold are UNKNOWN_GRAPH.
-
 # `device` (the hypatia device, hypatia/daemon/device.py): body ``{"op", "session", ...}`` with op
 # ``info``, ``upload`` {tensors, tag}, ``execute`` {graph_key, workload_key, env_key, inputs, outputs,
 # fetch, release, out_bytes, tag}, ``fetch`` {handles, tag}, ``release`` {handles} or ``close``;
 # ``session`` is the client's random token (16 to 32 hex digits), ``pid`` its process on this host.
-# Tensors travel as in ``run`` (segments tagged ``<tag>u<k>`` up, ``<tag>o<k>`` down) on this host,
-# and inline as ``{"bytes", "dtype", "shape"}`` over TCP. A full device is TOO_LARGE, a session the
-# daemon does not know BAD_REQUEST with a message that says the device's tensors are lost.
+# On this host tensors travel through shared memory (hypatia/shm.py): a descriptor of a segment of
+# that client and of this daemon (the ``daemon`` id of its hello reply), tagged ``<tag>u<k>`` up and
+# ``<tag>o<k>`` down, which the client unlinks (the daemon sweeps those of a client that died); or
+# as CUDA IPC handles where the client has the daemon's GPU; over TCP inline as
+# ``{"bytes", "dtype", "shape"}``. Malformed descriptors are BAD_REQUEST. Remote mode
+# (HYPATIA_MODE=remote) is a client of these requests too: ``run``, its own path until protocol 5,
+# is gone, and an old client's ``run`` is refused as an unknown method (it then runs locally).
+# A full device is TOO_LARGE, a session the daemon does not know BAD_REQUEST with a message that
+# says the device's tensors are lost.
 
 # A pending reply's body: ``{"state": "planning" | "tuning", "waited_s": float}``.
 

@@ -1,12 +1,12 @@
 """What running a rebuilt graph allocates, found before it runs.
 
-Remote mode runs graphs that clients registered, on the daemon's memory: a few bytes of graph
-can ask for ``expand`` to 2**28 rows and a ``clone`` of it. Every node is therefore first run on
+The hypatia device runs graphs that clients registered, on the daemon's memory: a few bytes of
+graph can ask for ``expand`` to 2**28 rows and a ``clone`` of it. Every node is therefore first run on
 fake tensors (shapes, strides and dtypes, no data) with the shapes the graph's inputs have, and
 the bytes of new storage alive at each step are added up as the graph would hold and free them:
 an FX graph drops a value after its last use, and a view keeps its base's storage alive. The
-daemon compares that peak, and the bytes of the outputs, against its limit before it runs the
-graph for real. Operators without a fake implementation, and those whose output sizes depend on
+daemon compares that peak against the memory its device has free before it runs the graph for
+real. Operators without a fake implementation, and those whose output sizes depend on
 the data (``nonzero``, ``item``), cannot be sized in advance: :class:`NotSizeable`.
 """
 
@@ -49,9 +49,9 @@ def tensors_in(value: Any) -> list[torch.Tensor]:
     return []
 
 
-def footprint(gm: torch.fx.GraphModule, inputs: list[tuple[list[int], str]]) -> Footprint:
-    """The footprint of ``gm`` on contiguous inputs of these (shape, dtype name); nothing real is
-    allocated. Raises :class:`NotSizeable`."""
+def footprint(gm: torch.fx.GraphModule, inputs: list[tuple[list[int], str]], device: Any = None) -> Footprint:
+    """The footprint of ``gm`` on contiguous inputs of these (shape, dtype name) on ``device``
+    (the CPU by default); nothing real is allocated. Raises :class:`NotSizeable`."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     nodes = list(gm.graph.nodes)
@@ -69,7 +69,7 @@ def footprint(gm: torch.fx.GraphModule, inputs: list[tuple[list[int], str]]) -> 
             try:
                 if node.op == "placeholder":
                     shape, dtype = inputs[len(given)]
-                    value = torch.empty(shape, dtype=getattr(torch, dtype))
+                    value = torch.empty(shape, dtype=getattr(torch, dtype), device=device)
                     given.add(value.untyped_storage()._cdata)
                 else:
                     value = interpreter.run_node(node)

@@ -156,7 +156,7 @@ def dynamo_reset():
 # Modules whose tests check that no shared-memory segment of this user is left behind: they run
 # one after another on one worker when the suite runs on several (pytest-xdist), so that one's
 # segments in flight are never another's leftovers.
-SHARED_MEMORY_MODULES = {"test_remote", "test_remote_requests", "test_shm", "test_device"}
+SHARED_MEMORY_MODULES = {"test_remote", "test_device_requests", "test_shm", "test_device"}
 
 
 def pytest_itemcollected(item):

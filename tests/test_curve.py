@@ -16,9 +16,7 @@ import pytest
 import zmq
 
 from conftest import free_port
-from hypatia.client.rpc import DaemonClient
-from hypatia.config import load
-from hypatia.protocol import PROTOCOL_VERSION, ErrorCode, RemoteError, encode_request
+from hypatia.protocol import PROTOCOL_VERSION, encode_request
 from test_end_to_end import run_client
 
 
@@ -91,14 +89,26 @@ def test_an_admitted_remote_client_plans_through_curve(home, listener):
     # the remote host started no daemon of its own, though autostart is on
     assert not (Path(env["HYPATIA_HOME"]) / "run" / "hypatiad.lock").exists()
 
-    # remote mode's shared-memory segments are this host's: a TCP peer may not name them
-    client = DaemonClient(load(home.env | env))
-    try:
-        with pytest.raises(RemoteError) as err:
-            client.call("run", {"graph_key": "g1-x", "inputs": []})
-    finally:
-        client.close()
-    assert err.value.code == ErrorCode.BAD_REQUEST and "this host's shared memory" in err.value.remote_message
+    # remote mode from the other host: its graphs run in the daemon, tensors inside the messages
+    proc = home.python("""
+        import json, os, torch
+        from hypatia import shm
+        from hypatia.client.backend import session
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 16)).eval()
+        compiled = torch.compile(model, backend="hypatia", dynamic=False)
+        with torch.no_grad():
+            for i in range(3):
+                x = torch.randn(512, 32)  # 64 KiB: through a segment, were this host the daemon's
+                torch.testing.assert_close(compiled(x), model(x))
+        assert shm.names_of(os.getpid()) == []
+        print(json.dumps(dict(session().counters)))
+    """, extra_env=env | {"HYPATIA_MODE": "remote"}, timeout=240)
+    counters = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert counters["remote_runs"] == 3 and counters.get("remote_fallbacks", 0) == 0
+    device = home.stats()["device"]
+    assert device["executes"] == 3 and device["bytes_uploaded"] == counters["remote_bytes_up"]
+    assert counters["remote_bytes_up"] == (32 * 64 + 64 + 64 * 16 + 16 + 3 * 512 * 32) * 4  # the weights once
 
 
 def test_unadmitted_keys_plain_tcp_and_revoked_clients_are_refused(home, listener):

@@ -165,3 +165,46 @@ def test_a_client_with_the_daemon_s_gpu_moves_tensors_by_cuda_ipc_not_through_ho
     assert client["bytes_up"] < big, client  # only what is small enough to ride in a message
     device = daemon.stats()["device"]
     assert device["ipc_uploads"] >= 2 and device["ipc_fetches"] >= 1, device
+
+
+REMOTE = """
+import json, torch
+from hypatia.client.backend import session
+from hypatia.client.rpc import DaemonClient
+from hypatia.config import load
+assert not torch.cuda.is_available()
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.GELU(), torch.nn.LayerNorm(512), torch.nn.Linear(512, 16)).eval()
+compiled = torch.compile(model, backend="hypatia", dynamic=False)
+torch.manual_seed(1)
+outs = []
+with torch.no_grad():
+    for _ in range(60):  # past the daemon's measuring of its executors (four of 13 calls each)
+        outs.append(compiled(torch.randn(32, 256)).tolist())
+print(json.dumps({"outs": outs, "counters": dict(session().counters),
+                  "device": DaemonClient(load()).call("stats", {})["device"]}))
+"""
+
+
+def test_remote_mode_from_a_client_without_a_gpu_runs_a_cpu_model_on_the_daemon_s_gpu(home):
+    """HYPATIA_MODE=remote on the device's machinery: a CPU model compiled in a process that sees
+    no GPU runs on the daemon's GPU under the executor it measured fastest; its weights go up
+    once, and every call matches the same model on CUDA."""
+    env = home.env | {"HYPATIA_BACKGROUND_TUNING": "0"}
+    home.hypatiad("start", extra_env=env)
+    proc = subprocess.run([sys.executable, "-c", REMOTE], capture_output=True, text=True, timeout=600,
+                          env=env | {"CUDA_VISIBLE_DEVICES": "", "HYPATIA_AUTOSTART": "0", "HYPATIA_MODE": "remote"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    counters, device = got["counters"], got["device"]
+    assert counters["remote_runs"] == 60 and counters.get("remote_fallbacks", 0) == 0, counters
+    weights = (256 * 512 + 512 + 512 + 512 + 512 * 16 + 16) * 4
+    assert counters["remote_bytes_up"] == weights + 60 * 32 * 256 * 4  # the weights once, then batches
+    assert device["executes"] == 60 and device["executor_choices"] == 1, device
+    torch.manual_seed(0)
+    ref = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.GELU(), torch.nn.LayerNorm(512),
+                              torch.nn.Linear(512, 16)).cuda().eval()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for out in got["outs"]:
+            torch.testing.assert_close(torch.tensor(out), ref(torch.randn(32, 256).cuda()).cpu(), rtol=1e-3, atol=1e-3)

@@ -40,7 +40,12 @@ class DeviceError(RuntimeError):
 
 
 class DeviceLost(DeviceError):
-    """hypatiad went away (or restarted) while it held this process's tensors: they are gone."""
+    """hypatiad went away (or restarted) while it held this process's tensors: they are gone.
+    ``unresponsive``: it runs, but did not answer in time."""
+
+    def __init__(self, message: str, unresponsive: bool = False):
+        super().__init__(message)
+        self.unresponsive = unresponsive
 
 
 class DeviceFull(DeviceError, torch.OutOfMemoryError if hasattr(torch, "OutOfMemoryError") else RuntimeError):
@@ -72,6 +77,7 @@ class Link:
         self.bytes_up = self.bytes_down = 0  # through host memory (shared memory, messages)
         self.bytes_ipc_up = self.bytes_ipc_down = 0  # GPU to GPU (CUDA IPC)
         self._same_gpu: dict[int, bool] = {}
+        self.late: set[str] = set()  # tags of requests not answered in time: their reply segments may come
         self.counters: Counter = Counter()
         self._lock = threading.Lock()
         atexit.register(self.close)
@@ -91,7 +97,9 @@ class Link:
                 return self.client.call("device", body, retries=0 if op == "execute" else None, **kwargs)
             raise self._lose(f"hypatiad is not running ({exc})") from None
         except DaemonUnavailable as exc:
-            raise self._lose(f"hypatiad did not answer ({exc})") from None
+            if "tag" in body:
+                self.late.add(body["tag"])
+            raise self._lose(f"hypatiad did not answer ({exc})", unresponsive=True) from None
         except RemoteError as exc:
             if exc.code == ErrorCode.TOO_LARGE:
                 raise DeviceFull(exc.remote_message) from None
@@ -99,13 +107,13 @@ class Link:
                 raise self._lose("hypatiad restarted since this process put tensors on the device") from None
             raise DeviceError(f"the hypatia device refused {op}: {exc.remote_message}") from None
 
-    def _lose(self, why: str) -> DeviceLost:
+    def _lose(self, why: str, unresponsive: bool = False) -> DeviceLost:
         if self.held_any:
             self.lost = (f"the hypatia device is lost: {why}. Its tensors (parameters, optimizer state, activations) "
                          "cannot be recomputed; start hypatiad and move the model there again (keep a copy with "
                          "model.to('cpu') before risky steps)")
-            return DeviceLost(self.lost)
-        return DeviceLost(f"the hypatia device is unavailable: {why}; start it with `hypatiad start`")
+            return DeviceLost(self.lost, unresponsive)
+        return DeviceLost(f"the hypatia device is unavailable: {why}; start it with `hypatiad start`", unresponsive)
 
     def info(self) -> dict:
         if self._info is None:
@@ -232,8 +240,14 @@ class Link:
         return deferred
 
     def _entries(self, pairs: list[tuple[int, Value]], tag: str, made: list[str]) -> list[dict]:
-        return [{"handle": h, "digest": v.digest, "data": self._pack(v.cpu, tag, k, made)}
-                for k, (h, v) in enumerate(pairs)]
+        """Upload entries; a content sent once in the request is named by digest after that (the
+        daemon takes them in order: a zero bias and a zero running mean go up once)."""
+        entries, sent = [], set()
+        for k, (h, v) in enumerate(pairs):
+            again = v.digest is not None and v.digest in sent
+            entries.append({"handle": h, "digest": v.digest, "data": None if again else self._pack(v.cpu, tag, k, made)})
+            sent.add(v.digest)
+        return entries
 
     def execute(self, structure: tuple | None, graph: Callable[[], Any], inputs: list[Value], outputs: list[Value],
                 wanted: list[Value], carried: list[tuple[int, Value]] = (), into: torch.device | None = None
@@ -273,6 +287,7 @@ class Link:
             except DeviceError as exc:
                 if "send make_plan first" not in str(exc):
                     raise
+                self.counters["plans_resent"] += 1  # the daemon lost it (a flushed store, a restart)
                 self._call_plan(registration)
                 reply = self._call("execute", body)  # the daemon took nothing of the first
         finally:
@@ -313,12 +328,33 @@ class Link:
     def _ipc_into(self, into: torch.device | None) -> bool:
         return into is not None and self.cuda_ipc(into)
 
-    def close(self) -> None:
-        """Release everything this process holds on the device (at exit)."""
+    def reclaim(self) -> int:
+        """Unlink the reply segments of requests that were not answered in time (the daemon may
+        have written them after this process gave up); how many."""
+        late = tuple(t + "o" for t in self.late)
+        removed = 0
+        for name in shm.names_of(self.pid) if late and os.getpid() == self.pid else ():
+            if name.split("-", 4)[4].startswith(late):
+                removed += shm.unlink(name)
+        self.counters["late_segments_reclaimed"] += removed
+        return removed
+
+    def abandon(self) -> None:
+        """Give up this session (lost, or its daemon silent): ask the daemon to release it, briefly
+        (one that does not answer drops it when this process exits), and remove the segments of
+        late replies."""
+        lost, self.lost = self.lost, None
+        self.close(timeout_ms=500)
+        self.lost = lost or "this session was given up"
+
+    def close(self, timeout_ms: int = 2000) -> None:
+        """Release everything this process holds on the device (at exit), and remove the segments
+        of late replies."""
+        self.reclaim()
         if self.lost is None and self.held_any and os.getpid() == self.pid:
             try:
                 self.client.call("device", {"op": "close", "session": self.session, "pid": self.pid}, retries=0,
-                                 timeout_ms=2000)
+                                 timeout_ms=timeout_ms)
             except Exception:  # noqa: BLE001 - the daemon's sweep releases them when this process is gone
                 pass
             self.held_any = False
