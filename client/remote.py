@@ -320,13 +320,6 @@ class RemoteRunner:
             results.append(t)
         return results
 
-    def close(self) -> None:
-        """Release this process's session in the daemon (its weights stay while another holds them)."""
-        with self._lock:
-            if self._session is not None and self._pid == os.getpid():
-                self._session.link.close()
-            self._session = None
-
 
 def _what(x: Any) -> str:
     return f"a {x.device} tensor" if isinstance(x, torch.Tensor) else f"a {type(x).__name__}"
