@@ -23,6 +23,7 @@ for nothing where another process kept them).
 from __future__ import annotations
 
 import logging
+import operator
 import os
 import threading
 import time
@@ -38,6 +39,7 @@ from torch.fx.node import map_aggregate
 
 from hypatia.client.torch_internals import static_input_indices
 from hypatia.config import Config, read_daemon_pid
+from hypatia.planner import rebuild
 
 log = logging.getLogger("hypatia.client")
 
@@ -76,19 +78,21 @@ def remote_graph(aten: torch.fx.GraphModule, dynamo: torch.fx.GraphModule, outpu
     """The remote graph of ``aten`` (the functional ATen graph of Dynamo's ``dynamo``); raises
     :class:`NotRemote` saying why the daemon should not run it."""
     from hypatia.client.graphs import copy_of
-    from hypatia.device.compiled import GraphCall, NotTraceable, _constants_as_inputs
+    from hypatia.device.compiled import GraphCall, NotTraceable, constants_as_inputs
 
     gm = copy_of(aten, aten)
     for node in gm.graph.nodes:
         if node.op != "call_function":
             continue
-        why = _why_local(node.target)
-        if why is not None:
-            raise NotRemote(why)
+        if node.target is not operator.getitem:
+            try:
+                rebuild.check_op(node.target)  # what the daemon would refuse, or run on its own generator
+            except rebuild.NotRebuildable as exc:
+                raise NotRemote(str(exc)) from None
         node.args = map_aggregate(node.args, _as_meta)
         node.kwargs = map_aggregate(node.kwargs, _as_meta)
     try:
-        lifted = _constants_as_inputs(gm)
+        lifted = constants_as_inputs(gm)
     except NotTraceable as exc:
         raise NotRemote(str(exc)) from None
     outputs = gm.graph.output_node().args[0]
@@ -112,20 +116,6 @@ def remote_graph(aten: torch.fx.GraphModule, dynamo: torch.fx.GraphModule, outpu
 
 class NotRemote(Exception):
     """A graph the daemon should not run for this process (the message says why)."""
-
-
-def _why_local(target: Any) -> str | None:
-    import operator
-
-    if target is operator.getitem:
-        return None
-    if not isinstance(target, torch._ops.OpOverload):
-        return f"{getattr(target, '__name__', target)} is not an ATen operator"
-    if target._schema.is_mutable:
-        return f"{target} writes to one of its arguments"
-    if torch.Tag.nondeterministic_seeded in target.tags:
-        return f"{target} draws random numbers (the daemon's generator is not this process's)"
-    return None
 
 
 def _as_meta(x: Any) -> Any:
@@ -294,7 +284,7 @@ class RemoteRunner:
 
     def _call(self, session: _Session, graph: RemoteGraph, args: list) -> list[Any]:
         rec, link = session.recorder, session.link
-        before = (link.bytes_up + link.bytes_ipc_up, link.bytes_down + link.bytes_ipc_down, link.counters["plans_resent"])
+        before = (link.bytes_up, link.bytes_down, link.counters["plans_resent"])  # CPU tensors: never by CUDA IPC
         values = []
         for k, a in enumerate(args):
             if not isinstance(a, torch.Tensor) or a.device.type != "cpu":
@@ -305,8 +295,8 @@ class RemoteRunner:
         try:
             tensors = iter(rec.fetch([v for v in outs if v is not None]))
         finally:  # what moved, whether or not the call came back
-            self.counters["remote_bytes_up"] += link.bytes_up + link.bytes_ipc_up - before[0]
-            self.counters["remote_bytes_down"] += link.bytes_down + link.bytes_ipc_down - before[1]
+            self.counters["remote_bytes_up"] += link.bytes_up - before[0]
+            self.counters["remote_bytes_down"] += link.bytes_down - before[1]
             self.counters["remote_reregistered"] += link.counters["plans_resent"] - before[2]
         results = []
         for k, (meta, constant) in enumerate(zip(graph.metas, graph.constants)):

@@ -206,7 +206,7 @@ class DeviceService:
             # handle a fresh session does not hold is UnknownHandle, which the client reads as lost
             session = self.pool.session(job["session"], job["pid"], create=op in ("upload", "execute"))
             if op == "upload":
-                return {"ok": True, "reply": self._upload(session, job)}
+                return {"ok": True, "reply": self._all_or_none(session, lambda stored: self._upload(session, job, stored))}
             if op == "fetch":
                 return {"ok": True, "reply": {"values": self._export(session, job, job["handles"])}}
             return {"ok": True, "reply": self._execute(session, job)}
@@ -216,17 +216,19 @@ class DeviceService:
             log.error("device %s failed: %s: %s", op, type(exc).__name__, exc, exc_info=log.isEnabledFor(logging.DEBUG))
             return {"ok": False, "code": int(ErrorCode.INTERNAL), "message": f"{type(exc).__name__}: {exc}"}
 
-    def _upload(self, session: Session, job: dict, stored: list[int] | None = None) -> dict:
-        """Store an upload's tensors; all or none: a refused one releases those before it.
-        ``stored`` gathers the handles stored (an execute undoes them if it fails)."""
-        stored = [] if stored is None else stored
+    def _all_or_none(self, session: Session, work: Callable[[list[int]], dict]) -> dict:
+        """``work``'s reply; it lists in the list it is given each handle it stores, and if it
+        fails, those are released: a refused upload or execute keeps nothing."""
+        stored: list[int] = []
         try:
-            return self._upload_all(session, job, stored)
+            return work(stored)
         except BaseException:
             self.pool.release(session, stored)
             raise
 
-    def _upload_all(self, session: Session, job: dict, stored: list[int]) -> dict:
+    def _upload(self, session: Session, job: dict, stored: list[int]) -> dict:
+        """Store an upload's tensors, each handle in ``stored``; the handles still ``missing``
+        (a digest the daemon does not hold, sent without data)."""
         device = self.device()
         missing = []
         for k, entry in enumerate(job["tensors"]):
@@ -323,8 +325,6 @@ class DeviceService:
         return values
 
     def _execute(self, session: Session, job: dict) -> dict:
-        import torch
-
         recipe = self.executables.stored(job["keys"])
         if recipe is None:  # before anything is released or uploaded: the client sends it all again
             raise UnknownGraph(f"no plan is stored for graph {job['keys'][0][:24]}; send make_plan first")
@@ -332,14 +332,11 @@ class DeviceService:
         held = [h for h in job["outputs"] if h in session.handles]
         if held:
             raise BadRequest(f"output handles {held[:8]} are held already; release them first")
-        stored: list[int] = []  # what this execute stored: a failed one keeps none of it
-        try:
-            return self._run(session, job, recipe, torch, stored)
-        except BaseException:
-            self.pool.release(session, stored)
-            raise
+        return self._all_or_none(session, lambda stored: self._run(session, job, recipe, stored))
 
-    def _run(self, session: Session, job: dict, recipe: dict, torch: Any, stored: list[int]) -> dict:
+    def _run(self, session: Session, job: dict, recipe: dict, stored: list[int]) -> dict:
+        import torch
+
         if job["tensors"] and self._upload(session, job, stored)["missing"]:
             raise BadRequest("the uploads an execute carries must carry their data")
         executable, built = self.executables.executable(job["keys"], recipe, device=self.device())
@@ -347,12 +344,12 @@ class DeviceService:
         inputs = [self.pool.get(session, h) for h in job["inputs"]]
         executable.check_tensors(inputs)
         size = executable.footprint  # what the graph allocates, sized on fake tensors; else the client's word
-        if size is None:
+        if size is not None:
+            nbytes, what = size.peak, f"graph {job['keys'][0][:16]} at {size.peak_at}"
+        else:
             self.counters["unsized_executes"] += 1
-        # held while it runs: executes on other threads see this memory as taken
-        give_back = self.pool.hold(size.peak if size is not None else job["out_bytes"],
-                                   f"graph {job['keys'][0][:16]} at {size.peak_at}" if size is not None
-                                   else "this graph's outputs")
+            nbytes, what = job["out_bytes"], "this graph's outputs"
+        give_back = self.pool.hold(nbytes, what)  # while it runs: executes on other threads see it taken
         try:
             failures = executable.plan_failures
             with torch.inference_mode():

@@ -84,7 +84,7 @@ class Executables:
     def __len__(self) -> int:
         return len(self._executables)
 
-    def executable(self, keys: PlanKeys, recipe: dict, device: Any = None) -> tuple[Executable, bool]:
+    def executable(self, keys: PlanKeys, recipe: dict, device: Any) -> tuple[Executable, bool]:
         """The executable for ``keys`` under ``recipe`` (built once per plan revision's regions),
         and whether this call built it; ``device``: where its tensors live."""
         digest = hashlib.sha256(recipe_text({"regions": recipe.get("regions")}).encode()).hexdigest() + f"@{device}"
@@ -99,7 +99,7 @@ class Executables:
                 self._executables.popitem(last=False)
             return executable, True
 
-    def _build(self, keys: PlanKeys, recipe: dict, device: Any = None) -> Executable:
+    def _build(self, keys: PlanKeys, recipe: dict, device: Any) -> Executable:
         from hypatia.kernels import UnknownKernel
         from hypatia.planner import executable, footprint, rebuild  # imports torch: see the module docstring
 
@@ -116,9 +116,9 @@ class Executables:
             gm, nodes = rebuild.graph_module(graph, device)
         except rebuild.NotRebuildable as exc:
             raise CannotRun(f"graph {keys[0][:24]} cannot run in the daemon: {exc}") from None
-        size = None
+        specs, size = rebuild.input_specs(graph), None
         try:  # what it allocates, on fake tensors: an execute past the free memory is refused before it runs
-            size = footprint.footprint(gm, rebuild.input_specs(graph), device)
+            size = footprint.footprint(gm, specs, device)
         except footprint.NotSizeable as exc:
             log.info("graph %s cannot be sized before it runs (%s); its execute reserves the outputs alone",
                      keys[0][:16], exc)
@@ -129,4 +129,4 @@ class Executables:
                 planned = executable.apply_plan(gm, nodes, plan).forward
         except (PlanFormatError, executable.PlanMismatch, UnknownKernel) as exc:
             log.warning("plan for %s does not apply in the daemon (%s); running the graph unplanned", keys[0][:16], exc)
-        return Executable(gm.forward, planned, rebuild.input_specs(graph), gm, size)
+        return Executable(gm.forward, planned, specs, gm, size)

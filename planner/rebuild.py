@@ -1,11 +1,11 @@
-"""Canonical graph -> runnable FX graph, for remote mode: the daemon rebuilds a whole graph it
-stored and runs it on the client's tensors.
+"""Canonical graph -> runnable FX graph, for the hypatia device: the daemon rebuilds a whole
+graph it stored and runs it on a client's tensors.
 
-Only what the canonical form says exactly can be rebuilt: ATen operators that neither mutate
-their arguments nor draw random numbers, constants that decode to plain values (dtypes, CPU
-devices, layouts, slices), static shapes. A constant tensor baked into the graph is kept only
-as a content hash, a symbolic size only as its expression, so such graphs are refused with
-:class:`NotRebuildable` and run in the client. Nothing from the wire is evaluated: op names
+Only what the canonical form says exactly can be rebuilt: ATen operators that do not mutate
+their arguments, constants that decode to plain values (dtypes, devices, layouts, slices),
+static shapes. A constant tensor baked into the graph is kept only as a content hash, a symbolic
+size only as its expression, so such graphs are refused with :class:`NotRebuildable` (clients
+send constants as inputs). Nothing from the wire is evaluated: op names
 are looked up in ``torch.ops.aten`` by name, after a character check.
 """
 
@@ -40,13 +40,19 @@ def resolve_op(op: str, random: bool = False) -> Callable:
         fn = getattr(getattr(torch.ops.aten, parts[1]), parts[2])
     except (AttributeError, RuntimeError):
         raise NotRebuildable(f"op {op} is not an operator this torch has") from None
-    if not isinstance(fn, torch._ops.OpOverload):
-        raise NotRebuildable(f"op {op} is not an operator overload")
-    if fn._schema.is_mutable:
-        raise NotRebuildable(f"op {op} writes to one of its arguments")
-    if torch.Tag.nondeterministic_seeded in fn.tags and not random:
-        raise NotRebuildable(f"op {op} draws random numbers (the daemon's generator is not the client's)")
+    check_op(fn, random)
     return fn
+
+
+def check_op(fn: Any, random: bool = False) -> None:
+    """:class:`NotRebuildable` unless ``fn`` is an ATen operator overload the daemon runs: one
+    that writes to none of its arguments and, without ``random``, draws no random numbers."""
+    if not isinstance(fn, torch._ops.OpOverload) or fn.namespace != "aten":
+        raise NotRebuildable(f"op {getattr(fn, '__name__', fn)} is not an ATen operator overload")
+    if fn._schema.is_mutable:
+        raise NotRebuildable(f"op {fn} writes to one of its arguments")
+    if torch.Tag.nondeterministic_seeded in fn.tags and not random:
+        raise NotRebuildable(f"op {fn} draws random numbers (the daemon's generator is not this process's)")
 
 
 def _enum(name: Any) -> Any:
@@ -96,7 +102,7 @@ def _check_meta(i: int, meta: Any, device_type: str = "cpu") -> None:
             _check_meta(i, m, device_type)
     elif isinstance(meta, list) and len(meta) == 5 and meta[0] == "T":
         if meta[4] not in ("cpu", device_type):
-            raise NotRebuildable(f"node {i} lives on {meta[4]}: remote mode runs CPU graphs only")
+            raise NotRebuildable(f"node {i} lives on {meta[4]}, not on the daemon's {device_type}")
         if not all(isinstance(s, int) for s in meta[1]):
             raise NotRebuildable(f"node {i} has a symbolic shape (dynamic shapes)")
     elif isinstance(meta, list) and meta and meta[0] == "sym":
@@ -136,11 +142,3 @@ def graph_module(graph: CanonicalGraph, device: torch.device | None = None) -> t
     fx.lint()
     return torch.fx.GraphModule(torch.nn.Module(), fx), nodes
 
-
-def unsupported(graph: CanonicalGraph) -> str | None:
-    """Why ``graph`` cannot run in the daemon, or None when it can."""
-    try:
-        graph_module(graph)
-    except NotRebuildable as exc:
-        return str(exc)
-    return None

@@ -145,7 +145,7 @@ class Recorded:
     step (see the module docstring)."""
 
     def __init__(self, gm: torch.fx.GraphModule):
-        self.constants = _constants_as_inputs(gm)
+        self.constants = constants_as_inputs(gm)
         self._constant_values: dict[int, Value] = {}
         self.call = GraphCall(gm)
         from torch._subclasses.fake_tensor import unset_fake_temporarily
@@ -231,7 +231,7 @@ def _values(args: tuple, rec: Any) -> list[Any]:
     return out
 
 
-def _constants_as_inputs(gm: torch.fx.GraphModule) -> list[Any]:
+def constants_as_inputs(gm: torch.fx.GraphModule) -> list[Any]:
     """The tensors ``gm`` reads as attributes (constants AOTAutograd lifted), made inputs after
     its own (so a flushed graph carries them as values); the tensors, in that order."""
     def take(value: Any, target: str) -> bool:
@@ -341,4 +341,4 @@ def compile_graph(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Callab
         return gm.forward
 
 
-__all__ = ["CompileWarning", "GraphCall", "NotTraceable", "Recorded", "compile_graph", "counters"]
+__all__ = ["CompileWarning", "GraphCall", "NotTraceable", "Recorded", "compile_graph", "constants_as_inputs", "counters"]

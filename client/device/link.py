@@ -343,15 +343,17 @@ class Link:
         """Give up this session (lost, or its daemon silent): ask the daemon to release it, briefly
         (one that does not answer drops it when this process exits), and remove the segments of
         late replies."""
-        lost, self.lost = self.lost, None
-        self.close(timeout_ms=500)
-        self.lost = lost or "this session was given up"
+        self._end(release=True, timeout_ms=500)
+        self.lost = self.lost or "this session was given up"
 
-    def close(self, timeout_ms: int = 2000) -> None:
+    def close(self) -> None:
         """Release everything this process holds on the device (at exit), and remove the segments
         of late replies."""
+        self._end(release=self.lost is None, timeout_ms=2000)
+
+    def _end(self, release: bool, timeout_ms: int) -> None:
         self.reclaim()
-        if self.lost is None and self.held_any and os.getpid() == self.pid:
+        if release and self.held_any and os.getpid() == self.pid:
             try:
                 self.client.call("device", {"op": "close", "session": self.session, "pid": self.pid}, retries=0,
                                  timeout_ms=timeout_ms)
