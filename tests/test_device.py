@@ -206,6 +206,18 @@ def test_a_client_that_dies_releases_its_tensors(rec, config):
     assert device_stats(config)["memory_used_bytes"] <= before["memory_used_bytes"] + 4096
 
 
+def test_the_first_use_of_the_device_starts_hypatiad_where_none_runs(home):
+    """A first flush of small tensors only (sent with the execute, none uploaded before it) holds
+    nothing yet: the daemon it finds missing is started, as for any first request."""
+    assert home.daemon_pid() is None
+    proc = home.python("""
+        import torch, hypatia.device
+        print((torch.ones(4).to("hypatia") * 3).cpu().tolist())
+    """)
+    assert proc.stdout.strip().splitlines()[-1] == "[3.0, 3.0, 3.0, 3.0]", proc.stderr[-2000:]
+    assert home.daemon_pid() is not None and home.stats()["device"]["executes"] == 1
+
+
 def test_a_dead_daemon_is_one_clear_error_and_what_was_moved_back_is_kept():
     with daemon_of_its_own_home() as own:
         recorder = trace.connect(own)

@@ -63,6 +63,10 @@ def content_digest(t: torch.Tensor) -> str:
 
 
 class Link:
+    # read through the instance: a value collected at interpreter exit, after the module's
+    # globals are cleared, still finds it
+    release_batch = RELEASE_BATCH
+
     def __init__(self, config: Config):
         self.config = config
         self.client = DaemonClient(config, timeout_ms=config.run_timeout_ms)
@@ -134,7 +138,7 @@ class Link:
     def forget(self, handle: int) -> None:
         """A value naming ``handle`` was collected: release it with the next request."""
         self._released.append(handle)
-        if len(self._released) >= RELEASE_BATCH and self.lost is None:
+        if len(self._released) >= self.release_batch and self.lost is None:
             self.release_now()
 
     def release_now(self) -> None:
@@ -231,7 +235,8 @@ class Link:
             finally:
                 for name in made:
                     shm.unlink(name)
-        self.held_any = True
+        if large or send:  # deferred ones are held once the execute carrying them is answered
+            self.held_any = True
         deferred = small if defer else []
         carried = {h for h, _ in deferred}
         for h, v in entries:
